@@ -1,0 +1,46 @@
+# nbdsnap — see README.md. `make test` is what CI runs.
+GO       ?= go
+PREFIX   ?= /usr/local
+FUZZTIME ?= 10s
+
+.PHONY: all build deps test unit fuzz-smoke demo bench install clean
+
+all: build
+
+build:
+	$(GO) build -trimpath -o bin/nbdsnap ./cmd/nbdsnap
+
+# Installs the Debian packages and Go modules the tests and the demo use.
+deps:
+	./test/setup.sh
+
+# Everything: formatting, vet, unit + interop + end-to-end tests under the
+# race detector, then a short run of every fuzz target. NBDSNAP_REQUIRE_TOOLS
+# turns "tool missing, skipping" into a failure: after `deps` nothing skips.
+test: deps build
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting"; exit 1; }
+	$(GO) vet ./...
+	NBDSNAP_REQUIRE_TOOLS=1 $(GO) test -race -count=1 -timeout 30m ./...
+	FUZZTIME=$(FUZZTIME) ./test/fuzz-smoke.sh
+
+# Unit tests only, no external tools required.
+unit:
+	$(GO) test -race -count=1 -short ./...
+
+fuzz-smoke:
+	FUZZTIME=$(FUZZTIME) ./test/fuzz-smoke.sh
+
+demo: deps build
+	./test/demo.sh
+
+# Benchmarks against peers (nbdkit, qemu-storage-daemon); not part of `make test`.
+bench: deps build
+	./test/bench/run.sh
+
+install: build
+	install -D -m 0755 bin/nbdsnap $(DESTDIR)$(PREFIX)/bin/nbdsnap
+	install -D -m 0644 systemd/nbdsnap@.service $(DESTDIR)/etc/systemd/system/nbdsnap@.service
+	install -D -m 0644 systemd/nbdsnap-snapshot@.service $(DESTDIR)/etc/systemd/system/nbdsnap-snapshot@.service
+
+clean:
+	rm -rf bin

@@ -1,0 +1,12 @@
+module github.com/nbdsnap/nbdsnap
+
+go 1.26
+
+require (
+	github.com/coreos/go-systemd/v22 v22.6.0 // indirect
+	github.com/google/uuid v1.6.0 // indirect
+	github.com/inconshreveable/mousetrap v1.1.0 // indirect
+	github.com/spf13/cobra v1.10.1 // indirect
+	github.com/spf13/pflag v1.0.9 // indirect
+	golang.org/x/sys v0.38.0 // indirect
+)

@@ -1,0 +1,2 @@
+// Package backstore: under construction, see docs/design/2026-11-21-architecture.md.
+package backstore

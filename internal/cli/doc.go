@@ -1,0 +1,2 @@
+// Package cli: under construction, see docs/design/2026-11-21-architecture.md.
+package cli

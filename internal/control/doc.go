@@ -1,0 +1,2 @@
+// Package control: under construction, see docs/design/2026-11-21-architecture.md.
+package control

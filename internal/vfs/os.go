@@ -1,0 +1,136 @@
+package vfs
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/sys/unix"
+)
+
+// OS is the FS of the running system.
+type OS struct{}
+
+// OpenFile opens a regular file or a block device. When the call creates the
+// file, the parent directory is synced so that the creation is durable.
+func (OS) OpenFile(name string, flag int, perm os.FileMode) (File, error) {
+	_, statErr := os.Stat(name)
+	f, err := os.OpenFile(name, flag, perm)
+	if err != nil {
+		return nil, err
+	}
+	if flag&os.O_CREATE != 0 && os.IsNotExist(statErr) {
+		if err := syncDir(filepath.Dir(name)); err != nil {
+			f.Close()
+			return nil, err
+		}
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return &osFile{f: f, blockDev: fi.Mode()&os.ModeDevice != 0}, nil
+}
+
+// Remove removes name and syncs its directory.
+func (OS) Remove(name string) error {
+	if err := os.Remove(name); err != nil {
+		return err
+	}
+	return syncDir(filepath.Dir(name))
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync directory %s: %w", dir, err)
+	}
+	return nil
+}
+
+// NewOSFile wraps an already open *os.File (for example a block device the
+// caller opened with O_EXCL).
+func NewOSFile(f *os.File) (File, error) {
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	return &osFile{f: f, blockDev: fi.Mode()&os.ModeDevice != 0}, nil
+}
+
+type osFile struct {
+	f        *os.File
+	blockDev bool
+}
+
+func (o *osFile) ReadAt(p []byte, off int64) (int, error)  { return o.f.ReadAt(p, off) }
+func (o *osFile) WriteAt(p []byte, off int64) (int, error) { return o.f.WriteAt(p, off) }
+func (o *osFile) Close() error                             { return o.f.Close() }
+
+func (o *osFile) Sync() error {
+	if err := unix.Fdatasync(int(o.f.Fd())); err != nil {
+		return &os.PathError{Op: "fdatasync", Path: o.f.Name(), Err: err}
+	}
+	return nil
+}
+
+func (o *osFile) Size() (int64, error) {
+	if o.blockDev {
+		var r [2]uint64
+		if err := ioctlPtr(o.f.Fd(), unix.BLKGETSIZE64, &r); err != nil {
+			return 0, &os.PathError{Op: "BLKGETSIZE64", Path: o.f.Name(), Err: err}
+		}
+		return int64(r[0]), nil
+	}
+	fi, err := o.f.Stat()
+	if err != nil {
+		return 0, err
+	}
+	return fi.Size(), nil
+}
+
+func (o *osFile) Truncate(size int64) error {
+	if o.blockDev {
+		return &os.PathError{Op: "truncate", Path: o.f.Name(), Err: unix.EINVAL}
+	}
+	return o.f.Truncate(size)
+}
+
+// Deallocate punches a hole in a regular file. On a block device it issues
+// BLKZEROOUT, because BLKDISCARD does not promise that the range reads back
+// as zeros and callers rely on that.
+func (o *osFile) Deallocate(off, length int64) error {
+	if o.blockDev {
+		return o.blkZeroOut(off, length)
+	}
+	err := unix.Fallocate(int(o.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	if err != nil {
+		return &os.PathError{Op: "fallocate punch-hole", Path: o.f.Name(), Err: err}
+	}
+	return nil
+}
+
+// ZeroRange zeroes a range without writing the zeros.
+func (o *osFile) ZeroRange(off, length int64) error {
+	if o.blockDev {
+		return o.blkZeroOut(off, length)
+	}
+	err := unix.Fallocate(int(o.f.Fd()), unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	if err != nil {
+		return &os.PathError{Op: "fallocate zero-range", Path: o.f.Name(), Err: err}
+	}
+	return nil
+}
+
+func (o *osFile) blkZeroOut(off, length int64) error {
+	r := [2]uint64{uint64(off), uint64(length)}
+	if err := ioctlPtr(o.f.Fd(), unix.BLKZEROOUT, &r); err != nil {
+		return &os.PathError{Op: "BLKZEROOUT", Path: o.f.Name(), Err: err}
+	}
+	return nil
+}

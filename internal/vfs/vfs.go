@@ -1,0 +1,55 @@
+// Package vfs is the small file interface that the copy-on-write engine and
+// the backing store do all their I/O through.
+//
+// Production code uses [OS]; tests substitute an in-memory file system that
+// can simulate a crash (dropping every write not covered by a completed Sync)
+// or inject faults (ENOSPC, EIO) at chosen operations. Keeping the interface
+// this small is what makes those substitutes cheap to write and to trust.
+//
+// Durability contract: data written with WriteAt is durable once a later Sync
+// on the same File has returned nil. Nothing else makes data durable, and
+// nothing orders two writes that are not separated by a Sync. Creating or
+// removing a file is treated as durable when the call returns (the OS
+// implementation fsyncs the parent directory to make that true).
+package vfs
+
+import (
+	"io"
+	"os"
+)
+
+// File is an open file or block device.
+type File interface {
+	io.ReaderAt
+	io.WriterAt
+	// Sync makes every completed WriteAt durable (fdatasync).
+	Sync() error
+	// Size reports the current size in bytes (a block device's capacity).
+	Size() (int64, error)
+	// Truncate changes the size of a regular file. Block devices return an
+	// error.
+	Truncate(size int64) error
+	Close() error
+}
+
+// Deallocator is implemented by files that can discard a range so that later
+// reads return zeros (fallocate PUNCH_HOLE, BLKDISCARD with zeroing). Callers
+// that need the range to read back as zeros and get an error fall back to
+// writing zeros.
+type Deallocator interface {
+	Deallocate(off, length int64) error
+}
+
+// Zeroer is implemented by files that can zero a range without transferring
+// the zeros (fallocate ZERO_RANGE, BLKZEROOUT).
+type Zeroer interface {
+	ZeroRange(off, length int64) error
+}
+
+// FS opens and removes files by name.
+type FS interface {
+	// OpenFile opens name with os.OpenFile flags and permissions.
+	OpenFile(name string, flag int, perm os.FileMode) (File, error)
+	// Remove removes name.
+	Remove(name string) error
+}

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what the tests, the demo and the benchmarks need: Debian packages
+# (only those missing, so a prepared machine does no network work) and the Go
+# modules pinned in go.sum.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+pkgs=(
+	libnbd-bin      # nbdinfo, nbdcopy, nbdfuse, nbdsh
+	python3-libnbd  # nbdsh scripts
+	nbdkit          # reference NBD server for interop and benchmarks
+	qemu-utils      # qemu-io, qemu-img, qemu-nbd
+	fio             # fio --ioengine=nbd
+	fuse3           # nbdfuse
+	e2fsprogs       # mkfs.ext4, e2fsck
+	nbd-client      # the kernel client the systemd units call
+	systemd         # systemd-analyze verify
+	util-linux      # mount, losetup
+	kmod            # modinfo for the VM tests
+)
+missing=()
+for p in "${pkgs[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+	echo "setup: installing ${missing[*]}"
+	sudo=""
+	[ "$(id -u)" -eq 0 ] || sudo=sudo
+	$sudo apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+go mod download
