@@ -17,6 +17,9 @@ pkgs=(
 	systemd         # systemd-analyze verify
 	util-linux      # mount, losetup
 	kmod            # modinfo for the VM tests
+	qemu-system-x86     # test/vm: boots a Debian kernel that has the NBD driver (TCG)
+	qemu-system-common  # test/vm: firmware and keymaps qemu-system-x86 loads
+	busybox-static      # test/vm: the guest's userland in the initramfs
 )
 missing=()
 for p in "${pkgs[@]}"; do
