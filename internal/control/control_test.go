@@ -1,0 +1,250 @@
+package control
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// fakeService keeps snapshots in a map and records clear calls.
+type fakeService struct {
+	mu      sync.Mutex
+	snaps   map[string]SnapshotInfo
+	busy    map[string]bool
+	cleared []string
+}
+
+func (f *fakeService) Status(context.Context) (Status, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	st := Status{Name: "data", Origin: "/dev/x", Version: "test"}
+	for _, s := range f.snaps {
+		st.Snapshots = append(st.Snapshots, s)
+	}
+	return st, nil
+}
+
+func (f *fakeService) Snapshot(_ context.Context, name string) (SnapshotInfo, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	s, ok := f.snaps[name]
+	if !ok {
+		return SnapshotInfo{}, fmt.Errorf("snapshot %q: %w", name, ErrNotFound)
+	}
+	return s, nil
+}
+
+func (f *fakeService) Create(_ context.Context, req CreateRequest) (SnapshotInfo, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if req.Name == "boom" {
+		return SnapshotInfo{}, errors.New("disk on fire")
+	}
+	if _, ok := f.snaps[req.Name]; ok {
+		return SnapshotInfo{}, fmt.Errorf("snapshot %q %w", req.Name, ErrExists)
+	}
+	s := SnapshotInfo{Name: req.Name, BackingPath: req.BackingPath, ClusterSize: req.ClusterSize,
+		State: StateValid, Created: time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC)}
+	f.snaps[req.Name] = s
+	return s, nil
+}
+
+func (f *fakeService) Clear(_ context.Context, name string, force bool) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.snaps[name]; !ok {
+		return fmt.Errorf("snapshot %q: %w", name, ErrNotFound)
+	}
+	if f.busy[name] && !force {
+		return fmt.Errorf("snapshot %q is open by a client: %w", name, ErrBusy)
+	}
+	delete(f.snaps, name)
+	f.cleared = append(f.cleared, name)
+	return nil
+}
+
+// serve runs h on a fresh unix socket and returns its path.
+func serve(t *testing.T, h http.Handler) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "c.ctl")
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: h}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+	return path
+}
+
+func newFake() *fakeService {
+	return &fakeService{snaps: map[string]SnapshotInfo{}, busy: map[string]bool{}}
+}
+
+func TestRoundTrip(t *testing.T) {
+	f := newFake()
+	path := serve(t, NewHandler(f, "v9", slog.New(slog.DiscardHandler)))
+	c := NewClient(path)
+	ctx := context.Background()
+
+	info, err := c.Create(ctx, CreateRequest{Name: "s1", BackingPath: "/b/s1", ClusterSize: 65536})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Name != "s1" || info.BackingPath != "/b/s1" || info.ClusterSize != 65536 || info.State != StateValid {
+		t.Fatalf("create answered %+v", info)
+	}
+	got, err := c.Snapshot(ctx, "s1")
+	if err != nil || !got.Created.Equal(info.Created) {
+		t.Fatalf("snapshot: %+v, %v", got, err)
+	}
+	list, err := c.Snapshots(ctx)
+	if err != nil || len(list) != 1 {
+		t.Fatalf("list: %v, %v", list, err)
+	}
+	v, err := c.DaemonVersion(ctx)
+	if err != nil || v != "test" {
+		t.Fatalf("version %q, %v", v, err)
+	}
+
+	f.busy["s1"] = true
+	err = c.Clear(ctx, "s1", false)
+	if !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), "open by a client") {
+		t.Fatalf("clear busy: %v", err)
+	}
+	if err := c.Clear(ctx, "s1", true); err != nil {
+		t.Fatalf("clear --force: %v", err)
+	}
+	if len(f.cleared) != 1 {
+		t.Fatalf("cleared %v", f.cleared)
+	}
+}
+
+func TestEmptyListIsArray(t *testing.T) {
+	path := serve(t, NewHandler(newFake(), "v9", slog.New(slog.DiscardHandler)))
+	// Read the raw body: a script parsing `list --json` wants [], not null.
+	c := NewClient(path)
+	req, _ := http.NewRequest(http.MethodGet, "http://x"+PathSnapshots, nil)
+	r, err := c.http.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Body.Close()
+	b, _ := io.ReadAll(r.Body)
+	if strings.TrimSpace(string(b)) != "[]" {
+		t.Fatalf("empty list encoded as %q", b)
+	}
+}
+
+func TestErrors(t *testing.T) {
+	f := newFake()
+	f.snaps["old"] = SnapshotInfo{Name: "old"}
+	path := serve(t, NewHandler(f, "v9", slog.New(slog.DiscardHandler)))
+	c := NewClient(path)
+	ctx := context.Background()
+	tests := []struct {
+		name   string
+		call   func() error
+		is     error
+		status int
+		msg    string
+	}{
+		{"not found", func() error { _, err := c.Snapshot(ctx, "nope"); return err }, ErrNotFound, 404, `snapshot "nope": not found`},
+		{"exists", func() error { _, err := c.Create(ctx, CreateRequest{Name: "old"}); return err }, ErrExists, 409, `snapshot "old" already exists`},
+		{"internal", func() error { _, err := c.Create(ctx, CreateRequest{Name: "boom"}); return err }, nil, 500, "disk on fire"},
+		{"clear missing", func() error { return c.Clear(ctx, "nope", false) }, ErrNotFound, 404, "not found"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := tt.call()
+			var ce *Error
+			if !errors.As(err, &ce) {
+				t.Fatalf("got %v (%T), want *Error", err, err)
+			}
+			if ce.Status != tt.status || !strings.Contains(ce.Message, tt.msg) {
+				t.Fatalf("got %d %q, want %d %q", ce.Status, ce.Message, tt.status, tt.msg)
+			}
+			if tt.is != nil && !errors.Is(err, tt.is) {
+				t.Fatalf("%v is not %v", err, tt.is)
+			}
+		})
+	}
+}
+
+func TestBadRequestBody(t *testing.T) {
+	path := serve(t, NewHandler(newFake(), "v9", slog.New(slog.DiscardHandler)))
+	c := NewClient(path)
+	_, err := c.do(context.Background(), http.MethodPost, PathSnapshots, map[string]any{"name": "x", "bogus": 1}, nil)
+	if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "bogus") {
+		t.Fatalf("unknown field: %v", err)
+	}
+	err = c.do2(http.MethodDelete, PathSnapshots+"/x?force=maybe")
+	if !errors.Is(err, ErrInvalid) {
+		t.Fatalf("bad force: %v", err)
+	}
+}
+
+func (c *Client) do2(method, path string) error {
+	_, err := c.do(context.Background(), method, path, nil, nil)
+	return err
+}
+
+func TestNoDaemon(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "x.ctl")
+	_, err := NewClient(path).Status(context.Background())
+	want := "no daemon at " + path + " — is `nbdsnap serve` running?"
+	if err == nil || err.Error() != want || !errors.Is(err, ErrNoDaemon) {
+		t.Fatalf("got %v, want %q", err, want)
+	}
+
+	// A stale socket file nobody listens on (a daemon killed with -9).
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	l.Close()
+	_, err = NewClient(path).Status(context.Background())
+	if err == nil || err.Error() != want {
+		t.Fatalf("stale socket: got %v, want %q", err, want)
+	}
+}
+
+func TestNotOurDaemon(t *testing.T) {
+	plain := serve(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "{}") }))
+	_, err := NewClient(plain).Status(context.Background())
+	if !errors.Is(err, ErrProtocol) || !strings.Contains(err.Error(), "not an nbdsnap control socket") {
+		t.Fatalf("plain HTTP server: %v", err)
+	}
+	newer := serve(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set(HeaderAPI, "2")
+		io.WriteString(w, "{}")
+	}))
+	_, err = NewClient(newer).Status(context.Background())
+	if !errors.Is(err, ErrProtocol) || !strings.Contains(err.Error(), "speaks control API v2") {
+		t.Fatalf("newer daemon: %v", err)
+	}
+}
+
+func TestHeadersOnNotFound(t *testing.T) {
+	path := serve(t, NewHandler(newFake(), "v9", slog.New(slog.DiscardHandler)))
+	c := NewClient(path)
+	req, _ := http.NewRequest(http.MethodGet, "http://x/v0/nothing", nil)
+	r, err := c.http.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Body.Close()
+	if r.StatusCode != 404 || r.Header.Get(HeaderAPI) != APIVersion || r.Header.Get(HeaderVersion) != "v9" {
+		t.Fatalf("got %d %v", r.StatusCode, r.Header)
+	}
+}

@@ -1,0 +1,134 @@
+package control
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strconv"
+)
+
+// Service is what the daemon offers through the control socket. Errors wrap
+// the sentinels in errors.go so the Handler can choose a status code.
+type Service interface {
+	Status(ctx context.Context) (Status, error)
+	Snapshot(ctx context.Context, name string) (SnapshotInfo, error)
+	Create(ctx context.Context, req CreateRequest) (SnapshotInfo, error)
+	Clear(ctx context.Context, name string, force bool) error
+}
+
+// maxBody caps request bodies: a CreateRequest is a few hundred bytes.
+const maxBody = 64 << 10
+
+// NewHandler returns the HTTP handler of the v1 API serving svc. version is
+// the daemon's build version, sent in HeaderVersion.
+func NewHandler(svc Service, version string, log *slog.Logger) http.Handler {
+	h := &handler{svc: svc, version: version, log: log}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET "+PathStatus, h.status)
+	mux.HandleFunc("GET "+PathSnapshots, h.list)
+	mux.HandleFunc("POST "+PathSnapshots, h.create)
+	mux.HandleFunc("GET "+PathSnapshots+"/{name}", h.get)
+	mux.HandleFunc("DELETE "+PathSnapshots+"/{name}", h.clear)
+	return h.headers(mux)
+}
+
+type handler struct {
+	svc     Service
+	version string
+	log     *slog.Logger
+}
+
+// headers stamps the version headers on every answer, 404s included, so a
+// client can always tell an nbdsnap daemon from some other HTTP server.
+func (h *handler) headers(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set(HeaderAPI, APIVersion)
+		w.Header().Set(HeaderVersion, h.version)
+		next.ServeHTTP(w, r)
+	})
+}
+
+func (h *handler) status(w http.ResponseWriter, r *http.Request) {
+	st, err := h.svc.Status(r.Context())
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	h.reply(w, http.StatusOK, st)
+}
+
+func (h *handler) list(w http.ResponseWriter, r *http.Request) {
+	st, err := h.svc.Status(r.Context())
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	snaps := st.Snapshots
+	if snaps == nil {
+		snaps = []SnapshotInfo{}
+	}
+	h.reply(w, http.StatusOK, snaps)
+}
+
+func (h *handler) get(w http.ResponseWriter, r *http.Request) {
+	info, err := h.svc.Snapshot(r.Context(), r.PathValue("name"))
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	h.reply(w, http.StatusOK, info)
+}
+
+func (h *handler) create(w http.ResponseWriter, r *http.Request) {
+	var req CreateRequest
+	dec := json.NewDecoder(io.LimitReader(r.Body, maxBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		h.fail(w, r, fmt.Errorf("%w: decode create request: %v", ErrInvalid, err))
+		return
+	}
+	info, err := h.svc.Create(r.Context(), req)
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	h.reply(w, http.StatusCreated, info)
+}
+
+func (h *handler) clear(w http.ResponseWriter, r *http.Request) {
+	force := false
+	if v := r.URL.Query().Get("force"); v != "" {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			h.fail(w, r, fmt.Errorf("%w: force=%q is not a boolean", ErrInvalid, v))
+			return
+		}
+		force = b
+	}
+	if err := h.svc.Clear(r.Context(), r.PathValue("name"), force); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (h *handler) reply(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	if err := json.NewEncoder(w).Encode(v); err != nil {
+		h.log.Debug("control: write reply", "err", err)
+	}
+}
+
+// fail answers an error. Internal errors are logged here, once; the
+// client-caused ones are the client's business and are not.
+func (h *handler) fail(w http.ResponseWriter, r *http.Request, err error) {
+	code, status := classify(err)
+	if status == http.StatusInternalServerError {
+		h.log.Error("control request failed", "method", r.Method, "path", r.URL.Path, "err", err)
+	}
+	h.reply(w, status, ErrorBody{Error: err.Error(), Code: code})
+}

@@ -1,0 +1,88 @@
+package control
+
+import "time"
+
+// APIVersion is the version of the paths and bodies in this package. A
+// change that an older client would misread bumps it (and the /vN prefix).
+const APIVersion = "1"
+
+// Header names on every response.
+const (
+	HeaderAPI     = "Nbdsnap-Api"     // APIVersion of the daemon
+	HeaderVersion = "Nbdsnap-Version" // the daemon's build version
+)
+
+// Paths of the v1 API.
+const (
+	PathStatus    = "/v1/status"    // GET: Status
+	PathSnapshots = "/v1/snapshots" // GET: []SnapshotInfo; POST CreateRequest: SnapshotInfo
+	// PathSnapshots + "/" + name: GET SnapshotInfo; DELETE (?force=1) clears it.
+)
+
+// Snapshot states.
+const (
+	StateValid   = "valid"
+	StateInvalid = "invalid"
+)
+
+// Status describes a daemon and all its snapshots.
+type Status struct {
+	Name       string         `json:"name"`        // the daemon's name, also the origin export's name
+	Origin     string         `json:"origin"`      // path of the origin file or block device
+	OriginSize int64          `json:"origin_size"` // bytes
+	Version    string         `json:"version"`     // the daemon's build version
+	PID        int            `json:"pid"`
+	Listen     []string       `json:"listen"`              // NBD listeners, unix:PATH or tcp:HOST:PORT
+	StateDir   string         `json:"state_dir,omitempty"` // where persistent snapshots are recorded
+	Started    time.Time      `json:"started"`
+	Conns      int            `json:"open_connections"` // NBD connections to the origin export
+	Snapshots  []SnapshotInfo `json:"snapshots"`
+}
+
+// SnapshotInfo describes one snapshot.
+type SnapshotInfo struct {
+	Name           string    `json:"name"`
+	Origin         string    `json:"origin"` // the daemon's (origin export's) name
+	UUID           string    `json:"uuid,omitempty"`
+	State          string    `json:"state"`            // StateValid or StateInvalid
+	Reason         string    `json:"reason,omitempty"` // why it is invalid
+	Created        time.Time `json:"created"`          // the create instant, RFC 3339 in JSON
+	Persistent     bool      `json:"persistent"`
+	Served         bool      `json:"served"` // exported over NBD (false once invalid after a restart)
+	Size           int64     `json:"size"`   // bytes, the origin's size at the create instant
+	ClusterSize    int       `json:"cluster_size"`
+	ClustersTotal  int64     `json:"clusters_total"`
+	ClustersCopied int64     `json:"clusters_copied"`
+	BackingPath    string    `json:"backing_path"`
+	BackingBytes   int64     `json:"backing_bytes"`
+	MaxSize        int64     `json:"max_size,omitempty"` // 0 = unlimited
+	Conns          int       `json:"open_connections"`   // NBD connections to this snapshot's export
+	Stats          Stats     `json:"stats"`
+}
+
+// Stats are the copy-on-write engine's counters for one snapshot.
+type Stats struct {
+	CowCalls       int64 `json:"cow_calls"`
+	ClustersCopied int64 `json:"clusters_copied"`
+	CacheFullWaits int64 `json:"cache_full_waits"`
+	MapReads       int64 `json:"map_reads"`
+	MapWrites      int64 `json:"map_writes"`
+	BytesCopied    int64 `json:"bytes_copied"`
+	Batches        int64 `json:"batches"`
+	Syncs          int64 `json:"syncs"`
+}
+
+// CreateRequest asks for a snapshot.
+type CreateRequest struct {
+	Name        string `json:"name"`
+	BackingPath string `json:"backing_path"`           // absolute; must not exist yet
+	ClusterSize int    `json:"cluster_size,omitempty"` // bytes; 0 = engine default (64 KiB)
+	Transient   bool   `json:"transient,omitempty"`    // not kept across a daemon restart
+	MaxSize     int64  `json:"max_size,omitempty"`     // backing store limit in bytes; 0 = none
+}
+
+// ErrorBody is the JSON body of every non-2xx response.
+type ErrorBody struct {
+	Error string `json:"error"` // one line, for humans
+	Code  string `json:"code"`  // not_found, exists, busy, invalid, internal
+}
