@@ -1,2 +1,50 @@
-// Package nbdsrv: under construction, see docs/design/2026-11-21-architecture.md.
+// Package nbdsrv is nbdsnap's NBD server: it serves any number of named
+// exports, each backed by a Backend, over unix sockets and TCP, following
+// the NBD protocol specification (fixed newstyle negotiation, simple and
+// structured replies, metadata contexts). It knows nothing about snapshots.
+//
+// # Main types
+//
+// A Backend needs only ReadAt; the optional interfaces Writer, Flusher,
+// Trimmer, Zeroer, Cacher and Extenter, found by type assertion, turn on the
+// matching transmission flags. An Export names a Backend and its size, and
+// may add MetaContexts (for example a qemu:dirty-bitmap:NAME changed-block
+// map) besides the built-in base:allocation. A Server holds the exports,
+// which can be added and removed at run time (RemoveExport refuses an
+// export a client has open unless forced), and serves listeners.
+//
+// # Files by phase
+//
+// handshake.go (greeting, client flags, connection life), options.go
+// (option haggling), validate.go (the one gate every request passes),
+// transmission.go (reader, handlers, reply writer), reply.go (reply
+// layout), constants.go (wire constants), pool.go (buffers and the
+// per-connection budget). docs/protocol.md lists what is supported, what is
+// refused with which error, and the limits.
+//
+// # Concurrency
+//
+// Each connection has one reader goroutine, one goroutine per request in
+// flight (at most Config.MaxRequestsPerConn of them, holding at most
+// Config.MaxBytesPerConn payload bytes), and one writer that alone writes
+// replies, in completion order, header and data in one writev. Backend
+// methods are therefore called concurrently, also across connections.
+// Each backend call gets a context that is cancelled when the connection
+// dies. Negotiation runs under Config.HandshakeTimeout; no backend method
+// is called before the client has chosen an export. A panic in any
+// connection goroutine is logged with its stack and closes that connection
+// only.
+//
+// # Errors
+//
+// A backend error is logged (with the conn, export and cookie attributes)
+// and answered with the NBD errno errors.Is finds for it (EIO if none);
+// the connection stays up. Only framing errors (bad magic, a write payload
+// too large to skip) and negotiation violations close a connection.
+//
+// # Caveats
+//
+// No TLS, no extended headers, no NBD_CMD_RESIZE. Shutdown interrupts a
+// request whose payload is still arriving; its client sees the connection
+// close, as after a server restart.
 package nbdsrv

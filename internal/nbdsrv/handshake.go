@@ -1,0 +1,178 @@
+package nbdsrv
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"runtime/debug"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// conn is one client connection. Its life: handshake and option haggling
+// (handshake.go, options.go) under the handshake deadline, then
+// transmission (transmission.go) with one reader goroutine (the one that
+// runs serve), one goroutine per admitted request, and one reply writer.
+type conn struct {
+	s   *Server
+	nc  net.Conn
+	id  uint64
+	log *slog.Logger
+	br  *bufio.Reader
+
+	// ctx is cancelled when the connection dies (client gone, forced
+	// removal, Shutdown deadline); every backend call gets it.
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	// Negotiated state; written only by the reader goroutine before
+	// transmission starts, read-only afterwards.
+	exp        *export // also read by Server under Server.mu
+	noZeroes   bool
+	structured bool
+	metaExp    *export // export the last SET_META_CONTEXT named
+	meta       []int   // indices into metaExp.contexts; context id = index+1
+	flags      TransFlags
+	state      exportState
+
+	// Transmission.
+	budget     *budget
+	replies    chan *request
+	inflight   sync.WaitGroup
+	writerDone chan struct{}
+
+	draining  atomic.Bool // Shutdown: stop reading new requests
+	abortOnce sync.Once
+}
+
+// connReadBuf is the per-connection read buffer. Small, because 1000 idle
+// connections must stay cheap; payloads larger than it are read directly
+// into their pooled buffers by bufio.
+const connReadBuf = 16 << 10
+
+func newConn(s *Server, nc net.Conn, id uint64) *conn {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &conn{
+		s:      s,
+		nc:     nc,
+		id:     id,
+		log:    s.log.With("conn", id),
+		ctx:    ctx,
+		cancel: cancel,
+		budget: newBudget(s.cfg.MaxRequestsPerConn, s.cfg.MaxBytesPerConn),
+	}
+}
+
+// errQuiet ends a connection without anything to log: the client went away
+// or asked to.
+var errQuiet = errors.New("connection ended")
+
+// protoError is a client protocol violation that ends the connection; it is
+// logged at warn.
+type protoError struct{ msg string }
+
+func (e *protoError) Error() string { return e.msg }
+
+func protoErrorf(format string, a ...any) error {
+	return &protoError{fmt.Sprintf(format, a...)}
+}
+
+func (c *conn) serve() {
+	defer c.s.forget(c)
+	defer c.abort()
+	defer c.recoverPanic("connection")
+
+	c.nc.SetDeadline(time.Now().Add(c.s.cfg.HandshakeTimeout))
+	if c.draining.Load() {
+		return
+	}
+	c.br = bufio.NewReaderSize(c.nc, connReadBuf)
+	if err := c.negotiate(); err != nil {
+		c.logEnd("negotiation", err)
+		return
+	}
+	c.nc.SetDeadline(time.Time{})
+	c.log = c.log.With("export", c.exp.Name)
+	c.transmit()
+}
+
+// logEnd logs why a connection ended, at the level the cause deserves.
+func (c *conn) logEnd(phase string, err error) {
+	var pe *protoError
+	var ne net.Error
+	switch {
+	case errors.Is(err, errQuiet), errors.Is(err, io.EOF), errors.Is(err, net.ErrClosed),
+		errors.Is(err, io.ErrUnexpectedEOF) && phase == "negotiation" && c.draining.Load():
+	case errors.As(err, &pe):
+		c.log.Warn("nbd: client protocol violation, closing connection", "phase", phase, "err", err)
+	case errors.As(err, &ne) && ne.Timeout():
+		if !c.draining.Load() {
+			c.log.Warn("nbd: handshake timed out, closing connection", "phase", phase,
+				"timeout", c.s.cfg.HandshakeTimeout)
+		}
+	case errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, os.ErrDeadlineExceeded):
+	default:
+		c.log.Debug("nbd: connection ended", "phase", phase, "err", err)
+	}
+}
+
+// abort kills the connection now: the socket is closed (unblocking the
+// reader and the writer), in-flight requests see their context cancelled,
+// and the reader stops waiting for budget. Safe to call more than once and
+// from any goroutine.
+func (c *conn) abort() {
+	c.abortOnce.Do(func() {
+		c.cancel()
+		c.budget.close()
+		c.nc.Close()
+	})
+}
+
+// drain asks the connection to finish what it has in flight and close:
+// Shutdown. The flag is set before the deadline so that the reader either
+// sees the flag or has its read interrupted.
+func (c *conn) drain() {
+	c.draining.Store(true)
+	c.nc.SetReadDeadline(time.Now())
+}
+
+// recoverPanic turns a panic in one of the connection's goroutines into the
+// end of that connection only. It must be deferred directly.
+func (c *conn) recoverPanic(where string) {
+	if r := recover(); r != nil {
+		c.log.Error("nbd: panic, closing connection", "in", where, "panic", fmt.Sprint(r),
+			"stack", string(debug.Stack()))
+		c.abort()
+	}
+}
+
+// handshake sends the server's greeting and reads the client flags.
+//
+//	S: "NBDMAGIC" "IHAVEOPT" u16 handshake flags
+//	C: u32 client flags
+func (c *conn) handshake() error {
+	var b [18]byte
+	binary.BigEndian.PutUint64(b[0:], magicNBD)
+	binary.BigEndian.PutUint64(b[8:], magicIHaveOpt)
+	binary.BigEndian.PutUint16(b[16:], uint16(FlagFixedNewstyle|FlagNoZeroes))
+	if _, err := c.nc.Write(b[:]); err != nil {
+		return err
+	}
+	if _, err := io.ReadFull(c.br, b[:4]); err != nil {
+		return err
+	}
+	cf := ClientFlags(binary.BigEndian.Uint32(b[:4]))
+	if cf&^clientFlagsKnown != 0 {
+		// The spec: a server MUST close on client flags it does not know.
+		return protoErrorf("unknown client flags %#x", uint32(cf))
+	}
+	c.noZeroes = cf&ClientFlagNoZeroes != 0
+	return nil
+}

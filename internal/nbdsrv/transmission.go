@@ -1,0 +1,414 @@
+package nbdsrv
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"runtime/debug"
+)
+
+// Transmission. Per connection:
+//   - the reader (this goroutine) reads a request, passes it through
+//     validate, waits for room in the budget, reads a WRITE payload into a
+//     pooled buffer and starts a handler goroutine;
+//   - each handler does the backend I/O, lays out its reply and hands the
+//     request to the writer; handlers run in parallel, so replies go out in
+//     completion order, not request order (NBD allows it: cookies match
+//     them up);
+//   - the writer is the only goroutine that writes to the socket. It sends
+//     whatever replies are ready in one writev (header and data together)
+//     and then returns their buffers and budget.
+
+const (
+	// maxBlockStatusDescs bounds descriptors per context per reply, and
+	// so the reply buffer; the client asks again for the rest.
+	maxBlockStatusDescs = 4096
+	// minHoleLen is the shortest read worth checking for all zeros, to
+	// answer with a 32-byte hole chunk instead of the data.
+	minHoleLen = 512
+)
+
+var (
+	errDisc  = errors.New("client sent NBD_CMD_DISC")
+	errDrain = errors.New("server shutting down")
+)
+
+func (c *conn) transmit() {
+	c.replies = make(chan *request, c.s.cfg.MaxRequestsPerConn)
+	c.writerDone = make(chan struct{})
+	go c.writeLoop()
+	defer c.endTransmission()
+	defer c.recoverPanic("reader")
+	err := c.readLoop()
+	if errors.Is(err, errDisc) || errors.Is(err, errDrain) {
+		return // graceful: let the in-flight requests finish and reply
+	}
+	c.logEnd("transmission", err)
+	// The client is gone or broke the protocol: cancel what it has in
+	// flight, nobody will read the replies.
+	c.abort()
+}
+
+// endTransmission waits for every handler, then for the writer to send (or
+// drop) every reply, so that nothing touches the backend or the budget
+// once the connection is forgotten.
+func (c *conn) endTransmission() {
+	c.inflight.Wait()
+	close(c.replies)
+	<-c.writerDone
+	for r := range c.replies { // left behind by a writer that panicked
+		c.release(r)
+	}
+}
+
+func (c *conn) readLoop() error {
+	var h [requestHeaderLen]byte
+	for {
+		if c.draining.Load() {
+			return errDrain
+		}
+		if _, err := io.ReadFull(c.br, h[:]); err != nil {
+			if c.draining.Load() {
+				return errDrain
+			}
+			return err
+		}
+		if m := binary.BigEndian.Uint32(h[0:]); m != magicRequest {
+			return protoErrorf("bad request magic %#x", m)
+		}
+		ri := reqInfo{
+			flags:  CmdFlags(binary.BigEndian.Uint16(h[4:])),
+			cmd:    Cmd(binary.BigEndian.Uint16(h[6:])),
+			off:    binary.BigEndian.Uint64(h[16:]),
+			length: binary.BigEndian.Uint32(h[24:]),
+		}
+		cookie := binary.BigEndian.Uint64(h[8:])
+		if ri.cmd == CmdDisc {
+			return errDisc
+		}
+		// A WRITE's payload must be consumed to stay in step with the
+		// stream. Up to 32 MiB (which the spec says no peer should treat as
+		// an attack) it is skipped when refused; beyond, the connection
+		// ends.
+		if ri.cmd == CmdWrite && ri.length > hardMaxBlock {
+			return protoErrorf("write of %d bytes (cookie %#x) over the %d-byte limit", ri.length, cookie, hardMaxBlock)
+		}
+		r := c.s.getRequest()
+		r.reqInfo, r.cookie = ri, cookie
+		if errno, reason := validate(ri, c.state); errno != 0 {
+			if ri.cmd == CmdWrite {
+				if _, err := io.CopyN(io.Discard, c.br, int64(ri.length)); err != nil {
+					c.s.putRequest(r)
+					return err
+				}
+			}
+			c.log.Warn("nbd: request refused", "cookie", cookie, "cmd", ri.cmd, "flags", ri.flags,
+				"offset", ri.off, "length", ri.length, "errno", errno, "reason", reason)
+			r.errno, r.reason = errno, reason
+			if !c.budget.acquire(0) {
+				c.s.putRequest(r)
+				return errQuiet
+			}
+			c.setReply(r)
+			c.replies <- r
+			continue
+		}
+		r.cost = c.cost(ri)
+		if !c.budget.acquire(r.cost) {
+			c.s.putRequest(r)
+			return errQuiet
+		}
+		if ri.cmd == CmdWrite {
+			r.buf = c.s.pool.get(int(ri.length))
+			if _, err := io.ReadFull(c.br, *r.buf); err != nil {
+				c.release(r)
+				if c.draining.Load() {
+					return errDrain
+				}
+				return err
+			}
+		}
+		c.inflight.Add(1)
+		go c.handle(r)
+	}
+}
+
+// cost is the buffer space a request holds until its reply is sent.
+func (c *conn) cost(ri reqInfo) int64 {
+	switch ri.cmd {
+	case CmdRead, CmdWrite:
+		return int64(ri.length)
+	case CmdBlockStatus:
+		return int64(len(c.meta)) * blockStatusChunkMax(ri.flags)
+	}
+	return 0
+}
+
+func blockStatusChunkMax(f CmdFlags) int64 {
+	n := int64(maxBlockStatusDescs)
+	if f&FlagReqOne != 0 {
+		n = 1
+	}
+	return structReplyLen + 4 + 8*n
+}
+
+// handle runs one request in its own goroutine. A panic ends only this
+// connection; the request then never reaches the writer and is released
+// here.
+func (c *conn) handle(r *request) {
+	defer c.inflight.Done()
+	defer func() {
+		if p := recover(); p != nil {
+			c.log.Error("nbd: panic in request, closing connection", "cookie", r.cookie, "cmd", r.cmd,
+				"panic", fmt.Sprint(p), "stack", string(debug.Stack()))
+			c.abort()
+			c.release(r)
+		}
+	}()
+	if err := c.do(r); err != nil {
+		r.errno = errnoOf(err)
+		if r.reason == "" {
+			r.reason = r.errno.String()
+		}
+		if c.ctx.Err() == nil && !errors.Is(err, ErrNotFast) {
+			c.log.Error("nbd: request failed", "cookie", r.cookie, "cmd", r.cmd, "offset", r.off,
+				"length", r.length, "errno", r.errno, "err", err)
+		}
+		if r.cmd == CmdRead || r.cmd == CmdBlockStatus {
+			c.s.pool.put(r.buf)
+			r.buf = nil
+		}
+	}
+	c.setReply(r)
+	c.replies <- r
+}
+
+// do performs r's I/O on the backend.
+func (c *conn) do(r *request) error {
+	ctx, b := c.ctx, c.exp.Backend
+	off, n := int64(r.off), int64(r.length)
+	fua := r.flags&FlagFUA != 0
+	switch r.cmd {
+	case CmdRead:
+		r.buf = c.s.pool.get(int(r.length))
+		if err := b.ReadAt(ctx, *r.buf, off); err != nil {
+			return fmt.Errorf("read: %w", err)
+		}
+		r.hole = c.structured && r.length >= minHoleLen && c.s.isZero(*r.buf)
+		return nil
+	case CmdWrite:
+		// validate admitted the write, so the export is writable.
+		if err := b.(Writer).WriteAt(ctx, *r.buf, off, fua); err != nil {
+			return fmt.Errorf("write: %w", err)
+		}
+		return nil
+	case CmdFlush:
+		if err := b.(Flusher).Flush(ctx); err != nil {
+			return fmt.Errorf("flush: %w", err)
+		}
+		return nil
+	case CmdTrim:
+		if err := b.(Trimmer).Trim(ctx, off, n, fua); err != nil {
+			return fmt.Errorf("trim: %w", err)
+		}
+		return nil
+	case CmdCache:
+		if err := b.(Cacher).Cache(ctx, off, n); err != nil {
+			return fmt.Errorf("cache: %w", err)
+		}
+		return nil
+	case CmdWriteZeroes:
+		return c.writeZeroes(ctx, r, off, n, fua)
+	case CmdBlockStatus:
+		return c.blockStatus(ctx, r)
+	}
+	return fmt.Errorf("command %v passed validation without a handler", r.cmd)
+}
+
+func (c *conn) writeZeroes(ctx context.Context, r *request, off, n int64, fua bool) error {
+	flags := ZeroFlags{NoHole: r.flags&FlagNoHole != 0, Fast: r.flags&FlagFastZero != 0, FUA: fua}
+	if z, ok := c.exp.Backend.(Zeroer); ok {
+		if err := z.Zero(ctx, off, n, flags); err != nil {
+			return fmt.Errorf("write zeroes: %w", err)
+		}
+		return nil
+	}
+	if flags.Fast {
+		// Writing zeros is exactly what a fast zero must not fall back to.
+		return ErrNotFast
+	}
+	w := c.exp.Backend.(Writer)
+	for n > 0 {
+		k := min(n, int64(len(c.s.zero)))
+		if err := w.WriteAt(ctx, c.s.zero[:k], off, fua); err != nil {
+			return fmt.Errorf("write zeroes (emulated) at %d: %w", off, err)
+		}
+		off, n = off+k, n-k
+	}
+	return nil
+}
+
+// blockStatus builds one NBD_REPLY_TYPE_BLOCK_STATUS chunk per selected
+// context into a pooled buffer; the last carries the DONE flag.
+//
+//	chunk header, u32 context id, (u32 length, u32 flags)*
+func (c *conn) blockStatus(ctx context.Context, r *request) error {
+	maxDescs := maxBlockStatusDescs
+	if r.flags&FlagReqOne != 0 {
+		maxDescs = 1
+	}
+	r.buf = c.s.pool.get(int(r.cost))
+	out := (*r.buf)[:0]
+	for k, i := range c.meta {
+		mc := c.exp.contexts[i]
+		exts, err := mc.Extents(ctx, int64(r.off), int64(r.length))
+		if err != nil {
+			return fmt.Errorf("block status %s: %w", mc.Name(), err)
+		}
+		start := len(out)
+		out = out[:start+structReplyLen+4]
+		binary.BigEndian.PutUint32(out[start+structReplyLen:], uint32(i+1))
+		left := uint64(r.length)
+		descs := 0
+		var last []byte
+		for _, e := range exts {
+			if e.Length <= 0 || left == 0 {
+				break
+			}
+			l := min(uint64(e.Length), left)
+			left -= l
+			if last != nil && binary.BigEndian.Uint32(last[4:]) == e.Flags {
+				// Merging keeps the answer short; the sum never exceeds
+				// the request length, a uint32.
+				binary.BigEndian.PutUint32(last, binary.BigEndian.Uint32(last)+uint32(l))
+				continue
+			}
+			if descs == maxDescs {
+				break
+			}
+			p := len(out)
+			out = out[:p+8]
+			binary.BigEndian.PutUint32(out[p:], uint32(l))
+			binary.BigEndian.PutUint32(out[p+4:], e.Flags)
+			last = out[p : p+8]
+			descs++
+		}
+		if descs == 0 {
+			return fmt.Errorf("block status %s: backend returned no extent at %d", mc.Name(), r.off)
+		}
+		var flags uint16
+		if k == len(c.meta)-1 {
+			flags = replyFlagDone
+		}
+		putChunkHeader(out[start:], flags, ReplyBlockStatus, r.cookie, len(out)-start-structReplyLen)
+	}
+	*r.buf = out
+	return nil
+}
+
+// writeLoop is the connection's only socket writer. After a write error it
+// keeps consuming replies (releasing them) until the channel closes.
+func (c *conn) writeLoop() {
+	defer close(c.writerDone)
+	defer c.recoverPanic("writer")
+	batch := make([]*request, 0, c.s.cfg.MaxRequestsPerConn)
+	vec := make([][]byte, 0, 2*c.s.cfg.MaxRequestsPerConn)
+	broken := false
+	for {
+		r, ok := <-c.replies
+		if !ok {
+			return
+		}
+		batch = append(batch[:0], r)
+		closed := false
+	gather:
+		for len(batch) < cap(batch) {
+			select {
+			case r, ok := <-c.replies:
+				if !ok {
+					closed = true
+					break gather
+				}
+				batch = append(batch, r)
+			default:
+				break gather
+			}
+		}
+		if !broken {
+			vec = vec[:0]
+			for _, r := range batch {
+				if len(r.out) > 0 {
+					vec = append(vec, r.out)
+				}
+				if len(r.payload) > 0 {
+					vec = append(vec, r.payload)
+				}
+			}
+			bufs := net.Buffers(vec)
+			if _, err := bufs.WriteTo(c.nc); err != nil {
+				broken = true
+				if c.ctx.Err() == nil {
+					c.log.Debug("nbd: reply write failed", "err", err)
+				}
+				c.abort()
+			}
+		}
+		for _, r := range batch {
+			c.release(r)
+		}
+		if closed {
+			return
+		}
+	}
+}
+
+// release returns a request's buffer and budget.
+func (c *conn) release(r *request) {
+	c.s.pool.put(r.buf)
+	c.budget.release(r.cost)
+	c.s.putRequest(r)
+}
+
+func (s *Server) getRequest() *request {
+	if r, ok := s.reqPool.Get().(*request); ok {
+		return r
+	}
+	return new(request)
+}
+
+func (s *Server) putRequest(r *request) {
+	r.reset()
+	s.reqPool.Put(r)
+}
+
+// isZero reports whether p is all zero bytes.
+func (s *Server) isZero(p []byte) bool {
+	for len(p) > 0 {
+		n := min(len(p), len(s.zero))
+		if !bytes.Equal(p[:n], s.zero[:n]) {
+			return false
+		}
+		p = p[n:]
+	}
+	return true
+}
+
+// baseAllocationContext is the built-in base:allocation context: the
+// backend's Extenter if it has one, else the whole range as allocated data.
+type baseAllocationContext struct {
+	b    Backend
+	size int64
+}
+
+func (baseAllocationContext) Name() string { return baseAllocation }
+
+func (a baseAllocationContext) Extents(ctx context.Context, off, length int64) ([]Extent, error) {
+	if e, ok := a.b.(Extenter); ok {
+		return e.Extents(ctx, off, length)
+	}
+	return []Extent{{Length: length}}, nil
+}

@@ -1,0 +1,93 @@
+// Command fileserver serves one file over NBD with nbdsrv, for the
+// benchmarks in test/bench (and for poking at the server by hand).
+//
+//	fileserver -file /dev/shm/disk.img -unix /tmp/nbd.sock [-latency 1ms]
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	_ "net/http/pprof" // -pprof: profile the server under load
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/nbdsnap/nbdsnap/internal/nbdsrv"
+	"github.com/nbdsnap/nbdsnap/internal/nbdsrv/filebackend"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "fileserver:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	file := flag.String("file", "", "file to serve")
+	sock := flag.String("unix", "", "unix socket to listen on")
+	tcp := flag.String("tcp", "", "TCP address to listen on (e.g. 127.0.0.1:10809)")
+	name := flag.String("name", "", "export name (also the default export)")
+	latency := flag.Duration("latency", 0, "latency added to every backend request")
+	readOnly := flag.Bool("readonly", false, "serve read-only")
+	pprofAddr := flag.String("pprof", "", "serve net/http/pprof on this address")
+	verbose := flag.Bool("v", false, "debug logging")
+	flag.Parse()
+	if *file == "" || (*sock == "" && *tcp == "") {
+		return fmt.Errorf("need -file and -unix or -tcp")
+	}
+	level := slog.LevelWarn
+	if *verbose {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	b, err := filebackend.Open(*file, *readOnly)
+	if err != nil {
+		return err
+	}
+	defer b.Close()
+	b.Latency = *latency
+	size, err := b.Size()
+	if err != nil {
+		return err
+	}
+	srv := nbdsrv.NewServer(nbdsrv.Config{Logger: log})
+	if err := srv.AddExport(nbdsrv.Export{Name: *name, Size: size, Backend: b, ReadOnly: *readOnly, MultiConn: true}); err != nil {
+		return err
+	}
+	srv.SetDefaultExport(*name)
+	if *pprofAddr != "" {
+		go http.ListenAndServe(*pprofAddr, nil)
+	}
+	errc := make(chan error, 2)
+	if *sock != "" {
+		os.Remove(*sock)
+		l, err := net.Listen("unix", *sock)
+		if err != nil {
+			return err
+		}
+		go func() { errc <- srv.Serve(l) }()
+	}
+	if *tcp != "" {
+		l, err := net.Listen("tcp", *tcp)
+		if err != nil {
+			return err
+		}
+		go func() { errc <- srv.Serve(l) }()
+	}
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
+	select {
+	case <-sig:
+	case err := <-errc:
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return srv.Shutdown(ctx)
+}
