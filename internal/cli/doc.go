@@ -1,2 +1,14 @@
-// Package cli: under construction, see docs/design/2026-11-21-architecture.md.
+// Package cli is the nbdsnap command line: a cobra tree with one file per
+// command (serve, create, clear, status, list, version, man; cobra adds
+// completion). main calls [Main]; tests call [Run] with their own streams.
+//
+// Each command keeps its flags in an options struct, validates them in one
+// place, and writes through cmd.OutOrStdout() so tests can capture it.
+// Client commands find their daemon with --control PATH or --name NAME
+// (the socket /run/nbdsnap/NAME.ctl); with neither, the one daemon under
+// /run/nbdsnap if there is exactly one.
+//
+// Exit codes: 0 success, 1 the operation failed, 2 the command line was
+// wrong (unknown flag, missing argument, malformed size). Every error is one
+// line on stderr, prefixed "nbdsnap: ".
 package cli

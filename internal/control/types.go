@@ -57,7 +57,10 @@ type SnapshotInfo struct {
 	BackingBytes   int64     `json:"backing_bytes"`
 	MaxSize        int64     `json:"max_size,omitempty"` // 0 = unlimited
 	Conns          int       `json:"open_connections"`   // NBD connections to this snapshot's export
-	Stats          Stats     `json:"stats"`
+	// CreatePauseMicros is how long the create instant held origin writes
+	// (0 for a snapshot reopened after a restart).
+	CreatePauseMicros int64 `json:"create_pause_us"`
+	Stats             Stats `json:"stats"`
 }
 
 // Stats are the copy-on-write engine's counters for one snapshot.
@@ -86,3 +89,10 @@ type ErrorBody struct {
 	Error string `json:"error"` // one line, for humans
 	Code  string `json:"code"`  // not_found, exists, busy, invalid, internal
 }
+
+// RunDir is where daemons put their sockets by default.
+const RunDir = "/run/nbdsnap"
+
+// DefaultPath is the control socket of the daemon called name when no
+// --control is given.
+func DefaultPath(name string) string { return RunDir + "/" + name + ".ctl" }

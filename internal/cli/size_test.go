@@ -1,0 +1,70 @@
+package cli
+
+import "testing"
+
+func TestParseSize(t *testing.T) {
+	tests := []struct {
+		in   string
+		want int64
+		ok   bool
+	}{
+		{"4096", 4096, true},
+		{"64K", 64 << 10, true},
+		{"64k", 64 << 10, true},
+		{"64KiB", 64 << 10, true},
+		{"64 KiB", 64 << 10, true},
+		{"64KB", 64 << 10, true},
+		{"1.5 GiB", 3 << 29, true},
+		{"1.5G", 3 << 29, true},
+		{"2T", 2 << 40, true},
+		{"512B", 512, true},
+		{"0", 0, true},
+		{"", 0, false},
+		{"K", 0, false},
+		{"-1", 0, false},
+		{"1.3K", 0, false}, // 1331.2 bytes
+		{"12X", 0, false},
+		{"8E", 0, false}, // overflows int64
+		{"1e3", 0, false},
+		{"abc", 0, false},
+	}
+	for _, tt := range tests {
+		got, err := parseSize(tt.in)
+		if (err == nil) != tt.ok || (tt.ok && got != tt.want) {
+			t.Errorf("parseSize(%q) = %d, %v; want %d ok=%v", tt.in, got, err, tt.want, tt.ok)
+		}
+	}
+}
+
+func TestFormatSize(t *testing.T) {
+	tests := []struct {
+		in   int64
+		want string
+	}{
+		{0, "0 B"},
+		{512, "512 B"},
+		{1023, "1023 B"},
+		{1024, "1 KiB"},
+		{64 << 10, "64 KiB"},
+		{77 << 20, "77 MiB"},
+		{3 << 29, "1.5 GiB"},
+		{1<<30 + 1, "1 GiB"}, // rounds to one decimal, then drops ".0"
+		{1536, "1.5 KiB"},
+		{5 << 40, "5 TiB"},
+	}
+	for _, tt := range tests {
+		if got := formatSize(tt.in); got != tt.want {
+			t.Errorf("formatSize(%d) = %q, want %q", tt.in, got, tt.want)
+		}
+	}
+}
+
+// Every formatted size parses back to a value within the shown precision.
+func TestSizeRoundTrip(t *testing.T) {
+	for _, n := range []int64{1, 1024, 64 << 10, 3 << 29, 77 << 20, 1 << 62} {
+		back, err := parseSize(formatSize(n))
+		if err != nil || back != n {
+			t.Errorf("%d → %q → %d, %v", n, formatSize(n), back, err)
+		}
+	}
+}

@@ -1,0 +1,64 @@
+package cli
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+
+	"github.com/spf13/cobra"
+)
+
+type statusOptions struct {
+	clientOptions
+	json bool
+}
+
+func newStatusCommand() *cobra.Command {
+	o := &statusOptions{}
+	cmd := &cobra.Command{
+		Use:   "status [SNAP]",
+		Short: "Show the daemon and its snapshots, or one snapshot",
+		Long: `Without SNAP: one line about the daemon, then one per snapshot. With SNAP: that
+snapshot's line. --json prints the full record, engine statistics included.`,
+		Args: cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := o.client()
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			if len(args) == 1 {
+				info, err := c.Snapshot(cmd.Context(), args[0])
+				if err != nil {
+					return err
+				}
+				if o.json {
+					return writeJSON(out, info)
+				}
+				fmt.Fprintln(out, snapshotLine(info))
+				return nil
+			}
+			st, err := c.Status(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if o.json {
+				return writeJSON(out, st)
+			}
+			fmt.Fprintln(out, daemonLine(st))
+			for _, s := range st.Snapshots {
+				fmt.Fprintln(out, snapshotLine(s))
+			}
+			return nil
+		},
+	}
+	o.addFlags(cmd.Flags())
+	cmd.Flags().BoolVar(&o.json, "json", false, "print JSON")
+	return cmd
+}
+
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}

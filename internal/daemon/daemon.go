@@ -1,0 +1,263 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	sdaemon "github.com/coreos/go-systemd/v22/daemon"
+	"github.com/google/uuid"
+
+	"github.com/nbdsnap/nbdsnap/internal/control"
+	"github.com/nbdsnap/nbdsnap/internal/cow"
+	"github.com/nbdsnap/nbdsnap/internal/nbdsrv"
+)
+
+// Daemon serves one origin and its snapshots. Start it with [Start], stop
+// it with [Daemon.Shutdown].
+type Daemon struct {
+	cfg      Config
+	log      *slog.Logger
+	origin   *os.File // holds the O_EXCL open or the flock
+	engine   *cow.Engine
+	srv      *nbdsrv.Server
+	state    *stateDir // nil without --state-dir
+	originID string
+	started  time.Time
+
+	listeners []net.Listener
+	addrs     []string // what Status reports, one per listener
+	unixPaths []string // socket files to remove on shutdown
+	ctl       *http.Server
+	ctlPath   string
+
+	failed chan error // a listener died; buffered, first error wins
+
+	// opMu serialises Create and Clear with each other (and with the
+	// startup reopen), so that the check "name is free" and the act of
+	// taking it cannot interleave with another operation on the same name.
+	opMu sync.Mutex
+	// mu guards snaps; it is held only briefly, never across I/O, so that
+	// Status answers while a Create is under way.
+	mu    sync.Mutex
+	snaps map[string]*entry
+
+	shutdownOnce sync.Once
+	shutdownErr  error
+}
+
+// entry is one snapshot the daemon knows of.
+type entry struct {
+	rec  snapRecord
+	snap *cow.Snapshot // nil when it could not be reopened after a restart
+	// served: the snapshot's NBD export exists.
+	served bool
+	// gone explains why snap is nil.
+	gone string
+}
+
+// Start opens the origin, reopens the snapshots recorded in the state
+// directory, listens on every address and serves. When Start returns nil
+// the daemon is serving and systemd has been told READY=1. On error nothing
+// is left open and no socket file is left behind.
+func Start(ctx context.Context, cfg Config) (d *Daemon, err error) {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if err := ValidName(cfg.Name); err != nil {
+		return nil, fmt.Errorf("daemon %w", err)
+	}
+	origin, err := filepath.Abs(cfg.Origin)
+	if err != nil {
+		return nil, fmt.Errorf("origin: %w", err)
+	}
+	cfg.Origin = origin
+	if len(cfg.Listen) == 0 {
+		cfg.Listen = []string{"unix:" + DefaultSocketPath(cfg.Name)}
+	}
+	var addrs []listenAddr
+	for _, s := range cfg.Listen {
+		a, err := parseListen(s)
+		if err != nil {
+			return nil, err
+		}
+		addrs = append(addrs, a)
+	}
+	if cfg.Control == "" {
+		cfg.Control = control.DefaultPath(cfg.Name)
+	}
+
+	d = &Daemon{
+		cfg:     cfg,
+		log:     log,
+		ctlPath: cfg.Control,
+		snaps:   make(map[string]*entry),
+		failed:  make(chan error, 1),
+		started: time.Now(),
+	}
+	// Undo whatever was set up if a later step fails.
+	defer func() {
+		if err != nil {
+			d.closeAll()
+		}
+	}()
+
+	f, vf, err := openOrigin(cfg.Origin)
+	if err != nil {
+		return nil, err
+	}
+	d.origin = f
+	if cfg.StateDir != "" {
+		d.state, d.originID, err = openState(cfg.StateDir, cfg.Origin)
+		if err != nil {
+			return nil, err
+		}
+	} else {
+		// Without a state directory nothing is reopened, so any ID will do.
+		d.originID = uuid.NewString()
+	}
+	d.engine, err = cow.NewEngine(vf, cow.EngineOptions{Logger: log})
+	if err != nil {
+		return nil, fmt.Errorf("origin %s: %w", cfg.Origin, err)
+	}
+	d.srv = nbdsrv.NewServer(nbdsrv.Config{Logger: log})
+	if err := d.srv.AddExport(nbdsrv.Export{
+		Name:        cfg.Name,
+		Description: "nbdsnap origin " + cfg.Origin,
+		Size:        d.engine.Size(),
+		Backend:     originBackend{d.engine},
+		// Every write has completed on the origin before it is answered,
+		// and a flush on any connection syncs the whole origin.
+		MultiConn: true,
+	}); err != nil {
+		return nil, fmt.Errorf("export origin: %w", err)
+	}
+	d.srv.SetDefaultExport(cfg.Name)
+	if d.state != nil {
+		if err := d.reopenAll(ctx); err != nil {
+			return nil, err
+		}
+	}
+
+	for _, a := range addrs {
+		l, err := listen(a)
+		if err != nil {
+			return nil, err
+		}
+		d.listeners = append(d.listeners, l)
+		if a.network == "unix" {
+			d.unixPaths = append(d.unixPaths, a.addr)
+			d.addrs = append(d.addrs, a.String())
+		} else {
+			d.addrs = append(d.addrs, "tcp:"+l.Addr().String())
+		}
+	}
+	cl, err := listenUnix(cfg.Control, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	d.unixPaths = append(d.unixPaths, cfg.Control)
+	d.ctl = &http.Server{
+		Handler:           control.NewHandler(d, cfg.Version, log),
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+
+	setIOFlusher(log)
+	for _, l := range d.listeners {
+		go func() {
+			if err := d.srv.Serve(l); err != nil && !errors.Is(err, nbdsrv.ErrServerClosed) {
+				d.fail(fmt.Errorf("nbd listener %s: %w", l.Addr(), err))
+			}
+		}()
+	}
+	go func() {
+		if err := d.ctl.Serve(cl); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			d.fail(fmt.Errorf("control socket %s: %w", cfg.Control, err))
+		}
+	}()
+	log.Info("serving", "name", cfg.Name, "origin", cfg.Origin, "size", d.engine.Size(),
+		"listen", d.addrs, "control", cfg.Control, "state_dir", cfg.StateDir)
+	notify(log, sdaemon.SdNotifyReady)
+	return d, nil
+}
+
+// Failed delivers the error of a listener that stopped on its own; the
+// daemon should then be shut down.
+func (d *Daemon) Failed() <-chan error { return d.failed }
+
+func (d *Daemon) fail(err error) {
+	select {
+	case d.failed <- err:
+	default:
+	}
+}
+
+// Addrs are the NBD listen addresses (TCP ones with the port the kernel
+// chose for port 0).
+func (d *Daemon) Addrs() []string { return d.addrs }
+
+// ControlPath is the control socket's path.
+func (d *Daemon) ControlPath() string { return d.ctlPath }
+
+// Shutdown stops the daemon the way SIGTERM asks: it stops accepting
+// control requests and NBD connections, lets in-flight requests finish
+// (until ctx ends, then cuts them), makes everything durable (the engine
+// commits every copied cluster of every persistent snapshot and syncs the
+// origin), releases the origin and removes its socket files.
+func (d *Daemon) Shutdown(ctx context.Context) error {
+	d.shutdownOnce.Do(func() {
+		notify(d.log, sdaemon.SdNotifyStopping)
+		var errs []error
+		// First the control socket, so no Create or Clear starts while the
+		// engine closes; Shutdown waits for one under way.
+		if err := d.ctl.Shutdown(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("control socket: %w", err))
+		}
+		if err := d.srv.Shutdown(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("nbd server: %w", err))
+		}
+		errs = append(errs, d.closeAll())
+		d.shutdownErr = errors.Join(errs...)
+		if d.shutdownErr != nil {
+			d.log.Error("shutdown", "err", d.shutdownErr)
+		} else {
+			d.log.Info("stopped cleanly")
+		}
+	})
+	return d.shutdownErr
+}
+
+// closeAll releases what Start acquired, in reverse order; it is also the
+// cleanup of a failed Start. The listeners must already be shut down or
+// never served.
+func (d *Daemon) closeAll() error {
+	var errs []error
+	for _, l := range d.listeners {
+		l.Close()
+	}
+	if d.engine != nil {
+		if err := d.engine.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("engine: %w", err))
+		}
+	}
+	if d.origin != nil {
+		if err := d.origin.Close(); err != nil && !errors.Is(err, os.ErrClosed) {
+			errs = append(errs, fmt.Errorf("origin: %w", err))
+		}
+	}
+	for _, p := range d.unixPaths {
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}

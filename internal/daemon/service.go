@@ -1,0 +1,388 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"syscall"
+	"time"
+
+	"github.com/nbdsnap/nbdsnap/internal/control"
+	"github.com/nbdsnap/nbdsnap/internal/cow"
+	"github.com/nbdsnap/nbdsnap/internal/nbdsrv"
+	"github.com/nbdsnap/nbdsnap/internal/vfs"
+)
+
+// The Daemon is the control.Service of its control socket.
+var _ control.Service = (*Daemon)(nil)
+
+// Create takes a snapshot. Either it succeeds completely (store created,
+// copy-on-write established, record durable in the state directory, export
+// served) or it changes nothing: every step done is undone before the error
+// is returned.
+//
+// The record is written before the store exists: a crash between the two
+// leaves a record whose store cannot be reopened, which the restarted
+// daemon reports as an invalid snapshot, rather than a store file nobody
+// knows about.
+func (d *Daemon) Create(ctx context.Context, req control.CreateRequest) (control.SnapshotInfo, error) {
+	d.opMu.Lock()
+	defer d.opMu.Unlock()
+	if err := d.checkCreate(req); err != nil {
+		return control.SnapshotInfo{}, err
+	}
+	rec := snapRecord{
+		Name:        req.Name,
+		BackingPath: req.BackingPath,
+		ClusterSize: req.ClusterSize,
+		Transient:   req.Transient,
+		MaxSize:     req.MaxSize,
+		Created:     time.Now().UTC(),
+	}
+	var undo []func()
+	fail := func(err error) (control.SnapshotInfo, error) {
+		for i := len(undo) - 1; i >= 0; i-- {
+			undo[i]()
+		}
+		d.log.Warn("create refused", "snapshot", req.Name, "err", err)
+		return control.SnapshotInfo{}, err
+	}
+
+	if d.state != nil {
+		if err := d.state.put(rec); err != nil {
+			return fail(err)
+		}
+		undo = append(undo, func() {
+			if err := d.state.remove(req.Name); err != nil {
+				d.log.Error("undo create: remove state record", "snapshot", req.Name, "err", err)
+			}
+		})
+	}
+	store, err := vfs.OS{}.OpenFile(req.BackingPath, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return fail(backingError(req.BackingPath, err))
+	}
+	undo = append(undo, func() {
+		store.Close()
+		if err := (vfs.OS{}).Remove(req.BackingPath); err != nil {
+			d.log.Error("undo create: remove backing file", "path", req.BackingPath, "err", err)
+		}
+	})
+	snap, err := d.engine.Create(ctx, store, cow.SnapshotOptions{
+		Name:        req.Name,
+		ClusterSize: req.ClusterSize,
+		Transient:   req.Transient,
+		MaxSize:     req.MaxSize,
+		CacheBytes:  d.cfg.CacheBytes,
+		OriginID:    d.originID,
+	})
+	if err != nil {
+		return fail(backingError(req.BackingPath, err))
+	}
+	// From here the engine owns the store and closes it in Clear.
+	undo[len(undo)-1] = func() {
+		if err := d.engine.Clear(req.Name); err != nil {
+			d.log.Error("undo create: clear", "snapshot", req.Name, "err", err)
+		}
+		if err := (vfs.OS{}).Remove(req.BackingPath); err != nil {
+			d.log.Error("undo create: remove backing file", "path", req.BackingPath, "err", err)
+		}
+	}
+	if err := d.export(snap); err != nil {
+		return fail(err)
+	}
+	e := &entry{rec: rec, snap: snap, served: true}
+	d.mu.Lock()
+	d.snaps[req.Name] = e
+	d.mu.Unlock()
+	info := d.info(e)
+	d.log.Info("snapshot ready", "snapshot", req.Name, "backing", req.BackingPath,
+		"persistent", !req.Transient, "cluster_size", info.ClusterSize)
+	return info, nil
+}
+
+// checkCreate validates a request before anything is touched.
+func (d *Daemon) checkCreate(req control.CreateRequest) error {
+	if err := ValidName(req.Name); err != nil {
+		return fmt.Errorf("%w: snapshot %v", control.ErrInvalid, err)
+	}
+	if req.Name == d.cfg.Name {
+		return fmt.Errorf("%w: %q is the origin export's name", control.ErrExists, req.Name)
+	}
+	d.mu.Lock()
+	_, exists := d.snaps[req.Name]
+	d.mu.Unlock()
+	if exists {
+		return fmt.Errorf("snapshot %q %w", req.Name, control.ErrExists)
+	}
+	if !filepath.IsAbs(req.BackingPath) {
+		return fmt.Errorf("%w: backing path %q is not absolute", control.ErrInvalid, req.BackingPath)
+	}
+	if cs := req.ClusterSize; cs != 0 && (cs < cow.MinClusterSize || cs > cow.MaxClusterSize || cs&(cs-1) != 0) {
+		return fmt.Errorf("%w: cluster size %d is not a power of two between %d and %d",
+			control.ErrInvalid, cs, cow.MinClusterSize, cow.MaxClusterSize)
+	}
+	if req.MaxSize < 0 {
+		return fmt.Errorf("%w: max size %d is negative", control.ErrInvalid, req.MaxSize)
+	}
+	if _, err := os.Lstat(req.BackingPath); err == nil {
+		return fmt.Errorf("backing file %s %w", req.BackingPath, control.ErrExists)
+	}
+	return nil
+}
+
+// backingError turns a failure to create the backing store into the line a
+// user needs.
+func backingError(path string, err error) error {
+	switch {
+	case errors.Is(err, syscall.EROFS):
+		return fmt.Errorf("backing path %s is on a read-only filesystem", path)
+	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
+		return fmt.Errorf("no space for backing store %s: filesystem full", path)
+	case errors.Is(err, syscall.EEXIST):
+		return fmt.Errorf("backing file %s %w", path, control.ErrExists)
+	case errors.Is(err, syscall.ENOENT):
+		return fmt.Errorf("%w: directory of backing path %s does not exist", control.ErrInvalid, path)
+	case errors.Is(err, syscall.EACCES), errors.Is(err, syscall.EPERM):
+		return fmt.Errorf("backing path %s: permission denied", path)
+	case errors.Is(err, cow.ErrBadOption):
+		return fmt.Errorf("%w: %v", control.ErrInvalid, err)
+	case errors.Is(err, cow.ErrExists):
+		return fmt.Errorf("%w: %v", control.ErrExists, err)
+	}
+	return fmt.Errorf("create backing store %s: %w", path, err)
+}
+
+// export serves a snapshot read-only under its own name.
+func (d *Daemon) export(snap *cow.Snapshot) error {
+	info := snap.Info()
+	err := d.srv.AddExport(nbdsrv.Export{
+		Name:        snap.Name(),
+		Description: fmt.Sprintf("nbdsnap snapshot of %s taken %s", d.cfg.Name, info.Created.UTC().Format(time.RFC3339)),
+		Size:        snap.Size(),
+		Backend:     snap,
+		ReadOnly:    true,
+		MultiConn:   true,
+	})
+	if errors.Is(err, nbdsrv.ErrExportExists) {
+		return fmt.Errorf("export %q %w", snap.Name(), control.ErrExists)
+	}
+	if err != nil {
+		return fmt.Errorf("export snapshot %q: %w", snap.Name(), err)
+	}
+	return nil
+}
+
+// Clear removes a snapshot: its export (refused with ErrBusy while a client
+// has it open, unless force), its copy-on-write, its store file and its
+// record. The store goes before the record, so that a crash in between
+// leaves a record the restarted daemon reports as gone, not a store file
+// nobody knows about.
+func (d *Daemon) Clear(ctx context.Context, name string, force bool) error {
+	d.opMu.Lock()
+	defer d.opMu.Unlock()
+	d.mu.Lock()
+	e, ok := d.snaps[name]
+	d.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("snapshot %q: %w", name, control.ErrNotFound)
+	}
+	if e.served {
+		err := d.srv.RemoveExport(name, force)
+		if errors.Is(err, nbdsrv.ErrExportBusy) {
+			return fmt.Errorf("snapshot %q is open by %d NBD client(s); disconnect them or use --force: %w",
+				name, d.srv.OpenConns(name), control.ErrBusy)
+		}
+		if err != nil && !errors.Is(err, nbdsrv.ErrNoExport) {
+			return fmt.Errorf("clear %q: remove export: %w", name, err)
+		}
+		e.served = false
+	}
+	if e.snap != nil {
+		if err := d.engine.Clear(name); err != nil && !errors.Is(err, cow.ErrNotFound) {
+			// The writer failed to stop cleanly; the snapshot is going
+			// away regardless, so log and carry on removing it.
+			d.log.Warn("clear: stop writer", "snapshot", name, "err", err)
+		}
+		e.snap = nil
+		e.gone = "being cleared"
+	}
+	if err := (vfs.OS{}).Remove(e.rec.BackingPath); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("clear %q: remove backing file: %w", name, err)
+	}
+	if d.state != nil {
+		if err := d.state.remove(name); err != nil {
+			return fmt.Errorf("clear %q: %w", name, err)
+		}
+	}
+	d.mu.Lock()
+	delete(d.snaps, name)
+	d.mu.Unlock()
+	d.log.Info("snapshot cleared", "snapshot", name, "forced", force)
+	return nil
+}
+
+// reopenAll brings back the snapshots recorded in the state directory. A
+// persistent one whose store reopens is served again; anything else (a
+// transient snapshot, whose copied data lived partly in memory; a store that
+// is missing, damaged or of another origin) is kept as an invalid entry with
+// the reason, never served, until the user clears it.
+func (d *Daemon) reopenAll(ctx context.Context) error {
+	recs, err := d.state.records()
+	if err != nil {
+		return err
+	}
+	for _, r := range recs {
+		e := &entry{rec: r}
+		if r.Transient {
+			e.gone = "transient snapshot: it did not survive the daemon restart"
+		} else if snap, err := d.reopen(ctx, r); err != nil {
+			e.gone = "cannot reopen after restart: " + err.Error()
+		} else {
+			e.snap = snap
+			if info := snap.Info(); !info.Valid {
+				// Served anyway: every read answers EIO, which is the
+				// truth about an invalid snapshot.
+				d.log.Warn("reopened snapshot is invalid", "snapshot", r.Name, "reason", info.Reason)
+			}
+			if err := d.export(snap); err != nil {
+				return err
+			}
+			e.served = true
+		}
+		if e.gone != "" {
+			d.log.Warn("snapshot not served", "snapshot", r.Name, "reason", e.gone)
+		} else {
+			d.log.Info("snapshot reopened", "snapshot", r.Name, "backing", r.BackingPath)
+		}
+		d.snaps[r.Name] = e
+	}
+	return nil
+}
+
+func (d *Daemon) reopen(ctx context.Context, r snapRecord) (*cow.Snapshot, error) {
+	f, err := vfs.OS{}.OpenFile(r.BackingPath, os.O_RDWR, 0)
+	if err != nil {
+		return nil, err
+	}
+	snap, err := d.engine.Reopen(ctx, f, d.originID)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	if snap.Name() != r.Name {
+		d.engine.Clear(snap.Name())
+		return nil, fmt.Errorf("store %s holds snapshot %q, not %q", r.BackingPath, snap.Name(), r.Name)
+	}
+	return snap, nil
+}
+
+// Status describes the daemon and every snapshot, oldest first.
+func (d *Daemon) Status(ctx context.Context) (control.Status, error) {
+	st := control.Status{
+		Name:       d.cfg.Name,
+		Origin:     d.cfg.Origin,
+		OriginSize: d.engine.Size(),
+		Version:    d.cfg.Version,
+		PID:        os.Getpid(),
+		Listen:     d.addrs,
+		StateDir:   d.cfg.StateDir,
+		Started:    d.started,
+		Conns:      d.srv.OpenConns(d.cfg.Name),
+		Snapshots:  []control.SnapshotInfo{},
+	}
+	d.mu.Lock()
+	entries := make([]*entry, 0, len(d.snaps))
+	for _, e := range d.snaps {
+		entries = append(entries, e)
+	}
+	d.mu.Unlock()
+	sort.Slice(entries, func(i, j int) bool {
+		if !entries[i].rec.Created.Equal(entries[j].rec.Created) {
+			return entries[i].rec.Created.Before(entries[j].rec.Created)
+		}
+		return entries[i].rec.Name < entries[j].rec.Name
+	})
+	for _, e := range entries {
+		st.Snapshots = append(st.Snapshots, d.info(e))
+	}
+	return st, nil
+}
+
+// Snapshot describes one snapshot.
+func (d *Daemon) Snapshot(ctx context.Context, name string) (control.SnapshotInfo, error) {
+	d.mu.Lock()
+	e, ok := d.snaps[name]
+	d.mu.Unlock()
+	if !ok {
+		return control.SnapshotInfo{}, fmt.Errorf("snapshot %q: %w", name, control.ErrNotFound)
+	}
+	return d.info(e), nil
+}
+
+func (d *Daemon) info(e *entry) control.SnapshotInfo {
+	out := control.SnapshotInfo{
+		Name:        e.rec.Name,
+		Origin:      d.cfg.Name,
+		Created:     e.rec.Created,
+		Persistent:  !e.rec.Transient,
+		ClusterSize: e.rec.ClusterSize,
+		BackingPath: e.rec.BackingPath,
+		MaxSize:     e.rec.MaxSize,
+		Size:        d.engine.Size(),
+		Served:      e.served,
+	}
+	if e.served {
+		out.Conns = d.srv.OpenConns(e.rec.Name)
+	}
+	snap := e.snap
+	if snap == nil {
+		out.State = control.StateInvalid
+		out.Reason = e.gone
+		if fi, err := os.Stat(e.rec.BackingPath); err == nil {
+			out.BackingBytes = fi.Size()
+		}
+		return out
+	}
+	i := snap.Info()
+	out.UUID = i.UUID
+	out.Created = i.Created
+	out.Persistent = i.Persistent
+	out.ClusterSize = i.ClusterSize
+	out.ClustersTotal = i.ClustersTotal
+	out.ClustersCopied = i.ClustersCopied
+	out.BackingBytes = i.StoreBytes
+	out.CreatePauseMicros = i.CreatePause.Microseconds()
+	out.Size = snap.Size()
+	out.State = control.StateValid
+	if !i.Valid {
+		out.State = control.StateInvalid
+		out.Reason = i.Reason
+	}
+	out.Stats = control.Stats{
+		CowCalls:       i.Stats.CowCalls,
+		ClustersCopied: i.Stats.ClustersCopied,
+		CacheFullWaits: i.Stats.CacheFullWaits,
+		MapReads:       i.Stats.MapReads,
+		MapWrites:      i.Stats.MapWrites,
+		BytesCopied:    i.Stats.BytesCopied,
+		Batches:        i.Stats.Batches,
+		Syncs:          i.Stats.Syncs,
+	}
+	return out
+}
+
+// originBackend serves the engine as the origin export. It adapts the
+// engine's Zero to nbdsrv's: a zero through the engine may have to copy the
+// old clusters into every snapshot first, so it is never promised fast.
+type originBackend struct{ *cow.Engine }
+
+func (b originBackend) Zero(ctx context.Context, off, length int64, flags nbdsrv.ZeroFlags) error {
+	if flags.Fast {
+		return nbdsrv.ErrNotFast
+	}
+	return b.Engine.Zero(ctx, off, length, flags.FUA)
+}
