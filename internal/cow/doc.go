@@ -1,2 +1,89 @@
-// Package cow: under construction, see docs/design/2026-11-21-architecture.md.
+// Package cow is nbdsnap's copy-on-write engine: NetBSD's fss(4)
+// (sys/dev/fss.c) rebuilt in userspace, in front of one origin file or
+// block device, with any number of snapshots, each with its own backing
+// store (internal/backstore).
+//
+// # Main types
+//
+// [Engine] is the read-write proxy of the origin: ReadAt, WriteAt, Trim,
+// Zero and Flush have the shapes of the NBD layer's backend interfaces.
+// Create, Reopen and Clear manage snapshots. [Snapshot] is one frozen image:
+// its ReadAt serves the read-only export, its Info reports state and
+// statistics (fss_stat).
+//
+// # Mechanism (fss)
+//
+// A snapshot divides the origin into clusters (a power of two, default
+// 64 KiB, raised so that there are at most 2^24; the last may be partial),
+// keeps a copied bitmap (sc_copied), a cache of slots FREE / BUSY / VALID
+// (sc_cache; a byte budget with fss's slot counts as a floor), and a writer
+// goroutine (fss_bs_thread) that drains VALID slots to the store.
+//
+// An origin-modifying request (write, trim, write-zeroes) first runs
+// copy-on-write (fss_copy_on_write → fss_read_cluster): for each cluster it
+// touches that a snapshot has not copied, it reserves a BUSY slot in every
+// snapshot that needs the cluster, reads the cluster from the origin once,
+// and publishes the one (reference-counted) buffer to all of them as VALID,
+// setting their copied bits. A request that finds the cluster BUSY waits
+// for that copy (cowwait2); one that finds the cache full waits for the
+// writer to free a slot (cowwait3: backpressure). Then it modifies the
+// origin. Beyond fss:
+//
+//   - Persistent mode (the default): the writer commits every pending
+//     cluster in one store commit (data and map, one fdatasync: group
+//     commit), and an origin modification waits until the commit holding its
+//     clusters returned. A crash therefore never leaves an origin cluster
+//     modified whose old data is not findable in the store; Reopen rebuilds
+//     the snapshot after a restart.
+//   - Transient mode is exactly fss: the modification waits only for the copy
+//     into the cache, the store is never synced and cannot be reopened.
+//   - Snapshots sharing a cluster size share one origin read per cluster.
+//
+// A snapshot read reads the origin and overlays the copied clusters from
+// the cache or the store; [Snapshot.ReadAt] says why that is race-free.
+//
+// # Concurrency
+//
+// All methods are safe for concurrent use. The engine's gate (a RWMutex) is
+// held shared by each origin-modifying request for its whole duration and
+// exclusively by Create, Reopen, Clear and Close: that is the create instant
+// (stop admitting, drain, sync the origin, create the store, establish
+// copy-on-write, resume). Requests do their I/O under no mutex: a snapshot's
+// mutex guards its bitmap writes, slots and queues and is held only for
+// bookkeeping. Requests on different clusters do not wait for each other
+// except for cache space and shared commits. Lock order: gate, then
+// Snapshot.mu of snapshots in creation order, never two Snapshot.mu at once;
+// Engine.mu is a leaf.
+//
+// # Invariants
+//
+//   - The copied bit of a cluster is set only once its old data is complete
+//     in a VALID slot, and before any request may modify that cluster of the
+//     origin; it is never cleared.
+//   - In persistent mode no origin modification of a cluster is issued
+//     before the cluster's commit returned.
+//   - A slot leaves the cache only after the store can find its cluster (or
+//     the snapshot is invalid).
+//   - All store writes (commit, invalidate) run on the snapshot's writer
+//     goroutine; Clear and Close stop the writer before closing the store.
+//
+// # Failure (fss_error)
+//
+// A store error, a full store or an origin read error while copying marks
+// the snapshot invalid with a reason (recorded in the store header, best
+// effort). Origin requests never fail because of a snapshot: waiters are
+// released and copy-on-write skips the invalid snapshot. Its reads then fail
+// with an error matching [ErrInvalid] and syscall.EIO. Other snapshots are
+// not affected.
+//
+// # Caveats
+//
+//   - Waits inside a request (cache space, commits) are not interruptible by
+//     its context; they are bounded by the writer, which either commits or
+//     invalidates the snapshot.
+//   - Snapshots of different cluster sizes each read the origin for
+//     themselves.
+//   - Reopen assumes the origin was not modified while no engine ran.
+//   - The engine does not close the origin; it owns the stores of live
+//     snapshots and closes them on Clear and Close.
 package cow

@@ -1,0 +1,487 @@
+package cow
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/nbdsnap/nbdsnap/internal/vfs"
+)
+
+// EngineOptions configure an Engine.
+type EngineOptions struct {
+	// Logger receives invalidations and create timings; nil discards.
+	Logger *slog.Logger
+}
+
+// SnapshotOptions configure a new snapshot.
+type SnapshotOptions struct {
+	Name string
+	// ClusterSize is a power of two in [MinClusterSize, MaxClusterSize];
+	// 0 means DefaultClusterSize. It is raised for very large origins.
+	ClusterSize int
+	// Transient snapshots are exactly fss: an origin write waits only for
+	// the copy into the cache, the store is never synced and cannot be
+	// reopened.
+	Transient bool
+	// MaxSize bounds the store (0 = no bound but the device's).
+	MaxSize int64
+	// CacheBytes is the cache budget (0 = DefaultCacheBytes); the cache
+	// never has fewer slots than fss had.
+	CacheBytes int64
+	// OriginID identifies the origin; Reopen refuses a store whose
+	// OriginID differs.
+	OriginID string
+}
+
+// DefaultCacheBytes is the default cache budget per snapshot.
+const DefaultCacheBytes = 8 << 20
+
+// Engine is the copy-on-write proxy in front of one origin, with its
+// snapshots. See the package documentation for its concurrency rules.
+type Engine struct {
+	origin vfs.File
+	size   int64
+	log    *slog.Logger
+	zeros  []byte // read-only; the source of fallback zero writes
+
+	// Store constructors; tests may replace them before the first Create.
+	newStore  func(f vfs.File, o storeOptions) (clusterStore, error)
+	openStore func(f vfs.File) (clusterStore, error)
+
+	// gate is the create instant's barrier (fss: vfs_write_suspend).
+	// Origin-modifying requests hold it shared from before their
+	// copy-on-write until their origin operation completed; Create,
+	// Reopen, Clear and Close hold it exclusively, so they see no request
+	// in flight and no request sees the snapshot set change under it.
+	gate sync.RWMutex
+	// set and closed are written only with gate held exclusively and
+	// read by requests holding it shared.
+	set    *snapSet
+	closed bool
+
+	mu     sync.Mutex // guards byName, pools, nextID
+	byName map[string]*Snapshot
+	pools  map[int]*bufPool
+	nextID uint64
+
+	reqs sync.Pool // *cowReq: per-request scratch, so the hot path does not allocate
+}
+
+// NewEngine wraps origin. The engine does not close origin; it owns every
+// store handed to a successful Create or Reopen.
+func NewEngine(origin vfs.File, opts EngineOptions) (*Engine, error) {
+	size, err := origin.Size()
+	if err != nil {
+		return nil, fmt.Errorf("cow: origin size: %w", err)
+	}
+	if size <= 0 {
+		return nil, fmt.Errorf("cow: origin is empty: %w", ErrBadOption)
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	e := &Engine{
+		origin:    origin,
+		size:      size,
+		log:       log,
+		zeros:     make([]byte, 256<<10),
+		newStore:  createBackstore,
+		openStore: openBackstore,
+		set:       &snapSet{},
+		byName:    make(map[string]*Snapshot),
+		pools:     make(map[int]*bufPool),
+	}
+	e.reqs.New = func() any { return new(cowReq) }
+	return e, nil
+}
+
+// Size is the origin size in bytes.
+func (e *Engine) Size() int64 { return e.size }
+
+func (e *Engine) checkRange(off, n int64) error {
+	if off < 0 || n < 0 || off > e.size || n > e.size-off {
+		return fmt.Errorf("%w: offset %d length %d, size %d", ErrRange, off, n, e.size)
+	}
+	return nil
+}
+
+// ReadAt reads the origin.
+func (e *Engine) ReadAt(ctx context.Context, p []byte, off int64) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if err := e.checkRange(off, int64(len(p))); err != nil {
+		return err
+	}
+	if err := readFull(e.origin, p, off); err != nil {
+		return fmt.Errorf("cow: read origin at %d: %w", off, err)
+	}
+	return nil
+}
+
+// WriteAt writes the origin after copying what the snapshots need.
+func (e *Engine) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
+	if err := e.admit(ctx, off, int64(len(p))); err != nil {
+		return err
+	}
+	defer e.gate.RUnlock()
+	if _, err := e.origin.WriteAt(p, off); err != nil {
+		return fmt.Errorf("cow: write origin at %d: %w", off, err)
+	}
+	return e.fua(fua)
+}
+
+// Trim discards a range of the origin. The range reads back as zeros
+// afterwards (the snapshots keep their old contents).
+func (e *Engine) Trim(ctx context.Context, off, length int64, fua bool) error {
+	if err := e.admit(ctx, off, length); err != nil {
+		return err
+	}
+	defer e.gate.RUnlock()
+	if d, ok := e.origin.(vfs.Deallocator); ok && length > 0 {
+		if err := d.Deallocate(off, length); err == nil {
+			return e.fua(fua)
+		}
+		// Not supported here (or failed): writing zeros gives the same
+		// contents, which is what the snapshot model relies on.
+	}
+	if err := e.writeZeros(off, length); err != nil {
+		return err
+	}
+	return e.fua(fua)
+}
+
+// Zero writes zeros to a range of the origin, without transferring them
+// when the origin can (vfs.Zeroer).
+func (e *Engine) Zero(ctx context.Context, off, length int64, fua bool) error {
+	if err := e.admit(ctx, off, length); err != nil {
+		return err
+	}
+	defer e.gate.RUnlock()
+	if z, ok := e.origin.(vfs.Zeroer); ok && length > 0 {
+		if err := z.ZeroRange(off, length); err == nil {
+			return e.fua(fua)
+		}
+	}
+	if err := e.writeZeros(off, length); err != nil {
+		return err
+	}
+	return e.fua(fua)
+}
+
+func (e *Engine) writeZeros(off, length int64) error {
+	for length > 0 {
+		n := min(length, int64(len(e.zeros)))
+		if _, err := e.origin.WriteAt(e.zeros[:n], off); err != nil {
+			return fmt.Errorf("cow: write zeros to origin at %d: %w", off, err)
+		}
+		off += n
+		length -= n
+	}
+	return nil
+}
+
+func (e *Engine) fua(fua bool) error {
+	if !fua {
+		return nil
+	}
+	if err := e.origin.Sync(); err != nil {
+		return fmt.Errorf("cow: sync origin: %w", err)
+	}
+	return nil
+}
+
+// Flush makes every acknowledged origin write durable, then waits until
+// every persistent snapshot has committed what it has copied so far.
+// (Persistent commits end with a sync, so nothing more is needed for the
+// stores; transient stores are never synced.)
+func (e *Engine) Flush(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if err := e.origin.Sync(); err != nil {
+		return fmt.Errorf("cow: flush origin: %w", err)
+	}
+	for _, s := range e.Snapshots() {
+		if s.persistent {
+			s.waitDurable(s.validSeq.Load())
+		}
+	}
+	return nil
+}
+
+// admit lets an origin-modifying request in: on success the caller holds
+// e.gate shared and every snapshot has what it needs of the range (copied
+// into its cache, and in persistent mode committed).
+func (e *Engine) admit(ctx context.Context, off, n int64) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if err := e.checkRange(off, n); err != nil {
+		return err
+	}
+	e.gate.RLock()
+	if e.closed {
+		e.gate.RUnlock()
+		return ErrClosed
+	}
+	if n > 0 && len(e.set.groups) > 0 {
+		r := e.reqs.Get().(*cowReq)
+		e.copyOnWrite(r, e.set, off, n)
+		r.wait()
+		r.reset()
+		e.reqs.Put(r)
+	}
+	return nil
+}
+
+// Create takes a snapshot of the origin into store.
+//
+// The create instant (fss_create_snapshot: vfs_write_suspend,
+// vn_cow_establish, vfs_write_resume): stop admitting origin-modifying
+// requests and wait for those in flight (e.gate), sync the origin so that
+// the frozen image is durable (a write acknowledged before the instant but
+// not yet flushed would otherwise be lost by a crash, and the recovered
+// snapshot would differ from what the user froze), create and sync the store
+// header, establish copy-on-write, resume. A crash before the header is
+// durable leaves no snapshot; a crash after it leaves a snapshot whose
+// origin has not been modified since the instant.
+//
+// On error the caller keeps store and closes it.
+func (e *Engine) Create(ctx context.Context, store vfs.File, opts SnapshotOptions) (*Snapshot, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if opts.Name == "" {
+		return nil, fmt.Errorf("cow: snapshot needs a name: %w", ErrBadOption)
+	}
+	if opts.CacheBytes < 0 || opts.MaxSize < 0 {
+		return nil, fmt.Errorf("cow: negative size option: %w", ErrBadOption)
+	}
+	geo, err := newGeometry(e.size, opts.ClusterSize)
+	if err != nil {
+		return nil, err
+	}
+	cache := opts.CacheBytes
+	if cache == 0 {
+		cache = DefaultCacheBytes
+	}
+
+	e.gate.Lock()
+	defer e.gate.Unlock()
+	start := time.Now()
+	if e.closed {
+		return nil, ErrClosed
+	}
+	e.mu.Lock()
+	_, exists := e.byName[opts.Name]
+	e.mu.Unlock()
+	if exists {
+		return nil, fmt.Errorf("%w: %q", ErrExists, opts.Name)
+	}
+	if err := e.origin.Sync(); err != nil {
+		return nil, fmt.Errorf("cow: create %q: sync origin: %w", opts.Name, err)
+	}
+	st, err := e.newStore(store, storeOptions{
+		Name:        opts.Name,
+		ClusterSize: geo.csize,
+		OriginSize:  e.size,
+		OriginID:    opts.OriginID,
+		Persistent:  !opts.Transient,
+		MaxSize:     opts.MaxSize,
+		Created:     time.Now(),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("cow: create %q: %w", opts.Name, err)
+	}
+	s := e.newSnapshot(opts.Name, st, geo, !opts.Transient, cacheSlots(geo.csize, cache))
+	e.register(s)
+	s.pause = time.Since(start)
+	e.log.Info("snapshot created", "snapshot", s.name, "cluster_size", geo.csize,
+		"clusters", geo.count, "cache_slots", len(s.slots), "persistent", s.persistent,
+		"pause", s.pause)
+	return s, nil
+}
+
+// Reopen resumes a persistent snapshot after a restart: it rebuilds the
+// copied bitmap from the store and establishes copy-on-write again. The
+// origin must not have been modified since the daemon stopped (nothing
+// could have copied the old data). It refuses a transient store and a
+// store of another origin (size or originID). On error the caller keeps
+// store.
+func (e *Engine) Reopen(ctx context.Context, store vfs.File, originID string) (*Snapshot, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	st, err := e.openStore(store)
+	if err != nil {
+		return nil, fmt.Errorf("cow: reopen: %w", err)
+	}
+	s, err := e.reopen(st, originID)
+	if err != nil {
+		if cerr := st.close(); cerr != nil {
+			e.log.Warn("close refused store", "err", cerr)
+		}
+		return nil, err
+	}
+	return s, nil
+}
+
+func (e *Engine) reopen(st clusterStore, originID string) (*Snapshot, error) {
+	h := st.header()
+	if !h.Persistent {
+		return nil, fmt.Errorf("cow: reopen %q: store is transient: %w", h.Name, ErrBadOption)
+	}
+	if h.OriginID != originID || h.OriginSize != e.size {
+		return nil, fmt.Errorf("%w: store %q is of origin %q (%d bytes), this is %q (%d bytes)",
+			ErrOriginMismatch, h.Name, h.OriginID, h.OriginSize, originID, e.size)
+	}
+	cs := h.ClusterSize
+	if cs < MinClusterSize || cs > maxRaisedClusterSize || cs&(cs-1) != 0 ||
+		(e.size+int64(cs)-1)/int64(cs) > MaxClusters {
+		return nil, fmt.Errorf("cow: reopen %q: cluster size %d in store: %w", h.Name, cs, ErrBadOption)
+	}
+	geo := geometryOf(e.size, cs)
+
+	e.gate.Lock()
+	defer e.gate.Unlock()
+	if e.closed {
+		return nil, ErrClosed
+	}
+	e.mu.Lock()
+	_, exists := e.byName[h.Name]
+	e.mu.Unlock()
+	if exists {
+		return nil, fmt.Errorf("%w: %q", ErrExists, h.Name)
+	}
+	s := e.newSnapshot(h.Name, st, geo, true, cacheSlots(cs, DefaultCacheBytes))
+	var bad error
+	st.forEachCopied(func(c uint32) {
+		if c >= geo.count {
+			bad = fmt.Errorf("cow: reopen %q: store holds cluster %d of %d", h.Name, c, geo.count)
+			return
+		}
+		if s.copied.set(c) {
+			s.copiedN++
+		}
+	})
+	if bad != nil {
+		return nil, bad
+	}
+	if !h.Valid {
+		s.invalid.Store(true)
+		s.reason = h.Reason
+	}
+	e.register(s)
+	return s, nil
+}
+
+func (e *Engine) register(s *Snapshot) {
+	e.mu.Lock()
+	e.nextID++
+	s.id = e.nextID
+	e.byName[s.name] = s
+	e.mu.Unlock()
+	e.set = e.set.with(s)
+	s.start()
+}
+
+// bufPool returns the shared buffer pool for a cluster size.
+func (e *Engine) bufPool(csize int) *bufPool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	p := e.pools[csize]
+	if p == nil {
+		p = newBufPool(csize)
+		e.pools[csize] = p
+	}
+	return p
+}
+
+// Clear deletes a snapshot: copy-on-write stops for it, its writer stops
+// (what is still cached is dropped) and its store is closed. The caller
+// removes the store file.
+func (e *Engine) Clear(name string) error {
+	e.gate.Lock()
+	e.mu.Lock()
+	s, ok := e.byName[name]
+	if ok {
+		delete(e.byName, name)
+	}
+	e.mu.Unlock()
+	if !ok {
+		e.gate.Unlock()
+		return fmt.Errorf("%w: %q", ErrNotFound, name)
+	}
+	e.set = e.set.without(s)
+	e.gate.Unlock()
+	return s.stop(true)
+}
+
+// Snapshot returns the snapshot called name.
+func (e *Engine) Snapshot(name string) (*Snapshot, bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	s, ok := e.byName[name]
+	return s, ok
+}
+
+// Snapshots returns every snapshot, oldest first.
+func (e *Engine) Snapshots() []*Snapshot {
+	e.mu.Lock()
+	out := make([]*Snapshot, 0, len(e.byName))
+	for _, s := range e.byName {
+		out = append(out, s)
+	}
+	e.mu.Unlock()
+	sortSnapshots(out)
+	return out
+}
+
+// Close waits for requests in flight, refuses new ones, stops every writer
+// after it committed what it holds, closes the stores and syncs the origin.
+// It does not close the origin.
+func (e *Engine) Close() error {
+	e.gate.Lock()
+	defer e.gate.Unlock()
+	if e.closed {
+		return nil
+	}
+	e.closed = true
+	e.mu.Lock()
+	snaps := make([]*Snapshot, 0, len(e.byName))
+	for _, s := range e.byName {
+		snaps = append(snaps, s)
+	}
+	clear(e.byName)
+	e.mu.Unlock()
+	e.set = &snapSet{}
+	var errs []error
+	for _, s := range snaps {
+		if err := s.stop(false); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := e.origin.Sync(); err != nil {
+		errs = append(errs, fmt.Errorf("cow: close: sync origin: %w", err))
+	}
+	return errors.Join(errs...)
+}
+
+// readFull reads len(p) bytes at off; io.EOF after a full read is fine.
+func readFull(f io.ReaderAt, p []byte, off int64) error {
+	n, err := f.ReadAt(p, off)
+	if n == len(p) {
+		return nil
+	}
+	if err == nil || err == io.EOF {
+		err = io.ErrUnexpectedEOF
+	}
+	return err
+}

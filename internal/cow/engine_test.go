@@ -1,0 +1,412 @@
+package cow
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nbdsnap/nbdsnap/internal/vfs"
+	"github.com/nbdsnap/nbdsnap/internal/vfs/vfstest"
+)
+
+func TestGeometry(t *testing.T) {
+	for _, tc := range []struct {
+		size       int64
+		req        int
+		wantCS     int
+		wantCount  uint32
+		wantLast   int
+		wantErrStr string
+	}{
+		{size: 1 << 20, req: 0, wantCS: 64 << 10, wantCount: 16, wantLast: 64 << 10},
+		{size: 1<<20 + 1, req: 0, wantCS: 64 << 10, wantCount: 17, wantLast: 1},
+		{size: 100, req: 4096, wantCS: 4096, wantCount: 1, wantLast: 100},
+		{size: 1 << 40, req: 0, wantCS: 64 << 10, wantCount: 1 << 24, wantLast: 64 << 10},
+		{size: 1<<40 + 1, req: 0, wantCS: 128 << 10, wantCount: 1<<23 + 1, wantLast: 1},
+		{size: 1 << 40, req: 4096, wantCS: 64 << 10, wantCount: 1 << 24, wantLast: 64 << 10},
+		{size: 1 << 20, req: 3000, wantErrStr: "power of two"},
+		{size: 1 << 20, req: 2048, wantErrStr: "power of two"},
+		{size: 1 << 20, req: 2 << 20, wantErrStr: "power of two"},
+		{size: 0, req: 0, wantErrStr: "origin size"},
+	} {
+		g, err := newGeometry(tc.size, tc.req)
+		if tc.wantErrStr != "" {
+			if err == nil || !errors.Is(err, syscall.EINVAL) {
+				t.Errorf("newGeometry(%d, %d) = %v, want EINVAL error", tc.size, tc.req, err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Fatalf("newGeometry(%d, %d): %v", tc.size, tc.req, err)
+		}
+		if g.csize != tc.wantCS || g.count != tc.wantCount || g.lastLen != tc.wantLast {
+			t.Errorf("newGeometry(%d, %d) = cs %d count %d last %d, want %d %d %d",
+				tc.size, tc.req, g.csize, g.count, g.lastLen, tc.wantCS, tc.wantCount, tc.wantLast)
+		}
+		if g.clusterLen(g.count-1) != tc.wantLast || int64(g.count-1)*int64(g.csize)+int64(g.lastLen) != tc.size {
+			t.Errorf("geometry of %d does not add up", tc.size)
+		}
+	}
+}
+
+func TestCacheSlots(t *testing.T) {
+	for _, tc := range []struct {
+		cs     int
+		budget int64
+		want   int
+	}{
+		{4 << 10, 0, 32}, {8 << 10, 1, 32}, {16 << 10, 0, 8}, {64 << 10, 0, 8},
+		{128 << 10, 0, 4}, {1 << 20, 0, 4}, {64 << 10, 8 << 20, 128}, {4 << 10, 8 << 20, 2048},
+	} {
+		if got := cacheSlots(tc.cs, tc.budget); got != tc.want {
+			t.Errorf("cacheSlots(%d, %d) = %d, want %d", tc.cs, tc.budget, got, tc.want)
+		}
+	}
+}
+
+// testEngine builds an engine on a MemFS origin of size bytes of random
+// data; the stores are memStores unless real is set.
+func testEngine(t testing.TB, fs vfs.FS, size int64, seed uint64, real bool) (*Engine, vfs.File, []byte) {
+	t.Helper()
+	origin := mustOpen(t, fs, "origin")
+	data := make([]byte, size)
+	fillRandom(rand.New(rand.NewPCG(seed, 7)), data)
+	if _, err := origin.WriteAt(data, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := origin.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	e, err := NewEngine(origin, EngineOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !real {
+		e.newStore = func(_ vfs.File, o storeOptions) (clusterStore, error) { return newMemStore(o), nil }
+	}
+	return e, origin, data
+}
+
+// countingFile counts origin reads, to check that a cluster is read once
+// for all snapshots.
+type countingFile struct {
+	vfs.File
+	reads atomic.Int64
+}
+
+func (c *countingFile) ReadAt(p []byte, off int64) (int, error) {
+	c.reads.Add(1)
+	return c.File.ReadAt(p, off)
+}
+
+func TestSharedCopyReadsOriginOnce(t *testing.T) {
+	ctx := context.Background()
+	fs := vfstest.NewMemFS()
+	base := mustOpen(t, fs, "origin")
+	if _, err := base.WriteAt(make([]byte, 1<<20), 0); err != nil {
+		t.Fatal(err)
+	}
+	cf := &countingFile{File: base}
+	e, err := NewEngine(cf, EngineOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.newStore = func(_ vfs.File, o storeOptions) (clusterStore, error) { return newMemStore(o), nil }
+	var snaps []*Snapshot
+	for i, tr := range []bool{false, true, false} {
+		s, err := e.Create(ctx, nil, SnapshotOptions{Name: fmt.Sprint("s", i), Transient: tr})
+		if err != nil {
+			t.Fatal(err)
+		}
+		snaps = append(snaps, s)
+	}
+	cf.reads.Store(0)
+	// Two clusters, three snapshots: two origin reads.
+	if err := e.WriteAt(ctx, bytes.Repeat([]byte{1}, 4096), 64<<10-2048, false); err != nil {
+		t.Fatal(err)
+	}
+	if got := cf.reads.Load(); got != 2 {
+		t.Errorf("origin reads for 2 clusters and 3 snapshots = %d, want 2", got)
+	}
+	if err := e.WriteAt(ctx, bytes.Repeat([]byte{2}, 100), 64<<10, false); err != nil {
+		t.Fatal(err)
+	}
+	if got := cf.reads.Load(); got != 2 {
+		t.Errorf("a second write to copied clusters read the origin (%d reads)", got)
+	}
+	for _, s := range snaps {
+		p := make([]byte, 1<<20)
+		if err := s.ReadAt(ctx, p, 0); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(p, make([]byte, 1<<20)) {
+			t.Errorf("%s: not the frozen image", s.Name())
+		}
+		info := s.Info()
+		if info.Stats.ClustersCopied != 2 || info.ClustersCopied != 2 || info.Stats.CowCalls != 2 {
+			t.Errorf("%s: stats %+v copied %d", s.Name(), info.Stats, info.ClustersCopied)
+		}
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestCreateInstantIsACut checks the create instant under concurrent
+// writes: each worker writes its own 512-byte blocks in sequence, and every
+// snapshot must hold, per worker, exactly its first k writes for some k,
+// with k at least the writes acknowledged before Create was called and at
+// most those started before it returned.
+func TestCreateInstantIsACut(t *testing.T) {
+	const (
+		workers = 4
+		block   = 3072 // blocks straddle 4 KiB clusters: a torn cut shows
+		size    = 3072 * 96
+		nblocks = size / block
+	)
+	ctx := context.Background()
+	fs := vfstest.NewMemFS()
+	origin := mustOpen(t, fs, "origin")
+	if _, err := origin.WriteAt(make([]byte, size), 0); err != nil {
+		t.Fatal(err)
+	}
+	e, err := NewEngine(origin, EngineOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.newStore = func(_ vfs.File, o storeOptions) (clusterStore, error) { return newMemStore(o), nil }
+
+	type cutSnap struct {
+		s              *Snapshot
+		acked, started [workers]int64
+	}
+	var (
+		history [workers][]int // history[w][i-1] = block of write i
+		acked   [workers]atomic.Int64
+		started [workers]atomic.Int64
+		stop    atomic.Bool
+		wg      sync.WaitGroup
+	)
+	for w := range workers {
+		wg.Go(func() {
+			r := rand.New(rand.NewPCG(uint64(w), 3))
+			p := make([]byte, block)
+			for i := int64(1); !stop.Load(); i++ {
+				b := r.IntN(nblocks/workers)*workers + w
+				for j := 0; j < block; j += 16 {
+					binary.LittleEndian.PutUint64(p[j:], uint64(w))
+					binary.LittleEndian.PutUint64(p[j+8:], uint64(i))
+				}
+				history[w] = append(history[w], b)
+				started[w].Store(i)
+				if err := e.WriteAt(ctx, p, int64(b)*block, false); err != nil {
+					t.Error(err)
+					return
+				}
+				acked[w].Store(i)
+			}
+		})
+	}
+	var cuts []cutSnap
+	for i := range 6 {
+		time.Sleep(2 * time.Millisecond)
+		var c cutSnap
+		for w := range workers {
+			c.acked[w] = acked[w].Load()
+		}
+		s, err := e.Create(ctx, nil, SnapshotOptions{Name: fmt.Sprint("cut", i), ClusterSize: 4096, Transient: i%2 == 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for w := range workers {
+			c.started[w] = started[w].Load()
+		}
+		c.s = s
+		cuts = append(cuts, c)
+	}
+	time.Sleep(2 * time.Millisecond)
+	stop.Store(true)
+	wg.Wait()
+
+	for _, c := range cuts {
+		img := make([]byte, size)
+		if err := c.s.ReadAt(ctx, img, 0); err != nil {
+			t.Fatal(err)
+		}
+		for w := range workers {
+			var k int64
+			for b := w; b < nblocks; b += workers {
+				blk := img[b*block : (b+1)*block]
+				if ww, i := binary.LittleEndian.Uint64(blk), int64(binary.LittleEndian.Uint64(blk[8:])); i != 0 && int(ww) == w {
+					k = max(k, i)
+				}
+			}
+			if k < c.acked[w] || k > c.started[w] {
+				t.Errorf("%s worker %d: cut at write %d, want within [%d, %d]", c.s.Name(), w, k, c.acked[w], c.started[w])
+			}
+			want := make(map[int]int64)
+			for i := int64(1); i <= k; i++ {
+				want[history[w][i-1]] = i
+			}
+			for b := w; b < nblocks; b += workers {
+				blk := img[b*block : (b+1)*block]
+				got := int64(binary.LittleEndian.Uint64(blk[8:]))
+				for j := 16; j < block; j += 16 {
+					if g := int64(binary.LittleEndian.Uint64(blk[j+8:])); g != got {
+						t.Errorf("%s worker %d block %d: torn: writes %d and %d", c.s.Name(), w, b, got, g)
+						break
+					}
+				}
+				if got != want[b] {
+					t.Errorf("%s worker %d block %d: holds write %d, want %d (cut %d)", c.s.Name(), w, b, got, want[b], k)
+					break
+				}
+			}
+		}
+		if info := c.s.Info(); info.CreatePause <= 0 || info.CreatePause > time.Second {
+			t.Errorf("%s: create pause %v", c.s.Name(), info.CreatePause)
+		}
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestInvalidation: a failing commit makes that snapshot invalid with a
+// reason; origin requests go on, other snapshots are unaffected.
+func TestInvalidation(t *testing.T) {
+	for _, transient := range []bool{false, true} {
+		t.Run(fmt.Sprint("transient=", transient), func(t *testing.T) {
+			ctx := context.Background()
+			const size = 512 << 10
+			fs := vfstest.NewMemFS()
+			e, _, data := testEngine(t, fs, size, 1, false)
+			var stores []*memStore
+			e.newStore = func(_ vfs.File, o storeOptions) (clusterStore, error) {
+				m := newMemStore(o)
+				stores = append(stores, m)
+				return m, nil
+			}
+			bad, err := e.Create(ctx, nil, SnapshotOptions{Name: "bad", ClusterSize: 4096, Transient: transient})
+			if err != nil {
+				t.Fatal(err)
+			}
+			stores[0].mu.Lock()
+			stores[0].fail = func(n int) error {
+				if n >= 3 {
+					return fmt.Errorf("store: %w", syscall.ENOSPC)
+				}
+				return nil
+			}
+			stores[0].mu.Unlock()
+			good, err := e.Create(ctx, nil, SnapshotOptions{Name: "good", ClusterSize: 4096, Transient: transient})
+			if err != nil {
+				t.Fatal(err)
+			}
+			model := bytes.Clone(data)
+			r := rand.New(rand.NewPCG(2, 2))
+			var wg sync.WaitGroup
+			var mu sync.Mutex
+			for w := range 4 {
+				wg.Go(func() {
+					p := make([]byte, 4096)
+					for i := range 50 {
+						off := int64((i*4+w)*4096) % size
+						fillRandom(rand.New(rand.NewPCG(uint64(w), uint64(i))), p)
+						if err := e.WriteAt(ctx, p, off, false); err != nil {
+							t.Errorf("origin write failed: %v", err)
+							return
+						}
+						mu.Lock()
+						copy(model[off:], p)
+						mu.Unlock()
+					}
+				})
+			}
+			wg.Wait()
+			_ = r
+			if err := e.Flush(ctx); err != nil {
+				t.Fatal(err)
+			}
+			info := bad.Info()
+			if info.Valid || info.Reason == "" {
+				t.Fatalf("bad snapshot: valid %v reason %q", info.Valid, info.Reason)
+			}
+			if h := stores[0].header(); h.Valid || h.Reason == "" {
+				// The writer records the reason asynchronously.
+				time.Sleep(50 * time.Millisecond)
+				if h := stores[0].header(); h.Valid || h.Reason == "" {
+					t.Errorf("store header not invalidated: %+v", h)
+				}
+			}
+			p := make([]byte, 4096)
+			err = bad.ReadAt(ctx, p, 0)
+			if !errors.Is(err, syscall.EIO) || !errors.Is(err, ErrInvalid) {
+				t.Errorf("read of invalid snapshot: %v, want EIO", err)
+			}
+			img := make([]byte, size)
+			if err := good.ReadAt(ctx, img, 0); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(img, data) {
+				t.Errorf("good snapshot differs at %d", firstDiff(img, data))
+			}
+			if err := e.ReadAt(ctx, img, 0); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(img, model) {
+				t.Errorf("origin differs at %d", firstDiff(img, model))
+			}
+			if err := e.Close(); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+func TestRangeAndNames(t *testing.T) {
+	ctx := context.Background()
+	e, _, _ := testEngine(t, vfstest.NewMemFS(), 64<<10, 1, false)
+	if err := e.WriteAt(ctx, make([]byte, 10), 64<<10-5, false); !errors.Is(err, syscall.EINVAL) {
+		t.Errorf("write past the end: %v", err)
+	}
+	if err := e.Zero(ctx, -1, 10, false); !errors.Is(err, syscall.EINVAL) {
+		t.Errorf("zero at -1: %v", err)
+	}
+	s, err := e.Create(ctx, nil, SnapshotOptions{Name: "a"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Create(ctx, nil, SnapshotOptions{Name: "a"}); !errors.Is(err, ErrExists) {
+		t.Errorf("duplicate name: %v", err)
+	}
+	if _, err := e.Create(ctx, nil, SnapshotOptions{Name: "b", ClusterSize: 5000}); !errors.Is(err, ErrBadOption) {
+		t.Errorf("bad cluster size: %v", err)
+	}
+	if err := s.ReadAt(ctx, make([]byte, 2), 64<<10-1); !errors.Is(err, syscall.EINVAL) {
+		t.Errorf("snapshot read past the end: %v", err)
+	}
+	if err := e.Clear("nope"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("clear unknown: %v", err)
+	}
+	if err := e.Clear("a"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.ReadAt(ctx, make([]byte, 2), 0); !errors.Is(err, ErrCleared) {
+		t.Errorf("read of cleared snapshot: %v", err)
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.WriteAt(ctx, make([]byte, 1), 0, false); !errors.Is(err, ErrClosed) {
+		t.Errorf("write after close: %v", err)
+	}
+}

@@ -1,0 +1,424 @@
+package cow
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// slotState is a cache slot's state (fss: FSS_CACHE_FREE / BUSY / VALID).
+type slotState uint8
+
+const (
+	slotFree       slotState = iota
+	slotBusy                 // reserved; the origin read is in progress
+	slotValid                // holds the old data; waiting for the writer
+	slotCommitting           // in a batch the writer is committing
+)
+
+// slot is one cache slot. Its fields are guarded by the snapshot's mu; buf
+// is immutable while the slot is VALID or committing.
+type slot struct {
+	cluster uint32
+	state   slotState
+	seq     uint64 // publication number, for commit waits
+	buf     *clusterBuf
+}
+
+// Snapshot is one frozen image of the origin.
+type Snapshot struct {
+	e          *Engine
+	name       string
+	id         uint64 // creation order within the engine
+	geo        geometry
+	persistent bool
+	st         clusterStore
+	hdr        storeHeader
+	pool       *bufPool
+	log        *slog.Logger
+	pause      time.Duration // how long the create instant held requests
+
+	// copied is fss's sc_copied: bit c is set, under mu, once cluster
+	// c's old data is VALID in the cache; it is never cleared. Reads
+	// load it without mu.
+	copied bitmap
+	// validSeq counts publications; durableSeq is the highest one
+	// committed. Both are written under mu and read without it by the
+	// fast path (see settled).
+	validSeq, durableSeq atomic.Uint64
+	invalid              atomic.Bool // set under mu, never cleared
+	closed               atomic.Bool // reads refused: the snapshot was cleared or the engine closed
+
+	mu       sync.Mutex
+	slotCond sync.Cond // a slot was freed or a BUSY cluster resolved (cowwait2, cowwait3)
+	durCond  sync.Cond // durableSeq advanced, or the snapshot failed
+	workCond sync.Cond // the writer has work: pending, stop, a reason to persist
+	slots    []slot
+	free     []*slot
+	cached   map[uint32]*slot // clusters in BUSY, VALID or committing slots
+	pending  []*slot          // VALID slots in publication order
+	copiedN  int64
+	reason   string
+	// persistReason asks the writer to record the invalidation in the
+	// store (all store writes happen on the writer goroutine).
+	persistReason bool
+	stopping      bool
+	discard       bool // stopping without committing what is cached (Clear)
+	done          chan struct{}
+
+	// life is held shared by reads and exclusively by stop, so the store
+	// is not closed under a read.
+	life sync.RWMutex
+
+	stats counters
+}
+
+type counters struct {
+	cowCalls, clustersCopied, cacheFullWaits atomic.Int64
+	mapReads, mapWrites, bytesCopied         atomic.Int64
+	batches, syncs                           atomic.Int64
+}
+
+func (e *Engine) newSnapshot(name string, st clusterStore, geo geometry, persistent bool, nslots int) *Snapshot {
+	s := &Snapshot{
+		e:          e,
+		name:       name,
+		geo:        geo,
+		persistent: persistent,
+		st:         st,
+		hdr:        st.header(),
+		pool:       e.bufPool(geo.csize),
+		log:        e.log.With("snapshot", name),
+		copied:     newBitmap(geo.count),
+		slots:      make([]slot, nslots),
+		free:       make([]*slot, nslots),
+		cached:     make(map[uint32]*slot, nslots),
+		pending:    make([]*slot, 0, nslots),
+		done:       make(chan struct{}),
+	}
+	for i := range s.slots {
+		s.free[i] = &s.slots[i]
+	}
+	s.slotCond.L = &s.mu
+	s.durCond.L = &s.mu
+	s.workCond.L = &s.mu
+	return s
+}
+
+// settled reports, without locking, that a request has nothing to do for
+// cluster c in s: s failed, or c is copied and (transient, or everything
+// published is committed). The copied bit is loaded before the sequence
+// numbers: c's sequence number is at most validSeq at that point, and
+// durableSeq never decreases.
+func (s *Snapshot) settled(c uint32) bool {
+	if s.invalid.Load() {
+		return true
+	}
+	if !s.copied.get(c) {
+		return false
+	}
+	return !s.persistent || s.durableSeq.Load() >= s.validSeq.Load()
+}
+
+// waitDurable blocks until publication seq is committed, the snapshot
+// failed or it is stopping.
+func (s *Snapshot) waitDurable(seq uint64) {
+	if s.durableSeq.Load() >= seq {
+		return
+	}
+	s.mu.Lock()
+	for s.durableSeq.Load() < seq && !s.invalid.Load() && !s.stopping {
+		s.durCond.Wait()
+	}
+	s.mu.Unlock()
+}
+
+// failLocked is fss_error: the snapshot becomes invalid with a reason.
+// Waiters are released (origin requests go on without it), the writer
+// drops what it holds and records the reason in the store.
+func (s *Snapshot) failLocked(reason string) {
+	if s.invalid.Load() {
+		return
+	}
+	s.reason = reason
+	s.invalid.Store(true)
+	s.persistReason = true
+	s.log.Error("snapshot invalid", "reason", reason)
+	s.slotCond.Broadcast()
+	s.durCond.Broadcast()
+	s.workCond.Signal()
+}
+
+func (s *Snapshot) start() { go s.run() }
+
+// run is the writer goroutine (fss_bs_thread): it drains VALID slots to the
+// store, all pending clusters in one commit (one sync in persistent mode),
+// and frees the slots. A slot is freed, and its cluster removed from
+// cached, only after commit returned: by then the store can find it, so a
+// read that misses the cache finds the cluster in the store.
+func (s *Snapshot) run() {
+	defer close(s.done)
+	batch := make([]*slot, 0, len(s.slots))
+	clusters := make([]storeCluster, 0, len(s.slots))
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for {
+		for len(s.pending) == 0 && !s.stopping && !s.persistReason {
+			s.workCond.Wait()
+		}
+		if s.persistReason {
+			s.persistReason = false
+			reason := s.reason
+			s.mu.Unlock()
+			err := s.st.invalidate(reason)
+			s.mu.Lock()
+			if err != nil {
+				s.log.Warn("record invalidation in store", "err", err)
+			}
+			continue
+		}
+		if len(s.pending) == 0 {
+			return // stopping, and nothing left
+		}
+		batch = append(batch[:0], s.pending...)
+		clear(s.pending)
+		s.pending = s.pending[:0]
+		if s.invalid.Load() || s.discard {
+			s.dropLocked(batch)
+			continue
+		}
+		for _, sl := range batch {
+			sl.state = slotCommitting
+		}
+		top := batch[len(batch)-1].seq
+		s.mu.Unlock()
+
+		clusters = clusters[:0]
+		for _, sl := range batch {
+			clusters = append(clusters, storeCluster{index: sl.cluster, data: sl.buf.data})
+		}
+		err := s.st.commit(clusters)
+		clear(clusters)
+
+		s.mu.Lock()
+		if err != nil {
+			s.failLocked(fmt.Sprintf("write backing store: %v", err))
+		} else {
+			s.stats.batches.Add(1)
+			if s.persistent {
+				s.stats.syncs.Add(1)
+			}
+			s.stats.mapWrites.Add(int64(len(batch)))
+			s.durableSeq.Store(top)
+			s.durCond.Broadcast()
+		}
+		s.dropLocked(batch)
+	}
+}
+
+// dropLocked frees committed (or abandoned) slots.
+func (s *Snapshot) dropLocked(batch []*slot) {
+	for _, sl := range batch {
+		delete(s.cached, sl.cluster)
+		sl.buf.release()
+		sl.buf, sl.state = nil, slotFree
+		s.free = append(s.free, sl)
+	}
+	clear(batch)
+	s.slotCond.Broadcast()
+}
+
+// stop ends copy-on-write for s (the caller already removed it from the
+// engine's set), stops the writer after it committed what it holds (or
+// dropped it, when discard), waits for reads in flight and closes the
+// store.
+func (s *Snapshot) stop(discard bool) error {
+	s.mu.Lock()
+	s.stopping = true
+	s.discard = discard
+	s.slotCond.Broadcast()
+	s.durCond.Broadcast()
+	s.workCond.Signal()
+	s.mu.Unlock()
+	<-s.done
+	s.closed.Store(true)
+	s.life.Lock()
+	defer s.life.Unlock()
+	if err := s.st.close(); err != nil {
+		return fmt.Errorf("cow: close store of %q: %w", s.name, err)
+	}
+	return nil
+}
+
+// Name is the snapshot's name.
+func (s *Snapshot) Name() string { return s.name }
+
+// Size is the snapshot's size: the origin's size.
+func (s *Snapshot) Size() int64 { return s.geo.size }
+
+// ReadAt reads the frozen image (the I/O half of fss_bs_thread): it reads
+// the origin, then overlays the clusters that have been copied, from the
+// cache or the store.
+//
+// Why this is race-free: a request modifies the origin within cluster c
+// only after c's copy is VALID and c's copied bit is set (copyCluster), and
+// the bits are checked below only after the origin read completed. If the
+// bit is clear at the check, no modification of c had started when the
+// origin read ended, so the bytes read are the frozen ones; if it is set,
+// the frozen bytes are taken from the copy. A copy leaves the cache only
+// after the store can find it (run), so a cache miss finds it in the store.
+// If the snapshot became invalid, copy-on-write may have been skipped for
+// it, so the check of invalid after the read turns the result into EIO.
+func (s *Snapshot) ReadAt(ctx context.Context, p []byte, off int64) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if off < 0 || off > s.geo.size || int64(len(p)) > s.geo.size-off {
+		return fmt.Errorf("%w: offset %d length %d, size %d", ErrRange, off, len(p), s.geo.size)
+	}
+	s.life.RLock()
+	defer s.life.RUnlock()
+	if err := s.readable(); err != nil {
+		return err
+	}
+	if len(p) == 0 {
+		return nil
+	}
+	if err := readFull(s.e.origin, p, off); err != nil {
+		return fmt.Errorf("cow: snapshot %q: read origin at %d: %w", s.name, off, err)
+	}
+	end := off + int64(len(p))
+	first, last := s.geo.span(off, int64(len(p)))
+	for c := first; ; c++ {
+		if s.copied.get(c) {
+			if err := s.overlay(c, p, off, end); err != nil {
+				return err
+			}
+		}
+		if c == last {
+			break
+		}
+	}
+	return s.readable()
+}
+
+// overlay copies the frozen bytes of cluster c that fall in [off, end)
+// into p (which holds [off, end)).
+func (s *Snapshot) overlay(c uint32, p []byte, off, end int64) error {
+	cstart := s.geo.off(c)
+	lo := max(off, cstart)
+	hi := min(end, cstart+int64(s.geo.clusterLen(c)))
+	dst := p[lo-off : hi-off]
+	coff := int(lo - cstart)
+
+	var buf *clusterBuf
+	s.mu.Lock()
+	if sl := s.cached[c]; sl != nil && (sl.state == slotValid || sl.state == slotCommitting) {
+		buf = sl.buf
+		buf.refs.Add(1)
+	}
+	s.mu.Unlock()
+	if buf != nil {
+		copy(dst, buf.data[coff:])
+		buf.release()
+		return nil
+	}
+	s.stats.mapReads.Add(1)
+	ok, err := s.st.readCluster(c, dst, coff)
+	if err != nil {
+		if s.invalid.Load() {
+			return s.readable()
+		}
+		return fmt.Errorf("cow: snapshot %q: read cluster %d from store: %w: %w", s.name, c, err, syscall.EIO)
+	}
+	if !ok {
+		if err := s.readable(); err != nil {
+			return err
+		}
+		return fmt.Errorf("cow: snapshot %q: cluster %d is copied but not in the store: %w", s.name, c, syscall.EIO)
+	}
+	return nil
+}
+
+func (s *Snapshot) readable() error {
+	if s.closed.Load() {
+		return ErrCleared
+	}
+	if s.invalid.Load() {
+		s.mu.Lock()
+		reason := s.reason
+		s.mu.Unlock()
+		return &invalidError{reason: reason}
+	}
+	return nil
+}
+
+// Stats are per-snapshot counters (fss_stat).
+type Stats struct {
+	CowCalls       int64 // origin-modifying requests that consulted the snapshot
+	ClustersCopied int64 // clusters copied from the origin into the cache
+	CacheFullWaits int64 // times a request waited for a free cache slot (cowwait3)
+	MapReads       int64 // snapshot reads that looked a cluster up in the store
+	MapWrites      int64 // cluster records committed to the store
+	BytesCopied    int64 // origin bytes copied
+	Batches        int64 // commits
+	Syncs          int64 // commits that synced the store (persistent mode)
+}
+
+// Info describes a snapshot.
+type Info struct {
+	Name           string
+	UUID           string
+	Created        time.Time
+	ClusterSize    int
+	ClustersTotal  int64
+	ClustersCopied int64
+	Persistent     bool
+	Valid          bool
+	Reason         string // why the snapshot is invalid
+	StoreBytes     int64
+	CacheSlots     int
+	CreatePause    time.Duration // how long Create held origin writes (0 after Reopen)
+	Stats          Stats
+}
+
+// Info reports the snapshot's state and statistics.
+func (s *Snapshot) Info() Info {
+	s.mu.Lock()
+	copied, reason := s.copiedN, s.reason
+	s.mu.Unlock()
+	s.life.RLock()
+	var bytes int64
+	if !s.closed.Load() {
+		bytes = s.st.bytes()
+	}
+	s.life.RUnlock()
+	return Info{
+		Name:           s.name,
+		UUID:           s.hdr.UUID,
+		Created:        s.hdr.Created,
+		ClusterSize:    s.geo.csize,
+		ClustersTotal:  int64(s.geo.count),
+		ClustersCopied: copied,
+		Persistent:     s.persistent,
+		Valid:          !s.invalid.Load(),
+		Reason:         reason,
+		StoreBytes:     bytes,
+		CacheSlots:     len(s.slots),
+		CreatePause:    s.pause,
+		Stats: Stats{
+			CowCalls:       s.stats.cowCalls.Load(),
+			ClustersCopied: s.stats.clustersCopied.Load(),
+			CacheFullWaits: s.stats.cacheFullWaits.Load(),
+			MapReads:       s.stats.mapReads.Load(),
+			MapWrites:      s.stats.mapWrites.Load(),
+			BytesCopied:    s.stats.bytesCopied.Load(),
+			Batches:        s.stats.batches.Load(),
+			Syncs:          s.stats.syncs.Load(),
+		},
+	}
+}

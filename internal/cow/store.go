@@ -1,0 +1,54 @@
+package cow
+
+import "time"
+
+// clusterStore is what the engine needs from a backing store. The
+// production implementation wraps *backstore.Store (backstore.go); tests can
+// substitute their own. Every mutating method (commit, invalidate, close) is
+// called from one goroutine at a time: the snapshot's writer, or Clear/Close
+// after the writer stopped. readCluster runs concurrently with commit.
+type clusterStore interface {
+	// commit stores a batch of clusters. Persistent stores: when it
+	// returns nil every cluster of the batch is durable and findable
+	// after a crash (one sync). Transient stores: findable, not durable.
+	commit(batch []storeCluster) error
+	// readCluster copies bytes [off, off+len(p)) of a committed cluster
+	// into p; ok is false if the cluster is not in the store.
+	readCluster(index uint32, p []byte, off int) (ok bool, err error)
+	forEachCopied(fn func(index uint32))
+	header() storeHeader
+	invalidate(reason string) error
+	bytes() int64
+	close() error
+}
+
+// storeCluster is one cluster of a commit batch; data is a full cluster
+// (the tail of a partial last cluster is zero).
+type storeCluster struct {
+	index uint32
+	data  []byte
+}
+
+// storeHeader is the part of a store header the engine uses.
+type storeHeader struct {
+	UUID        string
+	Name        string
+	Created     time.Time
+	ClusterSize int
+	OriginSize  int64
+	OriginID    string
+	Persistent  bool
+	Valid       bool
+	Reason      string
+}
+
+// storeOptions are the parameters of a new store.
+type storeOptions struct {
+	Name        string
+	ClusterSize int
+	OriginSize  int64
+	OriginID    string
+	Persistent  bool
+	MaxSize     int64
+	Created     time.Time
+}
