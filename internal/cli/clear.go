@@ -11,7 +11,7 @@ type clearOptions struct {
 	force bool
 }
 
-func newClearCommand() *cobra.Command {
+func newClearCommand(runDir string) *cobra.Command {
 	o := &clearOptions{}
 	cmd := &cobra.Command{
 		Use:   "clear SNAP",
@@ -32,7 +32,7 @@ answers EBUSY), unless --force, which disconnects such clients first.`,
 			return nil
 		},
 	}
-	o.addFlags(cmd.Flags())
+	o.addFlags(cmd.Flags(), runDir)
 	cmd.Flags().BoolVar(&o.force, "force", false, "disconnect NBD clients of the snapshot instead of refusing")
 	return cmd
 }

@@ -30,7 +30,7 @@ const (
 	maxClusterSize = 1 << 20
 )
 
-func newCreateCommand() *cobra.Command {
+func newCreateCommand(runDir string) *cobra.Command {
 	o := &createOptions{}
 	cmd := &cobra.Command{
 		Use:   "create SNAP --backing PATH",
@@ -52,7 +52,7 @@ afterwards, also when the create fails.`,
 		},
 	}
 	f := cmd.Flags()
-	o.addFlags(f)
+	o.addFlags(f, runDir)
 	f.StringVar(&o.backing, "backing", "", "backing store file to create (required; must not exist)")
 	f.Var(sizeFlag{&o.clusterSize}, "cluster-size", "copy-on-write unit, a power of two from 4K to 1M (default 64K)")
 	f.BoolVar(&o.transient, "transient", false, "never sync the backing store; the snapshot does not survive a daemon restart (faster)")

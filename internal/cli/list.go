@@ -11,7 +11,7 @@ type listOptions struct {
 	json bool
 }
 
-func newListCommand() *cobra.Command {
+func newListCommand(runDir string) *cobra.Command {
 	o := &listOptions{}
 	cmd := &cobra.Command{
 		Use:   "list",
@@ -36,7 +36,7 @@ func newListCommand() *cobra.Command {
 			return nil
 		},
 	}
-	o.addFlags(cmd.Flags())
+	o.addFlags(cmd.Flags(), runDir)
 	cmd.Flags().BoolVar(&o.json, "json", false, "print a JSON array")
 	return cmd
 }

@@ -48,7 +48,11 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer, version s
 	root.SetArgs(args)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
-	err := root.ExecuteContext(ctx)
+	return exitCode(root.ExecuteContext(ctx), stderr)
+}
+
+// exitCode reports err on stderr and maps it to an exit code.
+func exitCode(err error, stderr io.Writer) int {
 	if err == nil {
 		return ExitOK
 	}
@@ -64,7 +68,10 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer, version s
 }
 
 // NewRootCommand builds the whole command tree.
-func NewRootCommand(version string) *cobra.Command {
+func NewRootCommand(version string) *cobra.Command { return newRoot(version, control.RunDir) }
+
+// newRoot builds the tree; client commands resolve --name in runDir.
+func newRoot(version, runDir string) *cobra.Command {
 	root := &cobra.Command{
 		Use:   "nbdsnap",
 		Short: "Copy-on-write block device snapshots served over NBD",
@@ -79,11 +86,11 @@ commands talk to a running daemon over its control socket.`,
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	root.AddCommand(
 		newServeCommand(version),
-		newCreateCommand(),
-		newClearCommand(),
-		newStatusCommand(),
-		newListCommand(),
-		newVersionCommand(version),
+		newCreateCommand(runDir),
+		newClearCommand(runDir),
+		newStatusCommand(runDir),
+		newListCommand(runDir),
+		newVersionCommand(version, runDir),
 		newManCommand(),
 	)
 	// Positional argument errors are usage errors too.
@@ -108,10 +115,10 @@ type clientOptions struct {
 	runDir  string // where --name looks; tests point it elsewhere
 }
 
-func (o *clientOptions) addFlags(fs *pflag.FlagSet) {
+func (o *clientOptions) addFlags(fs *pflag.FlagSet, runDir string) {
 	fs.StringVar(&o.control, "control", "", "the daemon's control socket")
-	fs.StringVar(&o.name, "name", "", "the daemon's name (control socket "+control.RunDir+"/NAME.ctl)")
-	o.runDir = control.RunDir
+	fs.StringVar(&o.name, "name", "", "the daemon's name (control socket "+runDir+"/NAME.ctl)")
+	o.runDir = runDir
 }
 
 // path resolves which control socket to use.

@@ -13,7 +13,7 @@ type statusOptions struct {
 	json bool
 }
 
-func newStatusCommand() *cobra.Command {
+func newStatusCommand(runDir string) *cobra.Command {
 	o := &statusOptions{}
 	cmd := &cobra.Command{
 		Use:   "status [SNAP]",
@@ -52,7 +52,7 @@ snapshot's line. --json prints the full record, engine statistics included.`,
 			return nil
 		},
 	}
-	o.addFlags(cmd.Flags())
+	o.addFlags(cmd.Flags(), runDir)
 	cmd.Flags().BoolVar(&o.json, "json", false, "print JSON")
 	return cmd
 }

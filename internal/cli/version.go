@@ -11,7 +11,7 @@ type versionOptions struct {
 	clientOptions
 }
 
-func newVersionCommand(version string) *cobra.Command {
+func newVersionCommand(version, runDir string) *cobra.Command {
 	o := &versionOptions{}
 	cmd := &cobra.Command{
 		Use:   "version",
@@ -35,6 +35,6 @@ func newVersionCommand(version string) *cobra.Command {
 			return nil
 		},
 	}
-	o.addFlags(cmd.Flags())
+	o.addFlags(cmd.Flags(), runDir)
 	return cmd
 }
