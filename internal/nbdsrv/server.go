@@ -302,25 +302,35 @@ func (s *Server) Serve(l net.Listener) error {
 			return fmt.Errorf("nbdsrv: accept: %w", err)
 		}
 		backoff = 0
-		s.mu.Lock()
-		if s.closing {
-			s.mu.Unlock()
-			nc.Close()
-			return ErrServerClosed
+		c, err := s.track(nc)
+		if errors.Is(err, ErrServerClosed) {
+			return err
 		}
-		if len(s.conns) >= s.cfg.MaxConns {
-			s.mu.Unlock()
-			s.log.Warn("nbd: connection refused, too many connections",
-				"remote", nc.RemoteAddr().String(), "max_conns", s.cfg.MaxConns)
-			nc.Close()
-			continue
+		if c != nil {
+			go c.serve()
 		}
-		s.nextConnID++
-		c := newConn(s, nc, s.nextConnID)
-		s.conns[c] = struct{}{}
-		s.mu.Unlock()
-		go c.serve()
 	}
+}
+
+// track registers a new connection, or closes nc if the server is closing
+// or at MaxConns.
+func (s *Server) track(nc net.Conn) (*conn, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing {
+		nc.Close()
+		return nil, ErrServerClosed
+	}
+	if len(s.conns) >= s.cfg.MaxConns {
+		s.log.Warn("nbd: connection refused, too many connections",
+			"remote", nc.RemoteAddr().String(), "max_conns", s.cfg.MaxConns)
+		nc.Close()
+		return nil, nil
+	}
+	s.nextConnID++
+	c := newConn(s, nc, s.nextConnID)
+	s.conns[c] = struct{}{}
+	return c, nil
 }
 
 // forget removes a finished connection.
