@@ -67,7 +67,7 @@ type entry struct {
 // directory, listens on every address and serves. When Start returns nil
 // the daemon is serving and systemd has been told READY=1. On error nothing
 // is left open and no socket file is left behind.
-func Start(ctx context.Context, cfg Config) (d *Daemon, err error) {
+func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -95,7 +95,7 @@ func Start(ctx context.Context, cfg Config) (d *Daemon, err error) {
 		cfg.Control = control.DefaultPath(cfg.Name)
 	}
 
-	d = &Daemon{
+	d := &Daemon{
 		cfg:     cfg,
 		log:     log,
 		ctlPath: cfg.Control,
@@ -115,6 +115,27 @@ func Start(ctx context.Context, cfg Config) (d *Daemon, err error) {
 		return nil, err
 	}
 	d.origin = f
+	// Bind every socket before the state directory is touched, so that a
+	// daemon refused for a taken address leaves no trace. Nothing is served
+	// until the engine and the exports exist.
+	for _, a := range addrs {
+		l, err := listen(a)
+		if err != nil {
+			return nil, err
+		}
+		d.listeners = append(d.listeners, l)
+		if a.network == "unix" {
+			d.unixPaths = append(d.unixPaths, a.addr)
+			d.addrs = append(d.addrs, a.String())
+		} else {
+			d.addrs = append(d.addrs, "tcp:"+l.Addr().String())
+		}
+	}
+	cl, err := listenUnix(cfg.Control, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	d.unixPaths = append(d.unixPaths, cfg.Control)
 	if cfg.StateDir != "" {
 		d.state, d.originID, err = openState(cfg.StateDir, cfg.Origin)
 		if err != nil {
@@ -147,24 +168,6 @@ func Start(ctx context.Context, cfg Config) (d *Daemon, err error) {
 		}
 	}
 
-	for _, a := range addrs {
-		l, err := listen(a)
-		if err != nil {
-			return nil, err
-		}
-		d.listeners = append(d.listeners, l)
-		if a.network == "unix" {
-			d.unixPaths = append(d.unixPaths, a.addr)
-			d.addrs = append(d.addrs, a.String())
-		} else {
-			d.addrs = append(d.addrs, "tcp:"+l.Addr().String())
-		}
-	}
-	cl, err := listenUnix(cfg.Control, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("control socket: %w", err)
-	}
-	d.unixPaths = append(d.unixPaths, cfg.Control)
 	d.ctl = &http.Server{
 		Handler:           control.NewHandler(d, cfg.Version, log),
 		ReadHeaderTimeout: 10 * time.Second,
