@@ -2,6 +2,7 @@ package cow
 
 import (
 	"fmt"
+	"math"
 	"slices"
 )
 
@@ -142,6 +143,10 @@ func (e *Engine) copyCluster(r *cowReq, g *group, c uint32) {
 		s.mu.Lock()
 		for {
 			if s.invalid.Load() || s.stopping {
+				if s.persistent && !s.released.Load() && !s.stopping {
+					// Not before the invalidation is recorded.
+					r.addTicket(s, math.MaxUint64)
+				}
 				break
 			}
 			if s.copied.get(c) {
@@ -192,6 +197,9 @@ func (e *Engine) copyCluster(r *cowReq, g *group, c uint32) {
 			s.slotCond.Broadcast()
 			if err != nil {
 				s.failLocked(fmt.Sprintf("read origin cluster %d: %v", c, err))
+			}
+			if s.invalid.Load() && s.persistent {
+				r.addTicket(s, math.MaxUint64)
 			}
 			s.mu.Unlock()
 			buf.release()

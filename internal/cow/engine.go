@@ -376,6 +376,7 @@ func (e *Engine) reopen(st clusterStore, originID string) (*Snapshot, error) {
 	}
 	if !h.Valid {
 		s.invalid.Store(true)
+		s.released.Store(true)
 		s.reason = h.Reason
 	}
 	e.register(s)

@@ -51,6 +51,12 @@ type Snapshot struct {
 	// fast path (see settled).
 	validSeq, durableSeq atomic.Uint64
 	invalid              atomic.Bool // set under mu, never cleared
+	// released: requests may modify the origin without copying for this
+	// snapshot. For a transient snapshot it is set with invalid; for a
+	// persistent one only after the writer tried to record the
+	// invalidation in the store, so that a crash cannot leave a store that
+	// reopens as valid while the origin moved on uncopied.
+	released atomic.Bool
 	closed               atomic.Bool // reads refused: the snapshot was cleared or the engine closed
 
 	mu       sync.Mutex
@@ -115,23 +121,24 @@ func (e *Engine) newSnapshot(name string, st clusterStore, geo geometry, persist
 // numbers: c's sequence number is at most validSeq at that point, and
 // durableSeq never decreases.
 func (s *Snapshot) settled(c uint32) bool {
-	if s.invalid.Load() {
+	if s.released.Load() {
 		return true
 	}
-	if !s.copied.get(c) {
+	if s.invalid.Load() || !s.copied.get(c) {
 		return false
 	}
 	return !s.persistent || s.durableSeq.Load() >= s.validSeq.Load()
 }
 
 // waitDurable blocks until publication seq is committed, the snapshot
-// failed or it is stopping.
+// failed and was released, or it is stopping; seq math.MaxUint64 waits
+// for the release of an invalid snapshot.
 func (s *Snapshot) waitDurable(seq uint64) {
-	if s.durableSeq.Load() >= seq {
+	if s.durableSeq.Load() >= seq || s.released.Load() {
 		return
 	}
 	s.mu.Lock()
-	for s.durableSeq.Load() < seq && !s.invalid.Load() && !s.stopping {
+	for s.durableSeq.Load() < seq && !s.released.Load() && !s.stopping {
 		s.durCond.Wait()
 	}
 	s.mu.Unlock()
@@ -147,6 +154,9 @@ func (s *Snapshot) failLocked(reason string) {
 	s.reason = reason
 	s.invalid.Store(true)
 	s.persistReason = true
+	if !s.persistent {
+		s.released.Store(true)
+	}
 	s.log.Error("snapshot invalid", "reason", reason)
 	s.slotCond.Broadcast()
 	s.durCond.Broadcast()
@@ -177,8 +187,11 @@ func (s *Snapshot) run() {
 			err := s.st.invalidate(reason)
 			s.mu.Lock()
 			if err != nil {
-				s.log.Warn("record invalidation in store", "err", err)
+				s.log.Error("cannot record the invalidation in the store: reopening it after a crash would serve stale data",
+					"reason", reason, "err", err)
 			}
+			s.released.Store(true)
+			s.durCond.Broadcast()
 			continue
 		}
 		if len(s.pending) == 0 {
