@@ -57,7 +57,7 @@ type Snapshot struct {
 	// invalidation in the store, so that a crash cannot leave a store that
 	// reopens as valid while the origin moved on uncopied.
 	released atomic.Bool
-	closed               atomic.Bool // reads refused: the snapshot was cleared or the engine closed
+	closed   atomic.Bool // reads refused: the snapshot was cleared or the engine closed
 
 	mu       sync.Mutex
 	slotCond sync.Cond // a slot was freed or a BUSY cluster resolved (cowwait2, cowwait3)
