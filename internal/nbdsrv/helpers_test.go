@@ -25,7 +25,9 @@ type memBackend struct {
 	// extents, when set, answers base:allocation.
 	extents []Extent
 	// hook runs at the start of every call; a non-nil error fails it.
-	hook func(ctx context.Context, op string, off, length int64) error
+	// Set it with setHook once the server runs.
+	hook   func(ctx context.Context, op string, off, length int64) error
+	hookMu sync.Mutex
 	// calls records the operations in order.
 	callsMu sync.Mutex
 	calls   []string
@@ -37,10 +39,25 @@ func (m *memBackend) enter(ctx context.Context, op string, off, length int64) er
 	m.callsMu.Lock()
 	m.calls = append(m.calls, op)
 	m.callsMu.Unlock()
-	if m.hook != nil {
-		return m.hook(ctx, op, off, length)
+	m.hookMu.Lock()
+	h := m.hook
+	m.hookMu.Unlock()
+	if h != nil {
+		return h(ctx, op, off, length)
 	}
 	return nil
+}
+
+func (m *memBackend) setHook(h func(ctx context.Context, op string, off, length int64) error) {
+	m.hookMu.Lock()
+	m.hook = h
+	m.hookMu.Unlock()
+}
+
+func (m *memBackend) setExtents(e []Extent) {
+	m.mu.Lock()
+	m.extents = e
+	m.mu.Unlock()
 }
 
 func (m *memBackend) ops() []string {
@@ -112,6 +129,8 @@ func (m *memBackend) Extents(ctx context.Context, off, length int64) ([]Extent, 
 	if err := m.enter(ctx, "extents", off, length); err != nil {
 		return nil, err
 	}
+	m.mu.RLock()
+	defer m.mu.RUnlock()
 	if m.extents == nil {
 		return []Extent{{Length: length}}, nil
 	}
@@ -508,7 +527,25 @@ func chunkErrno(t testing.TB, c chunk) (Errno, string) {
 	return Errno(binary.BigEndian.Uint32(c.payload)), string(c.payload[6 : 6+n])
 }
 
+func newReader(c net.Conn) *bufio.Reader { return bufio.NewReader(c) }
+
 func be16(v uint16) []byte { return binary.BigEndian.AppendUint16(nil, v) }
 func be32(v uint32) []byte { return binary.BigEndian.AppendUint32(nil, v) }
 
 func contains(logs, s string) bool { return strings.Contains(logs, s) }
+
+// bytesAt returns a copy of the backend's data (under its lock, so the race
+// detector sees the ordering the socket provides).
+func (m *memBackend) bytesAt(off, n int) []byte {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return append([]byte(nil), m.data[off:off+n]...)
+}
+
+func (m *memBackend) fill(b byte) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for i := range m.data {
+		m.data[i] = b
+	}
+}

@@ -11,8 +11,8 @@ import (
 func TestValidate(t *testing.T) {
 	const size = 1 << 20
 	rw := exportState{
-		size:  size,
-		flags: FlagHasFlags | FlagSendFlush | FlagSendFUA | FlagSendTrim | FlagSendWriteZeroes | FlagSendFastZero | FlagSendCache | FlagSendDF,
+		size:       size,
+		flags:      FlagHasFlags | FlagSendFlush | FlagSendFUA | FlagSendTrim | FlagSendWriteZeroes | FlagSendFastZero | FlagSendCache | FlagSendDF,
 		structured: true, minBlock: 1, maxBlock: 64 << 10, metaContexts: 1,
 	}
 	ro := rw
