@@ -1,2 +1,32 @@
-// Package backstore: under construction, see docs/design/2026-11-21-architecture.md.
+// Package backstore is the on-disk store of the clusters a snapshot copied
+// out of its origin before the origin overwrote them (fss(4)'s backing
+// store), kept on a regular file (sparse, growing, optionally limited by
+// Options.MaxSize) or a block device (fixed size).
+//
+// A store has a versioned header in two checksummed slots (the one with the
+// higher generation wins, so a torn header write never loses the store),
+// and data slots holding the copies in commit order. A persistent store
+// also keeps a metadata log saying which cluster each data slot holds;
+// Commit writes a batch's data and metadata and then syncs once, so when it
+// returns nil the batch is durable and Open will find it after a crash,
+// while a batch torn by a crash is detected by checksums and dropped as a
+// whole. The byte layout and the argument for crash safety are in
+// format.go. A transient store writes data only, never syncs, and cannot be
+// reopened; its map lives only in memory.
+//
+// Main types: [Store] (Create, Open, Commit, ReadCluster, Invalidate),
+// [Header], [Check] and its [Report].
+//
+// Concurrency: one committer at a time (Commit serialises itself); reads
+// (ReadCluster, Copied, ForEachCopied) run concurrently with it and see a
+// cluster only once its Commit has completed.
+//
+// Memory: the map from cluster to data slot is a bitmap plus a packed slot
+// list per 1024-cluster chunk, about 2.5 MiB for 2^24 clusters plus ~4–6
+// bytes per copied cluster (see index.go and TestIndexMemory).
+//
+// Caveats: Open verifies the data checksums of the newest batch only;
+// corruption of older data is found by Check, not by Open. After a Commit
+// fails with an I/O error the store takes no more batches (ErrFailed):
+// whether that batch's writes are durable is unknown until a reopen.
 package backstore

@@ -1,0 +1,37 @@
+package backstore
+
+import "errors"
+
+// Sentinel errors. Functions wrap them with context; test with errors.Is.
+var (
+	// ErrNotStore: neither header slot holds a valid header (wrong magic or
+	// both checksums fail) — the file is not a store, or both headers are
+	// destroyed.
+	ErrNotStore = errors.New("backstore: not a backing store")
+	// ErrVersion: the store was written by a newer format version than this
+	// program understands. Nothing is changed.
+	ErrVersion = errors.New("backstore: unsupported format version")
+	// ErrTransient: Open of a transient store, which keeps no map on disk
+	// and so cannot be reopened.
+	ErrTransient = errors.New("backstore: transient store cannot be reopened")
+	// ErrCorrupt: the metadata contradicts itself in a way no crash can
+	// produce (a cluster claimed twice, a committed block missing, …).
+	ErrCorrupt = errors.New("backstore: store is corrupt")
+	// ErrFull: the store has no room for the batch (MaxSize, the end of a
+	// block device, or ENOSPC from the file system, which it then also
+	// wraps).
+	ErrFull = errors.New("backstore: store is full")
+	// ErrFailed: an earlier Commit failed with an I/O error; what it wrote
+	// may or may not be durable, so the store takes no further batches.
+	// Reopening it recovers the last committed state.
+	ErrFailed = errors.New("backstore: store failed earlier")
+	// ErrInvalid: the store is marked invalid and takes no further batches.
+	ErrInvalid = errors.New("backstore: snapshot is invalid")
+	// ErrClosed: the store is closed.
+	ErrClosed = errors.New("backstore: store is closed")
+	// ErrBadCluster: a batch names a cluster out of range, already copied,
+	// twice, or with data of the wrong length. Nothing is written.
+	ErrBadCluster = errors.New("backstore: bad cluster in batch")
+	// ErrOptions: Create was given options it cannot honour.
+	ErrOptions = errors.New("backstore: bad options")
+)

@@ -1,0 +1,479 @@
+package backstore
+
+// On-disk format, version 1. Every integer is little-endian; every checksum
+// is CRC32C (Castagnoli). Offsets are in bytes.
+//
+// # Layout
+//
+//	0          4096        8192                       DataStart
+//	+----------+-----------+--------------------------+------------------------------+
+//	| header   | header    | metadata region          | data slots: slot k at        |
+//	| slot 0   | slot 1    | (persistent stores only) | DataStart + k*ClusterSize    |
+//	+----------+-----------+--------------------------+------------------------------+
+//
+// The metadata region holds MetaBlocks = ceil(MaxClusters/505) logical
+// blocks, MaxClusters = ceil(OriginSize/ClusterSize); logical block L has two
+// physical 4096-byte slots, at 8192 + (2L+s)*4096 for s = 0, 1. DataStart is
+// the end of the metadata region rounded up to a multiple of ClusterSize (a
+// transient store has no metadata region: DataStart = 8192 rounded up).
+// On a regular file everything not yet written is a hole.
+//
+// # Header slot (4096 bytes; slots 0 and 1 have the same layout)
+//
+//	off   len   field
+//	0     8     magic "NBSSTORE"
+//	8     4     format version (1)
+//	12    4     flags: bit 0 persistent, bit 1 fixed size (block device); others 0
+//	16    8     generation: the slot with the higher valid generation is current
+//	24    16    store UUID (binds metadata blocks to this store)
+//	40    4     cluster size (power of two, 512 … 1 MiB)
+//	44    4     state: 1 valid, 2 invalid
+//	48    8     origin size (> 0)
+//	56    8     creation time, Unix nanoseconds
+//	64    8     max size (0: no limit but the file system or device)
+//	72    8     batch base: every batch of the current session is numbered at or
+//	            above it, every batch of an earlier session below it
+//	80    8     DataStart (cross-checks the geometry computed from the fields above)
+//	88    2     name length (≤ 255)
+//	90    2     origin identity length (≤ 1024)
+//	92    2     invalidation reason length (≤ 2048)
+//	94    34    zero
+//	128   256   name, then zeros
+//	384   1024  origin identity, then zeros
+//	1408  2048  invalidation reason, then zeros
+//	3456  636   zero
+//	4092  4     CRC32C of bytes 0 … 4091
+//
+// The magic and the version stay at offsets 0 and 8 in every future version,
+// so that an old program can refuse a newer store (ErrVersion) before
+// interpreting anything else.
+//
+// # Metadata block (4096 bytes)
+//
+//	off   len   field
+//	0     4     magic "NBSM"
+//	4     4     logical block number L
+//	8     8     batch number (≥ 1) of the Commit that wrote this version
+//	16    16    store UUID
+//	32    4     first entry the batch added (F)
+//	36    4     entries in the store after the batch (T), F < T ≤ MaxClusters
+//	40    4     entries in this block: min(T, 505(L+1)) − 505L
+//	44    4     zero
+//	48    4040  505 entries of 8 bytes, for data slots 505L … 505L+504:
+//	            cluster index u32, CRC32C of the cluster's data u32;
+//	            unused entries zero
+//	4088  4     zero
+//	4092  4     CRC32C of bytes 0 … 4091
+//
+// A block version is valid when its magic, CRC, L, UUID and counts check; the
+// batch that wrote it touched it (505L < T and 505(L+1) > F).
+//
+// # Worked example
+//
+// A store named "snap0" of a 1 MiB origin identified as "disk0", 64 KiB
+// clusters, persistent: MaxClusters 16, MetaBlocks 1, the metadata region is
+// 8192 … 16383 and DataStart is 65536. Its first Commit of clusters 3 and 9
+// (batch 1) writes their data at 65536 and 131072 and this block into
+// physical slot 0 of logical block 0 (offset 8192):
+//
+//	00000000  4e 42 53 4d 00 00 00 00  01 00 00 00 00 00 00 00  |NBSM............|
+//	00000010  <16 bytes UUID>                                   |................|
+//	00000020  00 00 00 00 02 00 00 00  02 00 00 00 00 00 00 00  |................|
+//	00000030  03 00 00 00 <crc of 3>   09 00 00 00 <crc of 9>   |................|
+//	00000040  00 …                                              (zeros to 4091)
+//	00000ffc  <CRC32C of 0…4091>
+//
+// A second Commit of cluster 5 (batch 2) writes slot 2 at 196608 and
+// rewrites logical block 0, now with F=2, T=3 and three entries, into
+// physical slot 1 (offset 12288): slot 0 still holds batch 1's version. The
+// golden files in testdata/ pin these bytes; TestGolden decodes them.
+//
+// # Commit (persistent) and why a crash anywhere is safe
+//
+// A Commit of n clusters when the store holds T0 entries, as batch b:
+//
+//  1. Write each cluster's data into slots T0 … T0+n−1 (fresh slots nobody
+//     reads: the in-memory map does not point at them yet).
+//  2. Write every logical block that holds slots T0 … T0+n−1, carrying every
+//     entry of the block up to T = T0+n, stamped (b, F=T0, T). The partly
+//     filled tail block L0 = T0/505 is written into the physical slot that
+//     does NOT hold its current durable version; a block not used before is
+//     written into physical slot 0.
+//  3. One Sync. Only then are the new entries published to the in-memory map
+//     and does Commit return nil.
+//
+// Nothing of the last committed state is overwritten by steps 1 and 2: data
+// goes to fresh slots, the tail block's durable version sits in the other
+// physical slot, and blocks before the tail are full and never rewritten.
+// So after a crash during Commit b the disk holds every committed version
+// plus some subset of b's writes, possibly torn.
+//
+// Recovery (Open) reads the metadata region from block 0 up to the first
+// logical block with no valid version, and takes as the committed state the
+// highest-numbered batch that is complete: every block it wrote has a valid
+// version stamped with its number and every entry it added (F … T−1) has
+// data whose CRC matches. The last committed batch is always complete (its
+// writes were synced and nothing since overwrote them), and a batch numbered
+// higher is the one that was in flight, so it is either complete — all of it
+// reached the disk, and keeping it is as good as having acknowledged it — or
+// it is dropped as a whole. Dropping it is safe because the engine issues
+// the origin writes a batch covers only after its Commit returned nil.
+// For each block of the committed state, the version used is the newest one
+// stamped at or below the committed batch; Open verifies that every block
+// but the tail is full and the tail holds exactly the committed count.
+//
+// A batch dropped at recovery leaves valid-looking versions behind (a
+// "stray"). The next batch after recovery writes the same blocks into the
+// same physical slots (the durable state that chose those slots is
+// unchanged) and so overwrites them before the committed range reaches them;
+// until then they lie beyond the committed count and are ignored. What keeps
+// a stray from ever outranking a later batch is the batch base: a writable
+// Open durably records, before any new batch, a base above every batch
+// number it has seen and above the previous base, and numbers this session's
+// batches from there. A stray comes from a session whose numbers lie below
+// the new base, so it can never be mistaken for newer committed state.
+//
+// Only the newest batch's data is checksummed at Open: every older batch was
+// fully synced before the newest was written. Check verifies all of it.
+
+import (
+	"encoding/binary"
+	"fmt"
+	"hash/crc32"
+	"time"
+	"unicode/utf8"
+
+	"github.com/google/uuid"
+)
+
+// Version is the format version this package writes and the newest it reads.
+const Version = 1
+
+const (
+	headerMagic = "NBSSTORE"
+	metaMagic   = "NBSM"
+
+	headerSize  = 4096
+	metaStart   = 2 * headerSize // after the two header slots
+	blockSize   = 4096
+	blockHeader = 48
+	// entriesPerBlock is how many 8-byte entries fit between the block
+	// header and the 8 trailing bytes (4 zero, 4 CRC).
+	entriesPerBlock = (blockSize - blockHeader - 8) / 8 // 505
+
+	crcOff = 4092
+
+	// MinClusterSize and MaxClusterSize bound the cluster size.
+	MinClusterSize = 512
+	MaxClusterSize = 1 << 20
+	// MaxClusters is the most clusters an origin may have (fss's
+	// FSS_CLUSTER_MAX); the engine raises the cluster size to stay below.
+	MaxClusters = 1 << 24
+
+	maxNameLen     = 255
+	maxOriginIDLen = 1024
+	maxReasonLen   = 2048
+
+	nameOff     = 128
+	originIDOff = 384
+	reasonOff   = 1408
+
+	flagPersistent = 1 << 0
+	flagFixedSize  = 1 << 1
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+func checksum(p []byte) uint32 { return crc32.Checksum(p, castagnoli) }
+
+// State is a store's validity.
+type State uint32
+
+// States. A store starts valid; Invalidate makes it invalid for good.
+const (
+	StateValid   State = 1
+	StateInvalid State = 2
+)
+
+func (s State) String() string {
+	switch s {
+	case StateValid:
+		return "valid"
+	case StateInvalid:
+		return "invalid"
+	}
+	return fmt.Sprintf("State(%d)", uint32(s))
+}
+
+// Header is the decoded store header.
+type Header struct {
+	Version     uint32
+	Generation  uint64
+	UUID        uuid.UUID
+	Name        string
+	OriginID    string
+	OriginSize  int64
+	ClusterSize int
+	Created     time.Time
+	Persistent  bool
+	FixedSize   bool // created on a block device
+	MaxSize     int64
+	State       State
+	Reason      string
+	BatchBase   uint64
+	DataStart   int64
+}
+
+// geometry is what the header's fields imply about the layout.
+type geometry struct {
+	clusterSize int64
+	originSize  int64
+	maxClusters uint32 // clusters of the origin
+	metaBlocks  int64  // logical metadata blocks (0 when transient)
+	dataStart   int64
+}
+
+func geometryOf(clusterSize int, originSize int64, persistent bool) (geometry, error) {
+	cs := int64(clusterSize)
+	if cs < MinClusterSize || cs > MaxClusterSize || cs&(cs-1) != 0 {
+		return geometry{}, fmt.Errorf("cluster size %d: not a power of two in [%d, %d]", clusterSize, MinClusterSize, MaxClusterSize)
+	}
+	if originSize <= 0 {
+		return geometry{}, fmt.Errorf("origin size %d: must be positive", originSize)
+	}
+	n := (originSize-1)/cs + 1
+	if n > MaxClusters {
+		return geometry{}, fmt.Errorf("origin size %d at cluster size %d is %d clusters, more than %d", originSize, cs, n, MaxClusters)
+	}
+	g := geometry{clusterSize: cs, originSize: originSize, maxClusters: uint32(n)}
+	end := int64(metaStart)
+	if persistent {
+		g.metaBlocks = (n + entriesPerBlock - 1) / entriesPerBlock
+		end += 2 * g.metaBlocks * blockSize
+	}
+	g.dataStart = (end + cs - 1) / cs * cs
+	return g, nil
+}
+
+// clusterLen is the length of cluster c: the cluster size, except for a
+// partial last cluster.
+func (g geometry) clusterLen(c uint32) int64 {
+	return min(g.clusterSize, g.originSize-int64(c)*g.clusterSize)
+}
+
+func (g geometry) slotOff(slot uint32) int64 { return g.dataStart + int64(slot)*g.clusterSize }
+
+// metaOff is the offset of physical slot s of logical block l.
+func metaOff(l int64, s int) int64 { return metaStart + (2*l+int64(s))*blockSize }
+
+// encodeHeader writes h into a 4096-byte slot.
+func encodeHeader(h *Header, b []byte) {
+	clear(b[:headerSize])
+	copy(b[0:8], headerMagic)
+	le := binary.LittleEndian
+	le.PutUint32(b[8:], h.Version)
+	var flags uint32
+	if h.Persistent {
+		flags |= flagPersistent
+	}
+	if h.FixedSize {
+		flags |= flagFixedSize
+	}
+	le.PutUint32(b[12:], flags)
+	le.PutUint64(b[16:], h.Generation)
+	copy(b[24:40], h.UUID[:])
+	le.PutUint32(b[40:], uint32(h.ClusterSize))
+	le.PutUint32(b[44:], uint32(h.State))
+	le.PutUint64(b[48:], uint64(h.OriginSize))
+	le.PutUint64(b[56:], uint64(h.Created.UnixNano()))
+	le.PutUint64(b[64:], uint64(h.MaxSize))
+	le.PutUint64(b[72:], h.BatchBase)
+	le.PutUint64(b[80:], uint64(h.DataStart))
+	le.PutUint16(b[88:], uint16(len(h.Name)))
+	le.PutUint16(b[90:], uint16(len(h.OriginID)))
+	le.PutUint16(b[92:], uint16(len(h.Reason)))
+	copy(b[nameOff:], h.Name)
+	copy(b[originIDOff:], h.OriginID)
+	copy(b[reasonOff:], h.Reason)
+	le.PutUint32(b[crcOff:], checksum(b[:crcOff]))
+}
+
+// decodeHeader parses one header slot. It checks the magic, then the
+// version (so a newer store is refused with ErrVersion whatever the rest
+// holds), then the CRC and every field.
+func decodeHeader(b []byte) (Header, error) {
+	if len(b) < headerSize {
+		return Header{}, fmt.Errorf("%w: header slot is %d bytes", ErrNotStore, len(b))
+	}
+	b = b[:headerSize]
+	if string(b[0:8]) != headerMagic {
+		return Header{}, fmt.Errorf("%w: bad magic %q", ErrNotStore, b[0:8])
+	}
+	le := binary.LittleEndian
+	h := Header{Version: le.Uint32(b[8:])}
+	if h.Version > Version {
+		return Header{}, fmt.Errorf("%w: store has format version %d, this program reads up to %d", ErrVersion, h.Version, Version)
+	}
+	if h.Version == 0 {
+		return Header{}, fmt.Errorf("%w: format version 0", ErrNotStore)
+	}
+	if got, want := checksum(b[:crcOff]), le.Uint32(b[crcOff:]); got != want {
+		return Header{}, fmt.Errorf("%w: header checksum %08x, stored %08x", ErrNotStore, got, want)
+	}
+	flags := le.Uint32(b[12:])
+	if flags&^(flagPersistent|flagFixedSize) != 0 {
+		return Header{}, fmt.Errorf("%w: unknown header flags %#x", ErrCorrupt, flags)
+	}
+	h.Persistent = flags&flagPersistent != 0
+	h.FixedSize = flags&flagFixedSize != 0
+	h.Generation = le.Uint64(b[16:])
+	copy(h.UUID[:], b[24:40])
+	h.ClusterSize = int(le.Uint32(b[40:]))
+	h.State = State(le.Uint32(b[44:]))
+	h.OriginSize = int64(le.Uint64(b[48:]))
+	h.Created = time.Unix(0, int64(le.Uint64(b[56:]))).UTC()
+	h.MaxSize = int64(le.Uint64(b[64:]))
+	h.BatchBase = le.Uint64(b[72:])
+	h.DataStart = int64(le.Uint64(b[80:]))
+	nameLen, idLen, reasonLen := int(le.Uint16(b[88:])), int(le.Uint16(b[90:])), int(le.Uint16(b[92:]))
+	switch {
+	case h.State != StateValid && h.State != StateInvalid:
+		return Header{}, fmt.Errorf("%w: header state %d", ErrCorrupt, h.State)
+	case h.MaxSize < 0:
+		return Header{}, fmt.Errorf("%w: max size %d", ErrCorrupt, h.MaxSize)
+	case h.BatchBase == 0:
+		return Header{}, fmt.Errorf("%w: batch base 0", ErrCorrupt)
+	case nameLen > maxNameLen || idLen > maxOriginIDLen || reasonLen > maxReasonLen:
+		return Header{}, fmt.Errorf("%w: string lengths %d/%d/%d", ErrCorrupt, nameLen, idLen, reasonLen)
+	case !allZero(b[94:nameOff]) || !allZero(b[nameOff+nameLen:originIDOff]) ||
+		!allZero(b[originIDOff+idLen:reasonOff]) || !allZero(b[reasonOff+reasonLen:crcOff]):
+		return Header{}, fmt.Errorf("%w: nonzero reserved header bytes", ErrCorrupt)
+	}
+	h.Name = string(b[nameOff : nameOff+nameLen])
+	h.OriginID = string(b[originIDOff : originIDOff+idLen])
+	h.Reason = string(b[reasonOff : reasonOff+reasonLen])
+	g, err := geometryOf(h.ClusterSize, h.OriginSize, h.Persistent)
+	if err != nil {
+		return Header{}, fmt.Errorf("%w: %v", ErrCorrupt, err)
+	}
+	if g.dataStart != h.DataStart {
+		return Header{}, fmt.Errorf("%w: data start %d, geometry says %d", ErrCorrupt, h.DataStart, g.dataStart)
+	}
+	return h, nil
+}
+
+func allZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// truncateUTF8 shortens s to at most n bytes without splitting a rune.
+func truncateUTF8(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n]
+}
+
+// entry is one data slot's record.
+type entry struct {
+	cluster uint32
+	crc     uint32
+}
+
+// metaBlock is one decoded version of a logical metadata block.
+type metaBlock struct {
+	lblock  uint32
+	batch   uint64
+	uuid    uuid.UUID
+	first   uint32 // F: first entry the batch added
+	total   uint32 // T: entries after the batch
+	entries []entry
+}
+
+// blockEntries is how many entries logical block l holds when the store
+// has total entries.
+func blockEntries(l int64, total uint32) int {
+	return int(min(int64(total), (l+1)*entriesPerBlock) - l*entriesPerBlock)
+}
+
+// encodeMetaBlock writes m into a 4096-byte block.
+func encodeMetaBlock(m *metaBlock, b []byte) {
+	clear(b[:blockSize])
+	le := binary.LittleEndian
+	copy(b[0:4], metaMagic)
+	le.PutUint32(b[4:], m.lblock)
+	le.PutUint64(b[8:], m.batch)
+	copy(b[16:32], m.uuid[:])
+	le.PutUint32(b[32:], m.first)
+	le.PutUint32(b[36:], m.total)
+	le.PutUint32(b[40:], uint32(len(m.entries)))
+	for i, e := range m.entries {
+		le.PutUint32(b[blockHeader+8*i:], e.cluster)
+		le.PutUint32(b[blockHeader+8*i+4:], e.crc)
+	}
+	le.PutUint32(b[crcOff:], checksum(b[:crcOff]))
+}
+
+// decodeMetaBlock checks one block version against everything it can be
+// checked against alone: magic, CRC, its place l, the store's UUID and
+// cluster count. It decodes the entries only if withEntries (Open's first
+// pass needs just the stamps). A block that fails is simply not a valid
+// version — torn, never written, or another store's — so the error is for
+// Check's report, not a sign of corruption by itself.
+func decodeMetaBlock(b []byte, l int64, id uuid.UUID, maxClusters uint32, withEntries bool) (metaBlock, error) {
+	if len(b) < blockSize {
+		return metaBlock{}, fmt.Errorf("block is %d bytes", len(b))
+	}
+	b = b[:blockSize]
+	le := binary.LittleEndian
+	if string(b[0:4]) != metaMagic {
+		return metaBlock{}, fmt.Errorf("bad magic %q", b[0:4])
+	}
+	if got, want := checksum(b[:crcOff]), le.Uint32(b[crcOff:]); got != want {
+		return metaBlock{}, fmt.Errorf("checksum %08x, stored %08x", got, want)
+	}
+	m := metaBlock{
+		lblock: le.Uint32(b[4:]),
+		batch:  le.Uint64(b[8:]),
+		first:  le.Uint32(b[32:]),
+		total:  le.Uint32(b[36:]),
+	}
+	copy(m.uuid[:], b[16:32])
+	n := int64(le.Uint32(b[40:]))
+	switch {
+	case int64(m.lblock) != l:
+		return metaBlock{}, fmt.Errorf("block number %d at the place of %d", m.lblock, l)
+	case m.uuid != id:
+		return metaBlock{}, fmt.Errorf("block of store %s", m.uuid)
+	case m.batch == 0:
+		return metaBlock{}, fmt.Errorf("batch number 0")
+	case m.first >= m.total || m.total > maxClusters:
+		return metaBlock{}, fmt.Errorf("entries %d…%d out of range (origin has %d clusters)", m.first, m.total, maxClusters)
+	case l*entriesPerBlock >= int64(m.total) || (l+1)*entriesPerBlock <= int64(m.first):
+		return metaBlock{}, fmt.Errorf("batch adding entries %d…%d does not touch block %d", m.first, m.total, l)
+	case n != int64(blockEntries(l, m.total)):
+		return metaBlock{}, fmt.Errorf("%d entries, want %d for a total of %d", n, blockEntries(l, m.total), m.total)
+	case !allZero(b[44:48]) || !allZero(b[blockHeader+8*n:crcOff]):
+		return metaBlock{}, fmt.Errorf("nonzero reserved bytes")
+	}
+	if !withEntries {
+		return m, nil
+	}
+	m.entries = make([]entry, n)
+	for i := range m.entries {
+		e := entry{cluster: le.Uint32(b[blockHeader+8*i:]), crc: le.Uint32(b[blockHeader+8*i+4:])}
+		if e.cluster >= maxClusters {
+			return metaBlock{}, fmt.Errorf("entry %d: cluster %d out of range (origin has %d)", i, e.cluster, maxClusters)
+		}
+		m.entries[i] = e
+	}
+	return m, nil
+}

@@ -1,0 +1,341 @@
+package backstore
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+
+	"github.com/nbdsnap/nbdsnap/internal/vfs"
+)
+
+// Open reopens a persistent store after a restart or a crash and rebuilds
+// its map (see "Commit (persistent) and why a crash anywhere is safe" in
+// format.go). A batch that was in flight at a crash is kept if all of it
+// reached the disk and dropped otherwise. Before returning, Open durably
+// records a new batch base in the header, so this session's batches
+// outrank anything an earlier session left behind.
+//
+// It refuses a transient store with ErrTransient, a newer format with
+// ErrVersion, a file that is no store with ErrNotStore, and metadata no
+// crash can produce with ErrCorrupt. On success the Store owns f.
+func Open(f vfs.File) (*Store, error) {
+	h, _, err := readHeader(f)
+	if err != nil {
+		return nil, fmt.Errorf("backstore: open: %w", err)
+	}
+	if !h.Persistent {
+		return nil, fmt.Errorf("backstore: open %q: %w", h.Name, ErrTransient)
+	}
+	r, err := recoverMap(f, h)
+	if err != nil {
+		return nil, fmt.Errorf("backstore: open %q: %w", h.Name, err)
+	}
+	s := newStore(f, r.geo, h)
+	s.idx = r.idx
+	s.count = r.total
+	s.tail, s.tailSlot = r.tail, r.tailSlot
+	if err := s.setLimit(); err != nil {
+		return nil, fmt.Errorf("backstore: open %q: %w", h.Name, err)
+	}
+	h.BatchBase = max(h.BatchBase, r.maxBatch) + 2
+	s.hdrMu.Lock()
+	err = s.writeHeader(&h)
+	s.hdrMu.Unlock()
+	if err != nil {
+		return nil, fmt.Errorf("backstore: open %q: record batch base: %w", h.Name, err)
+	}
+	s.nextBatch = h.BatchBase
+	return s, nil
+}
+
+// readHeader reads both header slots and returns the valid one with the
+// higher generation, and each slot's problem (nil when valid). A slot of a
+// newer format version fails the whole read with ErrVersion.
+func readHeader(f vfs.File) (Header, [2]error, error) {
+	var slotErr [2]error
+	buf := make([]byte, 2*headerSize)
+	if err := readFull(f, buf, 0); err != nil {
+		return Header{}, slotErr, fmt.Errorf("read header: %w", err)
+	}
+	var hs [2]Header
+	for i := range hs {
+		hs[i], slotErr[i] = decodeHeader(buf[i*headerSize : (i+1)*headerSize])
+		if errors.Is(slotErr[i], ErrVersion) {
+			return Header{}, slotErr, fmt.Errorf("header slot %d: %w", i, slotErr[i])
+		}
+	}
+	switch {
+	case slotErr[0] != nil && slotErr[1] != nil:
+		// Report the more specific problem of the two.
+		err := slotErr[0]
+		if errors.Is(slotErr[1], ErrCorrupt) {
+			err = slotErr[1]
+		}
+		return Header{}, slotErr, fmt.Errorf("no valid header slot (slot 0: %v; slot 1: %v): %w", slotErr[0], slotErr[1], err)
+	case slotErr[0] != nil:
+		return hs[1], slotErr, nil
+	case slotErr[1] != nil:
+		return hs[0], slotErr, nil
+	case hs[0].UUID != hs[1].UUID:
+		return Header{}, slotErr, fmt.Errorf("%w: header slots belong to different stores (%s, %s)", ErrCorrupt, hs[0].UUID, hs[1].UUID)
+	case hs[1].Generation > hs[0].Generation:
+		return hs[1], slotErr, nil
+	}
+	return hs[0], slotErr, nil
+}
+
+// readFull reads len(p) bytes at off; bytes past the end of the file read
+// as zeros (a sparse store's unwritten tail).
+func readFull(f vfs.File, p []byte, off int64) error {
+	n, err := f.ReadAt(p, off)
+	if err == io.EOF {
+		clear(p[n:])
+		return nil
+	}
+	return err
+}
+
+// stamp is what Open's first pass keeps of one valid block version.
+type stamp struct {
+	valid        bool
+	batch        uint64
+	first, total uint32
+}
+
+// batchInfo is what the first pass learns of one batch number.
+type batchInfo struct {
+	batch        uint64
+	first, total uint32
+}
+
+// recovered is the outcome of recoverMap.
+type recovered struct {
+	geo       geometry
+	scanned   int64  // logical blocks up to the first without a valid version
+	maxBatch  uint64 // highest batch number seen
+	committed uint64 // the last committed batch; 0 for an empty store
+	dropped   []uint64
+	total     uint32 // committed entries
+	idx       index
+	tail      []entry
+	tailSlot  int
+	// Only when recoverMap is asked to keep them (for Check): the cluster
+	// of each slot and the physical slot chosen for each committed block.
+	slots  []uint32
+	chosen []int8
+}
+
+// scanChunk is how many logical blocks the first pass reads at once.
+const scanChunk = 128
+
+// recoverMap finds the committed state of a persistent store: pass 1 reads
+// the stamps of every block version, the batches are judged, pass 2 reads
+// the chosen version of each committed block into the index. keepSlots
+// also returns the slot → cluster list (for Check).
+func recoverMap(f vfs.File, h Header, keepSlots ...bool) (*recovered, error) {
+	g, err := geometryOf(h.ClusterSize, h.OriginSize, h.Persistent)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrCorrupt, err)
+	}
+	r := &recovered{geo: g}
+
+	// Pass 1. Committed blocks are contiguous from block 0 and each keeps
+	// a valid version, so the first block without one ends the scan.
+	var stamps [][2]stamp
+	buf := make([]byte, 2*blockSize*scanChunk)
+scan:
+	for l0 := int64(0); l0 < g.metaBlocks; l0 += scanChunk {
+		n := min(scanChunk, g.metaBlocks-l0)
+		chunk := buf[:2*blockSize*n]
+		if err := readFull(f, chunk, metaOff(l0, 0)); err != nil {
+			return nil, fmt.Errorf("read metadata blocks %d…%d: %w", l0, l0+n-1, err)
+		}
+		for i := int64(0); i < n; i++ {
+			var pair [2]stamp
+			for s := 0; s < 2; s++ {
+				b := chunk[(2*i+int64(s))*blockSize:]
+				m, err := decodeMetaBlock(b, l0+i, h.UUID, g.maxClusters, false)
+				if err == nil {
+					pair[s] = stamp{valid: true, batch: m.batch, first: m.first, total: m.total}
+				}
+			}
+			if !pair[0].valid && !pair[1].valid {
+				break scan
+			}
+			stamps = append(stamps, pair)
+		}
+	}
+	r.scanned = int64(len(stamps))
+
+	// The batches seen, newest first. Every version a batch wrote carries
+	// the same F and T.
+	byBatch := make(map[uint64]batchInfo)
+	for l, pair := range stamps {
+		for _, st := range pair {
+			if !st.valid {
+				continue
+			}
+			bi, seen := byBatch[st.batch]
+			if seen && (bi.first != st.first || bi.total != st.total) {
+				return nil, fmt.Errorf("%w: batch %d stamped %d…%d in block %d but %d…%d elsewhere",
+					ErrCorrupt, st.batch, st.first, st.total, l, bi.first, bi.total)
+			}
+			byBatch[st.batch] = batchInfo{batch: st.batch, first: st.first, total: st.total}
+			r.maxBatch = max(r.maxBatch, st.batch)
+		}
+	}
+	batches := make([]batchInfo, 0, len(byBatch))
+	for _, bi := range byBatch {
+		batches = append(batches, bi)
+	}
+	slices.SortFunc(batches, func(a, b batchInfo) int { return -cmpU64(a.batch, b.batch) })
+
+	// Judge the batches, newest first. The first complete one is the last
+	// committed batch. An incomplete one was in flight at a crash: the
+	// committed state ends where it started (bound). A batch reaching past
+	// bound is a stray an earlier recovery dropped, skipped unexamined.
+	bound := uint32(0)
+	bounded := false
+	for _, bi := range batches {
+		if bounded && bi.total > bound {
+			r.dropped = append(r.dropped, bi.batch)
+			continue
+		}
+		ok, err := batchComplete(f, g, h, stamps, bi)
+		if err != nil {
+			return nil, err
+		}
+		if ok {
+			r.committed, r.total = bi.batch, bi.total
+			break
+		}
+		r.dropped = append(r.dropped, bi.batch)
+		if !bounded || bi.first < bound {
+			bound, bounded = bi.first, true
+		}
+	}
+	if bounded && bound != r.total {
+		return nil, fmt.Errorf("%w: last committed batch %d ends at entry %d, but the batch after it starts at %d",
+			ErrCorrupt, r.committed, r.total, bound)
+	}
+
+	// Pass 2: for each committed block, the newest version stamped at or
+	// below the committed batch; every block but the last must be full and
+	// the last must hold exactly the committed count.
+	r.idx = newIndex(g.maxClusters)
+	keep := len(keepSlots) > 0 && keepSlots[0]
+	if keep {
+		r.slots = make([]uint32, 0, r.total)
+	}
+	block := make([]byte, blockSize)
+	nblocks := (int64(r.total) + entriesPerBlock - 1) / entriesPerBlock
+	for l := int64(0); l < nblocks; l++ {
+		phys := -1
+		for s, st := range stamps[l] {
+			if st.valid && st.batch <= r.committed && (phys < 0 || st.batch > stamps[l][phys].batch) {
+				phys = s
+			}
+		}
+		if phys < 0 {
+			return nil, fmt.Errorf("%w: committed metadata block %d has no valid version", ErrCorrupt, l)
+		}
+		m, err := readBlock(f, block, l, phys, h, g)
+		if err != nil {
+			return nil, err
+		}
+		if want := blockEntries(l, r.total); len(m.entries) != want {
+			return nil, fmt.Errorf("%w: metadata block %d (batch %d) holds %d entries, the committed state needs %d",
+				ErrCorrupt, l, m.batch, len(m.entries), want)
+		}
+		for i, e := range m.entries {
+			slot := uint32(l*entriesPerBlock) + uint32(i)
+			if !r.idx.insert(e.cluster, slot) {
+				return nil, fmt.Errorf("%w: cluster %d claimed twice (again by data slot %d)", ErrCorrupt, e.cluster, slot)
+			}
+			if keep {
+				r.slots = append(r.slots, e.cluster)
+			}
+		}
+		if keep {
+			r.chosen = append(r.chosen, int8(phys))
+		}
+		if l == nblocks-1 && r.total%entriesPerBlock != 0 {
+			r.tail, r.tailSlot = m.entries, phys
+		}
+	}
+	return r, nil
+}
+
+func cmpU64(a, b uint64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// readBlock reads and fully decodes physical slot phys of logical block l.
+// Pass 1 found it valid, so a failure now is corruption (or the file changing
+// under us).
+func readBlock(f vfs.File, buf []byte, l int64, phys int, h Header, g geometry) (metaBlock, error) {
+	if err := readFull(f, buf, metaOff(l, phys)); err != nil {
+		return metaBlock{}, fmt.Errorf("read metadata block %d slot %d: %w", l, phys, err)
+	}
+	m, err := decodeMetaBlock(buf, l, h.UUID, g.maxClusters, true)
+	if err != nil {
+		return metaBlock{}, fmt.Errorf("%w: metadata block %d slot %d: %v", ErrCorrupt, l, phys, err)
+	}
+	return m, nil
+}
+
+// batchComplete reports whether every block batch bi wrote has a valid
+// version stamped with it and every entry it added has data matching its
+// CRC.
+func batchComplete(f vfs.File, g geometry, h Header, stamps [][2]stamp, bi batchInfo) (bool, error) {
+	firstL, lastL := int64(bi.first)/entriesPerBlock, int64(bi.total-1)/entriesPerBlock
+	phys := make([]int, 0, lastL-firstL+1)
+	for l := firstL; l <= lastL; l++ {
+		if l >= int64(len(stamps)) {
+			return false, nil
+		}
+		switch {
+		case stamps[l][0].valid && stamps[l][0].batch == bi.batch:
+			phys = append(phys, 0)
+		case stamps[l][1].valid && stamps[l][1].batch == bi.batch:
+			phys = append(phys, 1)
+		default:
+			return false, nil
+		}
+	}
+	block := make([]byte, blockSize)
+	data := make([]byte, g.clusterSize)
+	for i, l := 0, firstL; l <= lastL; i, l = i+1, l+1 {
+		m, err := readBlock(f, block, l, phys[i], h, g)
+		if err != nil {
+			return false, err
+		}
+		for j, e := range m.entries {
+			slot := uint32(l*entriesPerBlock) + uint32(j)
+			if slot < bi.first {
+				continue // an older batch's entry, synced before this batch began
+			}
+			ok, err := slotMatches(f, g, data, slot, e)
+			if err != nil || !ok {
+				return false, err
+			}
+		}
+	}
+	return true, nil
+}
+
+// slotMatches reports whether data slot slot holds data with e's CRC.
+func slotMatches(f vfs.File, g geometry, buf []byte, slot uint32, e entry) (bool, error) {
+	p := buf[:g.clusterLen(e.cluster)]
+	if err := readFull(f, p, g.slotOff(slot)); err != nil {
+		return false, fmt.Errorf("read data slot %d: %w", slot, err)
+	}
+	return checksum(p) == e.crc, nil
+}

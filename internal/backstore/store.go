@@ -1,0 +1,458 @@
+package backstore
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/nbdsnap/nbdsnap/internal/vfs"
+)
+
+// Options configure a new store.
+type Options struct {
+	Name        string // snapshot name, ≤ 255 bytes
+	ClusterSize int    // power of two, MinClusterSize … MaxClusterSize
+	OriginSize  int64  // bytes; the last cluster may be partial
+	OriginID    string // identity of the origin, ≤ 1024 bytes; Reopen compares it
+	Persistent  bool   // crash-consistent, reopenable; otherwise transient
+	MaxSize     int64  // limit on the store's size in bytes; 0: none
+	Created     time.Time
+
+	uuid uuid.UUID // tests only: a fixed UUID instead of a random one
+}
+
+// Cluster is one cluster's copied contents. Data holds the whole cluster:
+// ClusterSize bytes, or the origin's remainder for a partial last cluster
+// (a full-size buffer is accepted there too; the excess is not stored).
+type Cluster struct {
+	Index uint32
+	Data  []byte
+}
+
+// Store is an open backing store.
+//
+// Concurrency: Commit calls are serialised (the engine has one writer per
+// snapshot anyway). ReadCluster, Copied, ForEachCopied, CopiedCount, Bytes
+// and Header may run concurrently with Commit and with each other: a
+// cluster becomes visible to them only after its Commit has written (and,
+// when persistent, synced) its data, and a data slot is never rewritten
+// once visible, so a reader never sees a half-written cluster.
+type Store struct {
+	f          vfs.File
+	geo        geometry
+	persistent bool      // immutable copy of the header's flag
+	id         uuid.UUID // immutable copy of the header's UUID
+
+	// commitMu serialises Commit and Close and owns the fields below it.
+	commitMu  sync.Mutex
+	count     uint32  // entries committed: data slots 0 … count−1 are in use
+	tail      []entry // entries of the partly filled last block (count%505 of them)
+	tailSlot  int     // physical slot of the tail block's durable version
+	nextBatch uint64
+	limit     int64 // the store may not grow past this offset; 0: no limit
+	failed    error // the I/O error that broke the store, if any
+	blockBuf  []byte
+
+	// hdrMu serialises header writes (Invalidate, Open's batch base).
+	hdrMu sync.Mutex
+
+	// mu guards the index, the header and closed.
+	mu     sync.RWMutex
+	idx    index
+	hdr    Header
+	closed bool
+}
+
+// Create makes a new store on f, a regular file (truncated, then grown
+// sparsely) or a block device (detected by Truncate failing with EINVAL; the
+// store then never grows past the device's size). Both header slots are
+// written and synced, in transient mode too, so that Open can always tell
+// what the file is. On success the Store owns f; on error the caller still
+// does.
+func Create(f vfs.File, opts Options) (*Store, error) {
+	g, err := geometryOf(opts.ClusterSize, opts.OriginSize, opts.Persistent)
+	if err != nil {
+		return nil, fmt.Errorf("backstore: create: %w: %v", ErrOptions, err)
+	}
+	switch {
+	case len(opts.Name) > maxNameLen:
+		return nil, fmt.Errorf("backstore: create: %w: name is %d bytes, at most %d", ErrOptions, len(opts.Name), maxNameLen)
+	case len(opts.OriginID) > maxOriginIDLen:
+		return nil, fmt.Errorf("backstore: create: %w: origin identity is %d bytes, at most %d", ErrOptions, len(opts.OriginID), maxOriginIDLen)
+	case opts.MaxSize < 0 || opts.MaxSize > 0 && opts.MaxSize < g.dataStart+g.clusterSize:
+		return nil, fmt.Errorf("backstore: create: %w: max size %d leaves no room for data (data starts at %d)", ErrOptions, opts.MaxSize, g.dataStart)
+	}
+	created := opts.Created
+	if created.IsZero() {
+		created = time.Now()
+	}
+	id := opts.uuid
+	if id == (uuid.UUID{}) {
+		var err error
+		if id, err = uuid.NewRandom(); err != nil {
+			return nil, fmt.Errorf("backstore: create: uuid: %w", err)
+		}
+	}
+	h := Header{
+		Version:     Version,
+		UUID:        id,
+		Name:        opts.Name,
+		OriginID:    opts.OriginID,
+		OriginSize:  opts.OriginSize,
+		ClusterSize: opts.ClusterSize,
+		Created:     time.Unix(0, created.UnixNano()).UTC(),
+		Persistent:  opts.Persistent,
+		MaxSize:     opts.MaxSize,
+		State:       StateValid,
+		BatchBase:   1,
+		DataStart:   g.dataStart,
+	}
+	if err := f.Truncate(0); err != nil {
+		if !errors.Is(err, syscall.EINVAL) {
+			return nil, fmt.Errorf("backstore: create: truncate: %w", err)
+		}
+		h.FixedSize = true
+	}
+	s := newStore(f, g, h)
+	if err := s.setLimit(); err != nil {
+		return nil, fmt.Errorf("backstore: create: %w", err)
+	}
+	// Slot 0 gets generation 0 and slot 1 generation 1, so that neither
+	// slot holds leftovers (of an earlier store on the same device).
+	buf := make([]byte, headerSize)
+	for gen := uint64(0); gen < 2; gen++ {
+		h.Generation = gen
+		encodeHeader(&h, buf)
+		if _, err := f.WriteAt(buf, int64(gen)*headerSize); err != nil {
+			return nil, fmt.Errorf("backstore: create: write header slot %d: %w", gen, err)
+		}
+	}
+	if err := f.Sync(); err != nil {
+		return nil, fmt.Errorf("backstore: create: sync: %w", err)
+	}
+	s.hdr = h
+	return s, nil
+}
+
+func newStore(f vfs.File, g geometry, h Header) *Store {
+	return &Store{
+		f: f, geo: g, persistent: h.Persistent, id: h.UUID, hdr: h,
+		nextBatch: h.BatchBase, idx: newIndex(g.maxClusters), blockBuf: make([]byte, blockSize),
+	}
+}
+
+// setLimit computes how far the store may grow.
+func (s *Store) setLimit() error {
+	s.limit = s.hdr.MaxSize
+	if !s.hdr.FixedSize {
+		return nil
+	}
+	size, err := s.f.Size()
+	if err != nil {
+		return fmt.Errorf("size of device: %w", err)
+	}
+	if size < s.geo.dataStart+s.geo.clusterSize {
+		return fmt.Errorf("%w: device of %d bytes has no room for data (data starts at %d)", ErrFull, size, s.geo.dataStart)
+	}
+	if s.limit == 0 || size < s.limit {
+		s.limit = size
+	}
+	return nil
+}
+
+// Commit stores a batch of clusters. See the format description (format.go)
+// for what is written in which order and why a crash at any point is safe.
+//
+// Persistent: the data and the metadata blocks, then exactly one Sync; when
+// Commit returns nil every cluster of the batch is durable and will be found
+// by Open after a crash. Transient: the data only, no Sync.
+//
+// Errors: ErrBadCluster and ErrFull for MaxSize or the device's end are
+// found before anything is written and leave the store as it was. An I/O
+// error (ENOSPC wraps ErrFull too) fails the store: later Commits return
+// ErrFailed, and a reopen recovers the last committed state. On an invalid
+// store Commit returns ErrInvalid.
+func (s *Store) Commit(batch []Cluster) error {
+	s.commitMu.Lock()
+	defer s.commitMu.Unlock()
+	s.mu.RLock()
+	closed, state := s.closed, s.hdr.State
+	s.mu.RUnlock()
+	switch {
+	case closed:
+		return fmt.Errorf("backstore: commit: %w", ErrClosed)
+	case s.failed != nil:
+		return fmt.Errorf("backstore: commit: %w: %v", ErrFailed, s.failed)
+	case state != StateValid:
+		return fmt.Errorf("backstore: commit: %w", ErrInvalid)
+	case len(batch) == 0:
+		return nil
+	}
+	if err := s.checkBatch(batch); err != nil {
+		return err
+	}
+	first := s.count
+	total := first + uint32(len(batch))
+	if end := s.geo.slotOff(total); s.limit > 0 && end > s.limit {
+		return fmt.Errorf("backstore: commit of %d clusters needs %d bytes, limit %d: %w", len(batch), end, s.limit, ErrFull)
+	}
+
+	entries := make([]entry, len(batch))
+	for i, c := range batch {
+		data := c.Data[:s.geo.clusterLen(c.Index)]
+		entries[i] = entry{cluster: c.Index, crc: checksum(data)}
+		slot := first + uint32(i)
+		if _, err := s.f.WriteAt(data, s.geo.slotOff(slot)); err != nil {
+			return s.fail(fmt.Errorf("backstore: write data slot %d (cluster %d): %w", slot, c.Index, ioErr(err)))
+		}
+	}
+	var newTail []entry
+	var newTailSlot int
+	if s.persistent {
+		var err error
+		if newTail, newTailSlot, err = s.writeMeta(first, total, entries); err != nil {
+			return s.fail(err)
+		}
+		if err := s.f.Sync(); err != nil {
+			return s.fail(fmt.Errorf("backstore: sync batch %d: %w", s.nextBatch, ioErr(err)))
+		}
+		s.nextBatch++
+		s.tail, s.tailSlot = newTail, newTailSlot
+	}
+
+	// Publish: only now may readers find the new clusters.
+	s.mu.Lock()
+	for i, e := range entries {
+		s.idx.insert(e.cluster, first+uint32(i))
+	}
+	s.mu.Unlock()
+	s.count = total
+	return nil
+}
+
+// checkBatch refuses a batch that names a cluster out of range, already
+// copied or twice, or carries too little data.
+func (s *Store) checkBatch(batch []Cluster) error {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	var seen map[uint32]struct{}
+	if len(batch) > 1 {
+		seen = make(map[uint32]struct{}, len(batch))
+	}
+	for _, c := range batch {
+		switch {
+		case c.Index >= s.geo.maxClusters:
+			return fmt.Errorf("%w: cluster %d out of range (origin has %d)", ErrBadCluster, c.Index, s.geo.maxClusters)
+		case int64(len(c.Data)) < s.geo.clusterLen(c.Index) || int64(len(c.Data)) > s.geo.clusterSize:
+			return fmt.Errorf("%w: cluster %d has %d bytes of data, want %d", ErrBadCluster, c.Index, len(c.Data), s.geo.clusterLen(c.Index))
+		case s.idx.has(c.Index):
+			return fmt.Errorf("%w: cluster %d already copied", ErrBadCluster, c.Index)
+		}
+		if seen != nil {
+			if _, dup := seen[c.Index]; dup {
+				return fmt.Errorf("%w: cluster %d twice in one batch", ErrBadCluster, c.Index)
+			}
+			seen[c.Index] = struct{}{}
+		}
+	}
+	return nil
+}
+
+// writeMeta writes every metadata block that holds entries first … total−1
+// (step 2 of a Commit) and returns the new tail: the entries and physical
+// slot of the last block if it is partly filled.
+func (s *Store) writeMeta(first, total uint32, added []entry) ([]entry, int, error) {
+	m := metaBlock{batch: s.nextBatch, uuid: s.id, first: first, total: total}
+	// all is the tail block's old entries followed by the new ones; block l
+	// holds all[(l−l0)*505 …].
+	l0 := int64(first) / entriesPerBlock
+	all := append(slices.Clip(s.tail), added...)
+	lastL := int64(total-1) / entriesPerBlock
+	var tailSlot int
+	for l := l0; l <= lastL; l++ {
+		lo := (l - l0) * entriesPerBlock
+		m.lblock = uint32(l)
+		m.entries = all[lo:min(lo+entriesPerBlock, int64(len(all)))]
+		// The invariant of the whole design: never overwrite the durable
+		// version of a block. Only the tail block l0 has one (blocks after
+		// it are new), and it sits in physical slot s.tailSlot.
+		phys := 0
+		if l == l0 && len(s.tail) > 0 {
+			phys = 1 - s.tailSlot
+		}
+		encodeMetaBlock(&m, s.blockBuf)
+		if _, err := s.f.WriteAt(s.blockBuf, metaOff(l, phys)); err != nil {
+			return nil, 0, fmt.Errorf("backstore: write metadata block %d slot %d: %w", l, phys, ioErr(err))
+		}
+		tailSlot = phys
+	}
+	n := int(total % entriesPerBlock)
+	if n == 0 {
+		return nil, 0, nil // the last block is full; the next batch starts a new one
+	}
+	return slices.Clone(all[len(all)-n:]), tailSlot, nil
+}
+
+// fail records an I/O error that leaves the store in an unknown state.
+func (s *Store) fail(err error) error {
+	s.failed = err
+	return err
+}
+
+// ioErr adds ErrFull to an error caused by ENOSPC.
+func ioErr(err error) error {
+	if errors.Is(err, syscall.ENOSPC) && !errors.Is(err, ErrFull) {
+		return fmt.Errorf("%w: %w", ErrFull, err)
+	}
+	return err
+}
+
+// ReadCluster reads len(p) bytes at offset off of the stored copy of
+// cluster index. ok reports whether the store holds the cluster; when it
+// does not, p is untouched. Safe concurrently with Commit.
+func (s *Store) ReadCluster(index uint32, p []byte, off int) (ok bool, err error) {
+	s.mu.RLock()
+	closed := s.closed
+	var slot uint32
+	if index < s.geo.maxClusters {
+		slot, ok = s.idx.lookup(index)
+	}
+	s.mu.RUnlock()
+	if closed {
+		return false, fmt.Errorf("backstore: read cluster %d: %w", index, ErrClosed)
+	}
+	if !ok {
+		return false, nil
+	}
+	if off < 0 || int64(off)+int64(len(p)) > s.geo.clusterLen(index) {
+		return true, fmt.Errorf("backstore: read cluster %d bytes %d…%d: outside its %d bytes", index, off, off+len(p), s.geo.clusterLen(index))
+	}
+	if _, err := s.f.ReadAt(p, s.geo.slotOff(slot)+int64(off)); err != nil {
+		return true, fmt.Errorf("backstore: read cluster %d from slot %d: %w", index, slot, err)
+	}
+	return true, nil
+}
+
+// Copied reports whether the store holds cluster index.
+func (s *Store) Copied(index uint32) bool {
+	if index >= s.geo.maxClusters {
+		return false
+	}
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.idx.has(index)
+}
+
+// ForEachCopied calls fn for every cluster the store holds, in increasing
+// order. It looks at one chunk of the map at a time without holding a lock
+// while fn runs, so fn may call the Store; clusters committed meanwhile may
+// or may not be visited.
+func (s *Store) ForEachCopied(fn func(index uint32)) {
+	for i := range s.idx.chunks {
+		s.mu.RLock()
+		ch := indexChunk{bits: s.idx.chunks[i].bits}
+		s.mu.RUnlock()
+		ch.forEach(uint32(i)<<chunkShift, fn)
+	}
+}
+
+// CopiedCount returns how many clusters the store holds.
+func (s *Store) CopiedCount() int {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.idx.n
+}
+
+// Bytes returns the bytes the store occupies: both header slots, every
+// metadata block version in use, and the copied data.
+func (s *Store) Bytes() int64 {
+	s.mu.RLock()
+	n := int64(s.idx.n)
+	s.mu.RUnlock()
+	b := int64(2*headerSize) + n*s.geo.clusterSize
+	if s.persistent {
+		b += 2 * blockSize * ((n + entriesPerBlock - 1) / entriesPerBlock)
+	}
+	return b
+}
+
+// Header returns the current header.
+func (s *Store) Header() Header {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.hdr
+}
+
+// Invalidate marks the store invalid for good, with a reason (cut to 2048
+// bytes), and persists that in the header. Later Commits return ErrInvalid.
+// The first reason is kept: invalidating an invalid store changes nothing.
+// The in-memory state turns invalid even if writing the header fails.
+func (s *Store) Invalidate(reason string) error {
+	s.hdrMu.Lock()
+	defer s.hdrMu.Unlock()
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return fmt.Errorf("backstore: invalidate: %w", ErrClosed)
+	}
+	h := s.hdr
+	if h.State == StateInvalid && h.Reason != "" {
+		s.mu.Unlock()
+		return nil
+	}
+	h.State, h.Reason = StateInvalid, truncateUTF8(reason, maxReasonLen)
+	// Invalid from now on in memory; Reason stays empty until persisted,
+	// so that a failed write is retried by the next Invalidate.
+	s.hdr.State = StateInvalid
+	s.mu.Unlock()
+	if err := s.writeHeader(&h); err != nil {
+		return fmt.Errorf("backstore: invalidate: %w", err)
+	}
+	return nil
+}
+
+// writeHeader writes h with the next generation into the slot that does
+// not hold the current header, syncs, and makes it current. The current
+// header stays intact in the other slot, so a torn write loses nothing.
+// The caller holds hdrMu.
+func (s *Store) writeHeader(h *Header) error {
+	h.Generation = s.Header().Generation + 1
+	buf := make([]byte, headerSize)
+	encodeHeader(h, buf)
+	slot := int64(h.Generation % 2)
+	if _, err := s.f.WriteAt(buf, slot*headerSize); err != nil {
+		return fmt.Errorf("write header slot %d: %w", slot, err)
+	}
+	if err := s.f.Sync(); err != nil {
+		return fmt.Errorf("sync header: %w", err)
+	}
+	s.mu.Lock()
+	s.hdr = *h
+	s.mu.Unlock()
+	return nil
+}
+
+// Close waits for a Commit in progress and closes the file. Everything
+// committed is already durable (persistent) or abandoned (transient).
+func (s *Store) Close() error {
+	s.commitMu.Lock()
+	defer s.commitMu.Unlock()
+	s.hdrMu.Lock()
+	defer s.hdrMu.Unlock()
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return fmt.Errorf("backstore: close: %w", ErrClosed)
+	}
+	s.closed = true
+	s.mu.Unlock()
+	if err := s.f.Close(); err != nil {
+		return fmt.Errorf("backstore: close: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,159 @@
+package backstore
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/nbdsnap/nbdsnap/internal/vfs"
+	"github.com/nbdsnap/nbdsnap/internal/vfs/vfstest"
+)
+
+// clusterData is the content the tests give cluster c: distinct per
+// cluster and per seed, so a cluster found in the wrong slot shows.
+func clusterData(seed uint64, c uint32, n int64) []byte {
+	r := rand.New(rand.NewPCG(seed, uint64(c)))
+	p := make([]byte, n)
+	for i := 0; i < len(p); i += 8 {
+		v := r.Uint64()
+		for j := 0; j < 8 && i+j < len(p); j++ {
+			p[i+j] = byte(v >> (8 * j))
+		}
+	}
+	return p
+}
+
+func openMem(t testing.TB, fs *vfstest.MemFS, name string) vfs.File {
+	t.Helper()
+	f, err := fs.OpenFile(name, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+func testOptions() Options {
+	return Options{Name: "snap", ClusterSize: 512, OriginSize: 3000 * 512, OriginID: "origin-1", Persistent: true,
+		Created: time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC)}
+}
+
+// commitClusters commits clusters cs (data from clusterData) as one batch.
+func commitClusters(t testing.TB, s *Store, seed uint64, cs ...uint32) {
+	t.Helper()
+	if err := s.Commit(makeBatch(s, seed, cs...)); err != nil {
+		t.Fatalf("commit of %d clusters: %v", len(cs), err)
+	}
+}
+
+func makeBatch(s *Store, seed uint64, cs ...uint32) []Cluster {
+	batch := make([]Cluster, len(cs))
+	for i, c := range cs {
+		batch[i] = Cluster{Index: c, Data: clusterData(seed, c, s.geo.clusterLen(c))}
+	}
+	return batch
+}
+
+// verifyStore checks that s holds exactly want, each with its data.
+func verifyStore(t testing.TB, s *Store, seed uint64, want map[uint32]bool) {
+	t.Helper()
+	if got := s.CopiedCount(); got != len(want) {
+		t.Fatalf("store holds %d clusters, want %d", got, len(want))
+	}
+	var n int
+	s.ForEachCopied(func(c uint32) {
+		n++
+		if !want[c] {
+			t.Fatalf("store holds cluster %d, which was never committed", c)
+		}
+	})
+	if n != len(want) {
+		t.Fatalf("ForEachCopied visited %d, want %d", n, len(want))
+	}
+	for c := range want {
+		l := s.geo.clusterLen(c)
+		p := make([]byte, l)
+		ok, err := s.ReadCluster(c, p, 0)
+		if err != nil || !ok {
+			t.Fatalf("ReadCluster(%d) = %v, %v", c, ok, err)
+		}
+		if !bytes.Equal(p, clusterData(seed, c, l)) {
+			t.Fatalf("cluster %d: wrong data", c)
+		}
+	}
+}
+
+func TestCommitReopen(t *testing.T) {
+	for _, persistent := range []bool{true, false} {
+		t.Run(fmt.Sprintf("persistent=%v", persistent), func(t *testing.T) {
+			fs := vfstest.NewMemFS()
+			opts := testOptions()
+			opts.Persistent = persistent
+			opts.OriginSize = 2999*512 + 100 // partial last cluster 2999
+			s, err := Create(openMem(t, fs, "s"), opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := map[uint32]bool{}
+			r := rand.New(rand.NewPCG(1, 2))
+			perm := r.Perm(3000)
+			i := 0
+			for i < len(perm) {
+				n := min(1+r.IntN(700), len(perm)-i) // batches spanning several blocks too
+				var cs []uint32
+				for _, c := range perm[i : i+n] {
+					cs = append(cs, uint32(c))
+					want[uint32(c)] = true
+				}
+				commitClusters(t, s, 9, cs...)
+				i += n
+				if i > 2000 {
+					break
+				}
+			}
+			verifyStore(t, s, 9, want)
+			if ok, _ := s.ReadCluster(uint32(perm[2999]), make([]byte, 1), 0); ok {
+				t.Error("ReadCluster found an uncopied cluster")
+			}
+			if err := s.Close(); err != nil {
+				t.Fatal(err)
+			}
+			_, err = Open(openMem(t, fs, "s"))
+			if !persistent {
+				if !errors.Is(err, ErrTransient) {
+					t.Fatalf("Open of a transient store: %v, want ErrTransient", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			s2, _ := Open(openMem(t, fs, "s"))
+			verifyStore(t, s2, 9, want)
+			h := s2.Header()
+			if h.Name != opts.Name || h.OriginID != opts.OriginID || h.OriginSize != opts.OriginSize ||
+				h.ClusterSize != 512 || !h.Created.Equal(opts.Created) || !h.Persistent || h.State != StateValid {
+				t.Errorf("header after reopen: %+v", h)
+			}
+			// The reopened store takes more batches, and a third open sees them.
+			var more []uint32
+			for _, c := range perm[i : i+300] {
+				more = append(more, uint32(c))
+				want[uint32(c)] = true
+			}
+			commitClusters(t, s2, 9, more...)
+			s2.Close()
+			s3, err := Open(openMem(t, fs, "s"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			verifyStore(t, s3, 9, want)
+			if rep, err := Check(openMem(t, fs, "s")); err != nil || rep.Clusters != len(want) || rep.DataVerified != len(want) {
+				t.Fatalf("Check: %+v, %v", rep, err)
+			}
+		})
+	}
+}
