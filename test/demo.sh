@@ -23,7 +23,12 @@ cleanup() {
 trap cleanup EXIT
 
 say() { printf '\n==> %s\n' "$*"; }
-run() { printf '$ %s\n' "$*"; "$@"; }
+run() {
+	printf '$'
+	printf ' %q' "${@/#$PWD\//}"
+	printf '\n'
+	"$@"
+}
 sock=$work/demo.sock
 ctl=$work/demo.ctl
 uri() { echo "nbd+unix:///$1?socket=$sock"; }

@@ -33,7 +33,7 @@ func setIOFlusher(log *slog.Logger) {
 		return
 	}
 	if err := unix.Prctl(unix.PR_SET_IO_FLUSHER, 1, 0, 0, 0); err != nil {
-		log.Warn("PR_SET_IO_FLUSHER not set; serving a filesystem mounted on this machine may deadlock under memory pressure", "err", err)
+		log.Warn("PR_SET_IO_FLUSHER not set (needs CAP_SYS_RESOURCE); serving a filesystem mounted on this machine may deadlock under memory pressure", "err", err)
 		return
 	}
 	log.Warn("PR_SET_IO_FLUSHER set on the calling thread only (binary built with cgo; build with CGO_ENABLED=0 to cover every thread)")
