@@ -529,6 +529,10 @@ func chunkErrno(t testing.TB, c chunk) (Errno, string) {
 
 func newReader(c net.Conn) *bufio.Reader { return bufio.NewReader(c) }
 
+func newTestLogger(w io.Writer) *slog.Logger {
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
 func be16(v uint16) []byte { return binary.BigEndian.AppendUint16(nil, v) }
 func be32(v uint32) []byte { return binary.BigEndian.AppendUint32(nil, v) }
 

@@ -384,3 +384,11 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	<-done
 	return ctx.Err()
 }
+
+// serveConn serves one already accepted connection and returns when it has
+// ended (the fuzz tests drive the server through net.Pipe with it).
+func (s *Server) serveConn(nc net.Conn) {
+	if c, _ := s.track(nc); c != nil {
+		c.serve()
+	}
+}
