@@ -1,0 +1,36 @@
+// Package vm tests nbdsnap end to end with the Linux kernel's own NBD client.
+//
+// The host kernel has no NBD driver, so TestVM boots a small virtual machine
+// under QEMU's TCG emulator (`-accel tcg -cpu max`; the host's /dev/kvm
+// cannot boot a stock kernel) and runs each scenario inside it:
+//
+//   - the kernel is Debian's linux-image-6.1.*-amd64, fetched with
+//     `apt-get download` (never installed on the host), unpacked with
+//     `dpkg-deb -x`; the uncompressed vmlinux is extracted from the bzImage,
+//     because under TCG it boots seconds faster (QEMU enters it through its
+//     PVH note). nbd.ko and ext4.ko with their dependencies come from the
+//     same package, in the order `modprobe --show-depends` gives. All of this
+//     is cached under $NBDSNAP_VM_CACHE, else the user's cache directory
+//     ($XDG_CACHE_HOME or ~/.cache)/nbdsnap-vm, keyed by package name and
+//     version, so only the first run pays for it.
+//   - the initramfs is written by the test itself (cpio "newc"): busybox
+//     from busybox-static, the e2fsprogs and nbd-client binaries and nbdkit
+//     with the shared libraries `ldd` names, a static nbdsnap and the guest
+//     agent (test/vm/guest), both built with CGO_ENABLED=0.
+//   - QEMU runs with `-nodefaults -nic none`: the guest has no network
+//     device; the daemon and nbd-client talk over a unix socket inside it.
+//     The scenario to run is named on the kernel command line; the guest
+//     agent reports each result as one line on the serial console, which
+//     the test captures. A failing scenario fails the test and logs the
+//     whole console.
+//
+// $NBDSNAP_VM_LOGS, if set, names a directory where each scenario's console
+// is kept, passed or not.
+//
+// The scenarios themselves live in the guest agent, which has a doc comment
+// of its own. The "reference" scenario runs the same client path against
+// nbdkit, so a broken harness is told apart from a broken nbdsnap.
+//
+// Everything needed is installed by test/setup.sh; outside `make test` the
+// test skips, naming what is missing (internal/testenv).
+package vm

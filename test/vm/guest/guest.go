@@ -1,0 +1,230 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/nbdsnap/nbdsnap/test/vm/report"
+)
+
+// guest is one scenario's view of the VM: a logger, the timed steps, and
+// what to undo at the end (processes to stop, devices to detach).
+type guest struct {
+	log      *slog.Logger
+	steps    []report.Step
+	cleanups []func()
+}
+
+// step runs one named, timed part of a scenario; its error names the step.
+func (g *guest) step(name string, fn func() error) error {
+	g.log.Info("step", "step", name)
+	start := time.Now()
+	err := fn()
+	d := time.Since(start)
+	g.steps = append(g.steps, report.Step{Name: name, Seconds: d.Seconds()})
+	if err != nil {
+		return fmt.Errorf("%s: %w", name, err)
+	}
+	g.log.Info("step done", "step", name, "took", d.Round(time.Millisecond))
+	return nil
+}
+
+func (g *guest) defer_(fn func()) { g.cleanups = append(g.cleanups, fn) }
+
+// cleanup undoes what the scenario left behind, newest first. Only the
+// VM's power-off follows, so this is for tidy logs, not correctness.
+func (g *guest) cleanup() {
+	for i := len(g.cleanups) - 1; i >= 0; i-- {
+		g.cleanups[i]()
+	}
+	g.cleanups = nil
+}
+
+// run executes a command and returns its combined output; a non-zero exit
+// is an error carrying the output.
+func (g *guest) run(ctx context.Context, name string, args ...string) (string, error) {
+	out, code, err := g.runCode(ctx, name, args...)
+	if err == nil && code != 0 {
+		err = fmt.Errorf("%s %s: exit status %d\n%s", name, strings.Join(args, " "), code, out)
+	}
+	return out, err
+}
+
+// runCode executes a command and returns its output and exit code; err is
+// set only if it could not run or was killed.
+func (g *guest) runCode(ctx context.Context, name string, args ...string) (string, int, error) {
+	g.log.Debug("run", "cmd", name+" "+strings.Join(args, " "))
+	cmd := exec.CommandContext(ctx, name, args...)
+	var out bytes.Buffer
+	cmd.Stdout = &out
+	cmd.Stderr = &out
+	err := cmd.Run()
+	var exit *exec.ExitError
+	switch {
+	case err == nil:
+		return out.String(), 0, nil
+	case errors.As(err, &exit) && exit.Exited():
+		return out.String(), exit.ExitCode(), nil
+	default:
+		return out.String(), -1, fmt.Errorf("%s %s: %w\n%s", name, strings.Join(args, " "), err, out.String())
+	}
+}
+
+// devIndex turns /dev/nbdN into N.
+func devIndex(dev string) (int, error) {
+	n, err := strconv.Atoi(strings.TrimPrefix(dev, "/dev/nbd"))
+	if err != nil || !strings.HasPrefix(dev, "/dev/nbd") {
+		return 0, fmt.Errorf("%s is not an NBD device", dev)
+	}
+	return n, nil
+}
+
+// waitAttached waits until /sys/block/nbdN/pid exists (present) or is gone:
+// the driver's own sign that a connection is or is not set up.
+// /sys/block/nbdN/size alone can be stale.
+func waitAttached(ctx context.Context, dev string, present bool) error {
+	pidFile := "/sys/block/" + strings.TrimPrefix(dev, "/dev/") + "/pid"
+	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	for {
+		_, err := os.Stat(pidFile)
+		if (err == nil) == present {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s: waiting for %s to %s: %w", dev, pidFile, map[bool]string{true: "appear", false: "disappear"}[present], ctx.Err())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// attach connects a kernel NBD device to an export with nbd-client over a
+// unix socket.
+func (g *guest) attach(ctx context.Context, dev, sock, export string, extra ...string) error {
+	args := append([]string{"-unix", sock, dev, "-N", export}, extra...)
+	if _, err := g.run(ctx, "nbd-client", args...); err != nil {
+		return err
+	}
+	if err := waitAttached(ctx, dev, true); err != nil {
+		return err
+	}
+	g.defer_(func() { g.detach(context.Background(), dev) })
+	return nil
+}
+
+// detach disconnects a device and waits until the driver has let go.
+func (g *guest) detach(ctx context.Context, dev string) error {
+	if _, err := os.Stat("/sys/block/" + strings.TrimPrefix(dev, "/dev/") + "/pid"); err != nil {
+		return nil // not attached (any more)
+	}
+	if _, err := g.run(ctx, "nbd-client", "-d", dev); err != nil {
+		return err
+	}
+	return waitAttached(ctx, dev, false)
+}
+
+func (g *guest) mount(ctx context.Context, dev, dir, opts string) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	if _, err := g.run(ctx, "mount", "-t", "ext4", "-o", opts, dev, dir); err != nil {
+		return err
+	}
+	g.defer_(func() { syscall.Unmount(dir, 0) })
+	return nil
+}
+
+func (g *guest) umount(ctx context.Context, dir string) error {
+	_, err := g.run(ctx, "umount", dir)
+	return err
+}
+
+func (g *guest) mkfs(ctx context.Context, dev string) error {
+	_, err := g.run(ctx, "mkfs.ext4", "-q", "-F", dev)
+	return err
+}
+
+// fsckClean runs e2fsck -fn and requires exit status 0: nothing to fix.
+func (g *guest) fsckClean(ctx context.Context, dev string) error {
+	out, code, err := g.runCode(ctx, "e2fsck", "-fn", dev)
+	if err != nil {
+		return err
+	}
+	g.log.Debug("e2fsck -fn", "dev", dev, "exit", code, "output", out)
+	if code != 0 {
+		return fmt.Errorf("e2fsck -fn %s: exit status %d, not clean:\n%s", dev, code, out)
+	}
+	return nil
+}
+
+// kernelLogProblems returns the kernel log lines that show an I/O error or
+// a file system error, which none of the scenarios may cause on the origin.
+func (g *guest) kernelLogProblems(ctx context.Context, devs ...string) ([]string, error) {
+	out, err := g.run(ctx, "dmesg")
+	if err != nil {
+		return nil, err
+	}
+	var bad []string
+	for _, line := range strings.Split(out, "\n") {
+		for _, sign := range []string{"I/O error", "EXT4-fs error", "Aborting journal", "Remounting filesystem read-only", "JBD2: Error", "Detected aborted journal"} {
+			if !strings.Contains(line, sign) {
+				continue
+			}
+			for _, d := range devs {
+				if strings.Contains(line, strings.TrimPrefix(d, "/dev/")) {
+					bad = append(bad, line)
+				}
+			}
+		}
+	}
+	return bad, nil
+}
+
+// noKernelProblems fails if the kernel logged an I/O or file system error
+// about any of devs.
+func (g *guest) noKernelProblems(ctx context.Context, devs ...string) error {
+	bad, err := g.kernelLogProblems(ctx, devs...)
+	if err != nil {
+		return err
+	}
+	if len(bad) > 0 {
+		return fmt.Errorf("the kernel logged errors:\n%s", strings.Join(bad, "\n"))
+	}
+	return nil
+}
+
+// prefixWriter copies a child's output to the console, a line at a time,
+// each line tagged with the child's name.
+type prefixWriter struct {
+	mu     sync.Mutex
+	prefix string
+	w      io.Writer
+	buf    []byte
+}
+
+func (p *prefixWriter) Write(b []byte) (int, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.buf = append(p.buf, b...)
+	for {
+		i := bytes.IndexByte(p.buf, '\n')
+		if i < 0 {
+			break
+		}
+		p.w.Write([]byte(p.prefix + string(p.buf[:i+1])))
+		p.buf = p.buf[i+1:]
+	}
+	return len(b), nil
+}
