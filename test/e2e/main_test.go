@@ -1,0 +1,266 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nbdsnap/nbdsnap/internal/control"
+	"github.com/nbdsnap/nbdsnap/internal/testenv"
+)
+
+// nbdsnapBin is the binary under test, built once by TestMain. It is the
+// only package-level variable: every test reads it, none writes it.
+var nbdsnapBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "nbdsnap-e2e-bin")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	nbdsnapBin = filepath.Join(dir, "nbdsnap")
+	build := exec.Command("go", "build", "-o", nbdsnapBin, "github.com/nbdsnap/nbdsnap/cmd/nbdsnap")
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "e2e: build nbdsnap:", err)
+		os.RemoveAll(dir)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// syncBuffer is a bytes.Buffer safe for a process writing and a test reading.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// daemon is one `nbdsnap serve` process.
+type daemon struct {
+	t                            *testing.T
+	dir, origin, sock, ctl, state string
+	cmd                           *exec.Cmd
+	log                           *syncBuffer
+	done                          chan struct{}
+	waitErr                       error
+}
+
+// startDaemon serves origin as export "data" with sockets and state under
+// dir, and waits until its control socket answers.
+func startDaemon(t *testing.T, dir, origin string, extra ...string) *daemon {
+	t.Helper()
+	d := &daemon{t: t, dir: dir, origin: origin, sock: filepath.Join(dir, "data.sock"),
+		ctl: filepath.Join(dir, "data.ctl"), state: filepath.Join(dir, "state"),
+		log: &syncBuffer{}, done: make(chan struct{})}
+	args := append([]string{"serve", origin, "--name", "data", "--listen", "unix:" + d.sock,
+		"--control", d.ctl, "--state-dir", d.state}, extra...)
+	d.cmd = exec.Command(nbdsnapBin, args...)
+	d.cmd.Stdout, d.cmd.Stderr = d.log, d.log
+	if err := d.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { d.waitErr = d.cmd.Wait(); close(d.done) }()
+	t.Cleanup(func() {
+		d.stop()
+		if t.Failed() {
+			t.Logf("daemon log:\n%s", d.log.String())
+		}
+	})
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, err := control.NewClient(d.ctl).Status(context.Background()); err == nil {
+			return d
+		}
+		select {
+		case <-d.done:
+			t.Fatalf("daemon exited during startup: %v\n%s", d.waitErr, d.log.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("daemon not ready after 10s\n%s", d.log.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// stop sends SIGTERM and returns the exit error (nil for exit 0).
+func (d *daemon) stop() error {
+	select {
+	case <-d.done:
+		return d.waitErr
+	default:
+	}
+	d.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-d.done:
+	case <-time.After(30 * time.Second):
+		d.cmd.Process.Kill()
+		<-d.done
+		d.t.Errorf("daemon ignored SIGTERM for 30s")
+	}
+	return d.waitErr
+}
+
+// kill9 kills the daemon the hard way and waits for it to be gone.
+func (d *daemon) kill9() {
+	d.cmd.Process.Signal(syscall.SIGKILL)
+	<-d.done
+}
+
+func (d *daemon) uri(export string) string {
+	return "nbd+unix:///" + export + "?socket=" + d.sock
+}
+
+func (d *daemon) status(t *testing.T) control.Status {
+	t.Helper()
+	out, errs, code := cli(t, "status", "--json", "--control", d.ctl)
+	if code != 0 {
+		t.Fatalf("status --json: exit %d: %s", code, errs)
+	}
+	var st control.Status
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		t.Fatalf("status --json is not JSON: %v\n%s", err, out)
+	}
+	return st
+}
+
+// cli runs the nbdsnap binary and returns its output and exit code.
+func cli(t *testing.T, args ...string) (stdout, stderr string, code int) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	cmd := exec.Command(nbdsnapBin, args...)
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+	case errors.As(err, &ee):
+		code = ee.ExitCode()
+	default:
+		t.Fatalf("run nbdsnap %v: %v", args, err)
+	}
+	return out.String(), errb.String(), code
+}
+
+// mustCLI runs the binary and fails the test unless it exits 0.
+func mustCLI(t *testing.T, args ...string) string {
+	t.Helper()
+	out, errs, code := cli(t, args...)
+	if code != 0 {
+		t.Fatalf("nbdsnap %s: exit %d: %s", strings.Join(args, " "), code, errs)
+	}
+	return out
+}
+
+// run runs an external tool and fails the test on a non-zero exit.
+func run(t *testing.T, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// readExport copies a whole export into memory with nbdcopy.
+func readExport(t *testing.T, uri string) []byte {
+	t.Helper()
+	testenv.RequireTool(t, "nbdcopy")
+	cmd := exec.Command("nbdcopy", uri, "-")
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("nbdcopy %s -: %v: %s", uri, err, errb.String())
+	}
+	return out.Bytes()
+}
+
+func sha(b []byte) string {
+	s := sha256.Sum256(b)
+	return hex.EncodeToString(s[:])
+}
+
+// randomFile writes size random bytes to path and returns them.
+func randomFile(t *testing.T, path string, size int) []byte {
+	t.Helper()
+	b := make([]byte, size)
+	rand.Read(b)
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// tree maps every file under the roots to a hash of its content, so a test
+// can assert that a refused command changed nothing on disk.
+func tree(t *testing.T, roots ...string) map[string]string {
+	t.Helper()
+	m := map[string]string{}
+	for _, root := range roots {
+		filepath.Walk(root, func(p string, fi os.FileInfo, err error) error {
+			if err != nil {
+				return nil
+			}
+			switch {
+			case fi.Mode()&os.ModeSocket != 0:
+				m[p] = "socket"
+			case fi.Mode().IsRegular():
+				f, err := os.Open(p)
+				if err != nil {
+					return nil
+				}
+				defer f.Close()
+				h := sha256.New()
+				io.Copy(h, f)
+				m[p] = hex.EncodeToString(h.Sum(nil))
+			case fi.IsDir():
+				m[p] = "dir"
+			}
+			return nil
+		})
+	}
+	return m
+}
+
+func sameTree(t *testing.T, before, after map[string]string) {
+	t.Helper()
+	for p, v := range before {
+		if after[p] != v {
+			t.Errorf("%s changed: %.12s → %.12s", p, v, after[p])
+		}
+	}
+	for p := range after {
+		if _, ok := before[p]; !ok {
+			t.Errorf("%s appeared", p)
+		}
+	}
+}
