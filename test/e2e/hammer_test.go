@@ -89,10 +89,16 @@ func startWriter(t *testing.T, dir, uri string, nblocks, bs, nthreads int, secon
 	logPath := filepath.Join(dir, "writes.log")
 	cmd := exec.Command(py, script, uri, strconv.Itoa(nblocks), strconv.Itoa(bs), strconv.Itoa(nthreads),
 		strconv.FormatFloat(seconds, 'f', -1, 64), logPath)
-	cmd.Stderr = os.Stderr
+	errs := &syncBuffer{}
+	cmd.Stderr = errs
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("writer stderr:\n%s", errs.String())
+		}
+	})
 	return cmd, logPath
 }
 
