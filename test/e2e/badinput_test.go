@@ -1,0 +1,163 @@
+package e2e
+
+import (
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"testing"
+
+	"github.com/nbdsnap/nbdsnap/internal/testenv"
+)
+
+// TestBadServe: `nbdsnap serve` refuses a missing origin and an origin in
+// use with one clear line and exit code 1, leaving no socket or state
+// behind.
+func TestBadServe(t *testing.T) {
+	dir := t.TempDir()
+	origin := filepath.Join(dir, "origin.img")
+	randomFile(t, origin, 1<<20)
+	held := startDaemon(t, dir, origin)
+	other := t.TempDir()
+
+	type tc struct {
+		name   string
+		origin string
+		want   string
+	}
+	tests := []tc{
+		{"missing origin", filepath.Join(other, "nope.img"), "nbdsnap: origin " + filepath.Join(other, "nope.img") + " does not exist\n"},
+		{"origin in use by another daemon", origin, "nbdsnap: origin " + origin + " is in use (locked by another nbdsnap daemon or program)\n"},
+	}
+	if os.Geteuid() == 0 {
+		// A block device that is mounted cannot be opened O_EXCL.
+		img := filepath.Join(t.TempDir(), "fs.img")
+		run(t, "truncate", "-s", "16M", img)
+		run(t, "mkfs.ext4", "-q", "-F", img)
+		dev, _ := loopAttach(t, img, false)
+		mountDev(t, dev, "rw")
+		tests = append(tests, tc{"mounted block device", dev,
+			"nbdsnap: origin " + dev + " is in use (mounted, or opened exclusively by another program)\n"})
+	} else {
+		testenv.RequireRoot(t)
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			before := tree(t, dir, other)
+			_, errs, code := cli(t, "serve", tt.origin, "--name", "data2", "--log-level", "error",
+				"--listen", "unix:"+filepath.Join(other, "data2.sock"), "--control", filepath.Join(other, "data2.ctl"),
+				"--state-dir", filepath.Join(other, "state"))
+			if code != 1 || errs != tt.want {
+				t.Fatalf("exit %d, stderr %q; want 1, %q", code, errs, tt.want)
+			}
+			sameTree(t, before, tree(t, dir, other))
+		})
+	}
+	if st := held.status(t); st.Name != "data" {
+		t.Fatalf("the first daemon is disturbed: %+v", st)
+	}
+}
+
+// TestBadCreate: every refused create is one line on stderr, a non-zero
+// exit, and no change: no file in the backing directory or the state
+// directory, no new snapshot, no new export.
+func TestBadCreate(t *testing.T) {
+	testenv.RequireTool(t, "qemu-io")
+	dir := t.TempDir()
+	origin := filepath.Join(dir, "origin.img")
+	randomFile(t, origin, 4<<20)
+	d := startDaemon(t, dir, origin)
+	mustCLI(t, "create", "s0", "--control", d.ctl, "--backing", filepath.Join(dir, "s0.cow"))
+
+	type tc struct {
+		name    string
+		args    []string
+		backing string
+		code    int
+		want    string
+	}
+	free := filepath.Join(dir, "s1.cow")
+	tests := []tc{
+		{"existing snapshot name", []string{"create", "s0"}, filepath.Join(dir, "again.cow"), 1, `nbdsnap: snapshot "s0" already exists` + "\n"},
+		{"invalid cluster size", []string{"create", "s1", "--cluster-size", "48K"}, free, 2,
+			"nbdsnap: invalid --cluster-size 48 KiB: must be a power of two from 4K to 1M\n"},
+		{"malformed cluster size", []string{"create", "s1", "--cluster-size", "64Q"}, free, 2,
+			`nbdsnap: invalid argument "64Q" for "--cluster-size" flag: size "64Q": not a number` + "\n"},
+	}
+	if os.Geteuid() == 0 {
+		ro, full := t.TempDir(), t.TempDir()
+		run(t, "mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", ro)
+		t.Cleanup(func() { exec.Command("umount", ro).Run() })
+		run(t, "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", full)
+		t.Cleanup(func() { exec.Command("umount", full).Run() })
+		fill(t, filepath.Join(full, "filler"))
+		tests = append(tests,
+			tc{"read-only filesystem", []string{"create", "s1"}, filepath.Join(ro, "s1.cow"), 1,
+				"nbdsnap: backing path " + filepath.Join(ro, "s1.cow") + " is on a read-only filesystem\n"},
+			tc{"full filesystem", []string{"create", "s1"}, filepath.Join(full, "s1.cow"), 1,
+				"nbdsnap: no space for backing store " + filepath.Join(full, "s1.cow") + ": filesystem full\n"},
+		)
+	} else {
+		testenv.RequireRoot(t)
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			roots := []string{dir, filepath.Dir(tt.backing)}
+			before := tree(t, roots...)
+			snapsBefore := len(d.status(t).Snapshots)
+			args := append(tt.args, "--control", d.ctl, "--backing", tt.backing)
+			_, errs, code := cli(t, args...)
+			if code != tt.code || errs != tt.want {
+				t.Fatalf("exit %d, stderr %q; want %d, %q", code, errs, tt.code, tt.want)
+			}
+			sameTree(t, before, tree(t, roots...))
+			if n := len(d.status(t).Snapshots); n != snapsBefore {
+				t.Fatalf("snapshots %d → %d", snapsBefore, n)
+			}
+			if out, err := exec.Command("qemu-io", "-f", "raw", "-r", "-c", "read 0 512", d.uri("s1")).CombinedOutput(); err == nil {
+				t.Fatalf("export s1 exists after a refused create:\n%s", out)
+			}
+		})
+	}
+}
+
+// TestNoDaemon: a client command without a daemon says so in one line.
+func TestNoDaemon(t *testing.T) {
+	ctl := filepath.Join(t.TempDir(), "x.ctl")
+	for _, args := range [][]string{
+		{"status", "--control", ctl},
+		{"list", "--control", ctl, "--json"},
+		{"create", "s", "--backing", "/tmp/never.cow", "--control", ctl},
+		{"clear", "s", "--control", ctl},
+	} {
+		_, errs, code := cli(t, args...)
+		want := "nbdsnap: no daemon at " + ctl + " — is `nbdsnap serve` running?\n"
+		if code != 1 || errs != want {
+			t.Errorf("%v: exit %d, stderr %q; want 1, %q", args, code, errs, want)
+		}
+	}
+	if _, err := os.Stat("/tmp/never.cow"); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("/tmp/never.cow exists")
+	}
+}
+
+// fill writes path until its filesystem is full.
+func fill(t *testing.T, path string) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, 4096)
+	for {
+		if _, err := f.Write(buf); err != nil {
+			if !errors.Is(err, syscall.ENOSPC) {
+				t.Fatalf("fill %s: %v", path, err)
+			}
+			return
+		}
+	}
+}
+
