@@ -160,4 +160,3 @@ func fill(t *testing.T, path string) {
 		}
 	}
 }
-

@@ -66,7 +66,7 @@ func (s *syncBuffer) String() string {
 
 // daemon is one `nbdsnap serve` process.
 type daemon struct {
-	t                            *testing.T
+	t                             *testing.T
 	dir, origin, sock, ctl, state string
 	cmd                           *exec.Cmd
 	log                           *syncBuffer
