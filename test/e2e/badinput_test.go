@@ -15,6 +15,7 @@ import (
 // use with one clear line and exit code 1, leaving no socket or state
 // behind.
 func TestBadServe(t *testing.T) {
+	e2e(t)
 	dir := t.TempDir()
 	origin := filepath.Join(dir, "origin.img")
 	randomFile(t, origin, 1<<20)
@@ -63,6 +64,7 @@ func TestBadServe(t *testing.T) {
 // exit, and no change: no file in the backing directory or the state
 // directory, no new snapshot, no new export.
 func TestBadCreate(t *testing.T) {
+	e2e(t)
 	testenv.RequireTool(t, "qemu-io")
 	dir := t.TempDir()
 	origin := filepath.Join(dir, "origin.img")
@@ -124,6 +126,7 @@ func TestBadCreate(t *testing.T) {
 
 // TestNoDaemon: a client command without a daemon says so in one line.
 func TestNoDaemon(t *testing.T) {
+	e2e(t)
 	ctl := filepath.Join(t.TempDir(), "x.ctl")
 	for _, args := range [][]string{
 		{"status", "--control", ctl},

@@ -141,6 +141,7 @@ func writeRandom(t *testing.T, path string, size int) {
 // exactly the old files with the old content. While it is attached, clear
 // is refused; detached, clear removes it.
 func TestExt4ThroughNbdfuse(t *testing.T) {
+	e2e(t)
 	testenv.RequireRoot(t)
 	for _, tool := range []string{"mkfs.ext4", "e2fsck", "losetup", "mount"} {
 		testenv.RequireTool(t, tool)

@@ -141,6 +141,7 @@ func pattern(block, id uint64, bs int) []byte {
 // there is none — never a torn block, never a write submitted after the
 // create returned. The origin must hold every block's last write.
 func TestSnapshotUnderWriteLoad(t *testing.T) {
+	e2e(t)
 	testenv.RequireTool(t, "nbdcopy")
 	const (
 		size     = 32 << 20

@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -28,6 +29,11 @@ import (
 var nbdsnapBin string
 
 func TestMain(m *testing.M) {
+	flag.Parse()
+	if testing.Short() {
+		// make unit: no binary, no external tools; every test skips.
+		os.Exit(m.Run())
+	}
 	dir, err := os.MkdirTemp("", "nbdsnap-e2e-bin")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -44,6 +50,15 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)
+}
+
+// e2e skips the calling test under -short (make unit), where TestMain
+// builds no binary.
+func e2e(t *testing.T) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("end-to-end test: skipped with -short")
+	}
 }
 
 // syncBuffer is a bytes.Buffer safe for a process writing and a test reading.

@@ -15,6 +15,7 @@ import (
 // service) the daemon reports READY=1 once it serves and STOPPING=1 on
 // SIGTERM, then exits 0.
 func TestSdNotify(t *testing.T) {
+	e2e(t)
 	dir := t.TempDir()
 	origin := filepath.Join(dir, "origin.img")
 	randomFile(t, origin, 1<<20)

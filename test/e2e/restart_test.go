@@ -18,6 +18,7 @@ import (
 // protecting it against new writes, and reports the transient snapshot as
 // invalid and does not serve it.
 func TestKill9Restart(t *testing.T) {
+	e2e(t)
 	testenv.RequireTool(t, "qemu-io")
 	const size = 16 << 20
 	dir := t.TempDir()

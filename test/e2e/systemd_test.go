@@ -17,6 +17,7 @@ import (
 // (nbdsnap@data, nbdsnap-snapshot@data-nightly) are verified through
 // symlinks to the templates. A warning counts as a failure.
 func TestSystemdVerify(t *testing.T) {
+	e2e(t)
 	testenv.RequireTool(t, "systemd-analyze")
 	_, self, _, _ := runtime.Caller(0)
 	src := filepath.Join(filepath.Dir(self), "..", "..", "systemd")
