@@ -2,15 +2,76 @@ package cow
 
 import (
 	"errors"
+	"fmt"
 
+	"github.com/nbdsnap/nbdsnap/internal/backstore"
 	"github.com/nbdsnap/nbdsnap/internal/vfs"
 )
 
-// TEMPORARY until internal/backstore lands.
+// bstore adapts *backstore.Store to clusterStore.
+type bstore struct {
+	s     *backstore.Store
+	batch []backstore.Cluster // reused: commit runs on one goroutine
+}
+
 func createBackstore(f vfs.File, o storeOptions) (clusterStore, error) {
-	return nil, errors.New("backstore not yet available")
+	s, err := backstore.Create(f, backstore.Options{
+		Name:        o.Name,
+		ClusterSize: o.ClusterSize,
+		OriginSize:  o.OriginSize,
+		OriginID:    o.OriginID,
+		Persistent:  o.Persistent,
+		MaxSize:     o.MaxSize,
+		Created:     o.Created,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &bstore{s: s}, nil
 }
 
 func openBackstore(f vfs.File) (clusterStore, error) {
-	return nil, errors.New("backstore not yet available")
+	s, err := backstore.Open(f)
+	if err != nil {
+		if errors.Is(err, backstore.ErrTransient) {
+			return nil, fmt.Errorf("%w: %w", err, ErrBadOption)
+		}
+		return nil, err
+	}
+	return &bstore{s: s}, nil
 }
+
+func (b *bstore) commit(batch []storeCluster) error {
+	b.batch = b.batch[:0]
+	for _, c := range batch {
+		b.batch = append(b.batch, backstore.Cluster{Index: c.index, Data: c.data})
+	}
+	err := b.s.Commit(b.batch)
+	clear(b.batch)
+	return err
+}
+
+func (b *bstore) readCluster(index uint32, p []byte, off int) (bool, error) {
+	return b.s.ReadCluster(index, p, off)
+}
+
+func (b *bstore) forEachCopied(fn func(uint32)) { b.s.ForEachCopied(fn) }
+
+func (b *bstore) header() storeHeader {
+	h := b.s.Header()
+	return storeHeader{
+		UUID:        h.UUID.String(),
+		Name:        h.Name,
+		Created:     h.Created,
+		ClusterSize: h.ClusterSize,
+		OriginSize:  h.OriginSize,
+		OriginID:    h.OriginID,
+		Persistent:  h.Persistent,
+		Valid:       h.State == backstore.StateValid,
+		Reason:      h.Reason,
+	}
+}
+
+func (b *bstore) invalidate(reason string) error { return b.s.Invalidate(reason) }
+func (b *bstore) bytes() int64                   { return b.s.Bytes() }
+func (b *bstore) close() error                   { return b.s.Close() }

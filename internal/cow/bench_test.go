@@ -1,0 +1,150 @@
+package cow
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/nbdsnap/nbdsnap/internal/vfs"
+)
+
+// benchOrigin creates a filled origin file of size bytes in dir.
+func benchOrigin(b *testing.B, dir string, size int64) vfs.File {
+	b.Helper()
+	f, err := vfs.OS{}.OpenFile(filepath.Join(dir, "origin"), os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { f.Close() })
+	chunk := make([]byte, 1<<20)
+	for i := range chunk {
+		chunk[i] = byte(i*7 + 1)
+	}
+	for off := int64(0); off < size; off += int64(len(chunk)) {
+		if _, err := f.WriteAt(chunk, off); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := f.Sync(); err != nil {
+		b.Fatal(err)
+	}
+	return f
+}
+
+// firstWriteBench measures writes of one whole cluster each to clusters
+// no snapshot has copied yet. mode is "none" (no snapshot: the baseline),
+// "transient" or "persistent". Each round covers the whole origin once;
+// between rounds, untimed, the snapshot is replaced by a fresh one.
+func firstWriteBench(b *testing.B, dir string, originSize int64, cs int, mode string, writers int) {
+	ctx := context.Background()
+	origin := benchOrigin(b, dir, originSize)
+	e, err := NewEngine(origin, EngineOptions{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer e.Close()
+	nclusters := originSize / int64(cs)
+	storePath := filepath.Join(dir, "store")
+	var snap *Snapshot
+	var syncs, copied, waits int64
+	newSnap := func() {
+		if snap != nil {
+			info := snap.Info()
+			syncs += info.Stats.Syncs
+			copied += info.Stats.ClustersCopied
+			waits += info.Stats.CacheFullWaits
+			if err := e.Clear(snap.Name()); err != nil {
+				b.Fatal(err)
+			}
+			os.Remove(storePath)
+			snap = nil
+		}
+		if mode == "none" {
+			return
+		}
+		st, err := vfs.OS{}.OpenFile(storePath, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+		if err != nil {
+			b.Fatal(err)
+		}
+		snap, err = e.Create(ctx, st, SnapshotOptions{Name: "bench", ClusterSize: cs, Transient: mode == "transient"})
+		if err != nil {
+			b.Fatal(err)
+		}
+	}
+	bufs := make([][]byte, writers)
+	for i := range bufs {
+		bufs[i] = make([]byte, cs)
+		for j := range bufs[i] {
+			bufs[i][j] = byte(j + i)
+		}
+	}
+	b.SetBytes(int64(cs))
+	b.ResetTimer()
+	done := 0
+	for done < b.N {
+		b.StopTimer()
+		newSnap()
+		round := min(int64(b.N-done), nclusters)
+		var next atomic.Int64
+		var wg sync.WaitGroup
+		b.StartTimer()
+		for w := range writers {
+			wg.Go(func() {
+				p := bufs[w]
+				for {
+					i := next.Add(1) - 1
+					if i >= round {
+						return
+					}
+					if err := e.WriteAt(ctx, p, i*int64(cs), false); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
+		}
+		wg.Wait()
+		done += int(round)
+	}
+	b.StopTimer()
+	newSnap()
+	if copied > 0 {
+		b.ReportMetric(float64(syncs)/float64(copied), "syncs/cluster")
+		b.ReportMetric(float64(waits)/float64(copied), "cachewaits/cluster")
+	}
+}
+
+// BenchmarkFirstWrite: origin and store on /dev/shm, so that the ratio to
+// the "none" case measures the engine, not a disk.
+func BenchmarkFirstWrite(b *testing.B) {
+	dir, err := os.MkdirTemp("/dev/shm", "nbdsnap-bench-")
+	if err != nil {
+		b.Skipf("no /dev/shm: %v", err)
+	}
+	b.Cleanup(func() { os.RemoveAll(dir) })
+	for _, cs := range []int{4 << 10, 64 << 10, 1 << 20} {
+		for _, writers := range []int{1, 4} {
+			for _, mode := range []string{"none", "transient", "persistent"} {
+				b.Run(fmt.Sprintf("cs=%dK/writers=%d/%s", cs>>10, writers, mode), func(b *testing.B) {
+					firstWriteBench(b, dir, 256<<20, cs, mode, writers)
+				})
+			}
+		}
+	}
+}
+
+// BenchmarkFirstWriteDisk: persistent snapshots on the real disk under
+// the test's temp dir; syncs/cluster shows what group commit saves.
+func BenchmarkFirstWriteDisk(b *testing.B) {
+	for _, writers := range []int{1, 4, 16} {
+		for _, mode := range []string{"none", "persistent"} {
+			b.Run(fmt.Sprintf("cs=64K/writers=%d/%s", writers, mode), func(b *testing.B) {
+				firstWriteBench(b, b.TempDir(), 64<<20, 64<<10, mode, writers)
+			})
+		}
+	}
+}
