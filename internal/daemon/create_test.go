@@ -234,3 +234,52 @@ func TestRestartReopens(t *testing.T) {
 		}
 	}
 }
+
+// Status may be asked at any time, also while snapshots come and go.
+func TestStatusDuringCreateClear(t *testing.T) {
+	e := newEnv(t, 4<<20)
+	start(t, e.config())
+	ctx := context.Background()
+	c := control.NewClient(e.ctl)
+	stop := make(chan struct{})
+	done := make(chan error)
+	go func() {
+		for {
+			select {
+			case <-stop:
+				close(done)
+				return
+			default:
+			}
+			if _, err := c.Status(ctx); err != nil {
+				done <- err
+				return
+			}
+			c.Snapshot(ctx, "s")
+		}
+	}()
+	for i := range 20 {
+		backing := filepath.Join(e.dir, "s.cow")
+		if _, err := c.Create(ctx, control.CreateRequest{Name: "s", BackingPath: backing, Transient: i%2 == 0}); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Clear(ctx, "s", false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	close(stop)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestStateDirLeftoverTempFiles(t *testing.T) {
+	e := newEnv(t, 1<<20)
+	os.MkdirAll(e.state, 0o700)
+	tmp := filepath.Join(e.state, ".snap-x.json.tmp123")
+	os.WriteFile(tmp, []byte("{torn"), 0o600)
+	start(t, e.config())
+	if _, err := os.Stat(tmp); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("leftover temp file not removed: %v", err)
+	}
+}

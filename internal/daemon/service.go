@@ -95,12 +95,16 @@ func (d *Daemon) Create(ctx context.Context, req control.CreateRequest) (control
 		return fail(err)
 	}
 	e := &entry{rec: rec, snap: snap, served: true}
+	info := d.info(e)
 	d.mu.Lock()
 	d.snaps[req.Name] = e
 	d.mu.Unlock()
-	info := d.info(e)
 	d.log.Info("snapshot ready", "snapshot", req.Name, "backing", req.BackingPath,
 		"persistent", !req.Transient, "cluster_size", info.ClusterSize)
+	if d.state == nil && !req.Transient {
+		d.log.Warn("no --state-dir: this persistent snapshot will not be reopened after a daemon restart",
+			"snapshot", req.Name)
+	}
 	return info, nil
 }
 
@@ -199,7 +203,9 @@ func (d *Daemon) Clear(ctx context.Context, name string, force bool) error {
 		if err != nil && !errors.Is(err, nbdsrv.ErrNoExport) {
 			return fmt.Errorf("clear %q: remove export: %w", name, err)
 		}
+		d.mu.Lock()
 		e.served = false
+		d.mu.Unlock()
 	}
 	if e.snap != nil {
 		if err := d.engine.Clear(name); err != nil && !errors.Is(err, cow.ErrNotFound) {
@@ -207,8 +213,10 @@ func (d *Daemon) Clear(ctx context.Context, name string, force bool) error {
 			// away regardless, so log and carry on removing it.
 			d.log.Warn("clear: stop writer", "snapshot", name, "err", err)
 		}
+		d.mu.Lock()
 		e.snap = nil
 		e.gone = "being cleared"
+		d.mu.Unlock()
 	}
 	if err := (vfs.OS{}).Remove(e.rec.BackingPath); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("clear %q: remove backing file: %w", name, err)
@@ -294,10 +302,11 @@ func (d *Daemon) Status(ctx context.Context) (control.Status, error) {
 		Conns:      d.srv.OpenConns(d.cfg.Name),
 		Snapshots:  []control.SnapshotInfo{},
 	}
+	// Copies, taken under mu: Clear changes an entry's fields under mu.
 	d.mu.Lock()
-	entries := make([]*entry, 0, len(d.snaps))
+	entries := make([]entry, 0, len(d.snaps))
 	for _, e := range d.snaps {
-		entries = append(entries, e)
+		entries = append(entries, *e)
 	}
 	d.mu.Unlock()
 	sort.Slice(entries, func(i, j int) bool {
@@ -306,8 +315,8 @@ func (d *Daemon) Status(ctx context.Context) (control.Status, error) {
 		}
 		return entries[i].rec.Name < entries[j].rec.Name
 	})
-	for _, e := range entries {
-		st.Snapshots = append(st.Snapshots, d.info(e))
+	for i := range entries {
+		st.Snapshots = append(st.Snapshots, d.info(&entries[i]))
 	}
 	return st, nil
 }
@@ -316,13 +325,19 @@ func (d *Daemon) Status(ctx context.Context) (control.Status, error) {
 func (d *Daemon) Snapshot(ctx context.Context, name string) (control.SnapshotInfo, error) {
 	d.mu.Lock()
 	e, ok := d.snaps[name]
+	var c entry
+	if ok {
+		c = *e
+	}
 	d.mu.Unlock()
 	if !ok {
 		return control.SnapshotInfo{}, fmt.Errorf("snapshot %q: %w", name, control.ErrNotFound)
 	}
-	return d.info(e), nil
+	return d.info(&c), nil
 }
 
+// info describes an entry; e must be a copy taken under mu, or an entry no
+// other goroutine can reach yet.
 func (d *Daemon) info(e *entry) control.SnapshotInfo {
 	out := control.SnapshotInfo{
 		Name:        e.rec.Name,

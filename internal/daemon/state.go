@@ -63,6 +63,13 @@ func openState(dir, origin string) (*stateDir, string, error) {
 		return nil, "", fmt.Errorf("state dir: %w", err)
 	}
 	s := &stateDir{dir: dir}
+	// Temporary files of writes a crash interrupted; the records they
+	// were to replace are intact (see the comment at the top).
+	if tmps, err := filepath.Glob(filepath.Join(dir, ".*.tmp*")); err == nil {
+		for _, p := range tmps {
+			os.Remove(p)
+		}
+	}
 	var rec originRecord
 	b, err := os.ReadFile(filepath.Join(dir, originFile))
 	switch {
