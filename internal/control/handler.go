@@ -87,7 +87,7 @@ func (h *handler) create(w http.ResponseWriter, r *http.Request) {
 	dec := json.NewDecoder(io.LimitReader(r.Body, maxBody))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&req); err != nil {
-		h.fail(w, r, fmt.Errorf("%w: decode create request: %v", ErrInvalid, err))
+		h.fail(w, r, fmt.Errorf("%w: decode create request: %w", ErrInvalid, err))
 		return
 	}
 	info, err := h.svc.Create(r.Context(), req)

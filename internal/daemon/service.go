@@ -111,7 +111,7 @@ func (d *Daemon) Create(ctx context.Context, req control.CreateRequest) (control
 // checkCreate validates a request before anything is touched.
 func (d *Daemon) checkCreate(req control.CreateRequest) error {
 	if err := ValidName(req.Name); err != nil {
-		return fmt.Errorf("%w: snapshot %v", control.ErrInvalid, err)
+		return fmt.Errorf("%w: snapshot %w", control.ErrInvalid, err)
 	}
 	if req.Name == d.cfg.Name {
 		return fmt.Errorf("%w: %q is the origin export's name", control.ErrExists, req.Name)
@@ -153,9 +153,9 @@ func backingError(path string, err error) error {
 	case errors.Is(err, syscall.EACCES), errors.Is(err, syscall.EPERM):
 		return fmt.Errorf("backing path %s: permission denied", path)
 	case errors.Is(err, cow.ErrBadOption):
-		return fmt.Errorf("%w: %v", control.ErrInvalid, err)
+		return fmt.Errorf("%w: %w", control.ErrInvalid, err)
 	case errors.Is(err, cow.ErrExists):
-		return fmt.Errorf("%w: %v", control.ErrExists, err)
+		return fmt.Errorf("%w: %w", control.ErrExists, err)
 	}
 	return fmt.Errorf("create backing store %s: %w", path, err)
 }
