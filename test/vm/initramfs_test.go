@@ -99,12 +99,12 @@ func (a *archive) addHostPath(hostPath string) error {
 				return fmt.Errorf("initramfs: add %s: %w", hostPath, err)
 			}
 			a.symlink(next, target)
-			if path.IsAbs(target) {
-				done = ""
-			} else {
+			// Resolve again from the root: an absolute target as is, a
+			// relative one from the link's directory.
+			if !path.IsAbs(target) {
 				target = path.Join(done, target)
-				done = ""
 			}
+			done = ""
 			todo = append(strings.Split(clean(target), "/"), todo...)
 		case fi.IsDir():
 			a.dir(next)

@@ -115,14 +115,21 @@ func (g *guest) serve(ctx context.Context) (*proc, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer notify.Close()
-	defer os.Remove(notifyPath)
 	p, err := g.start("nbdsnap", []string{"NOTIFY_SOCKET=" + notifyPath},
 		"nbdsnap", "serve", originImage, "--name", exportName,
 		"--listen", "unix:"+serveSock, "--control", controlSock, "--state-dir", stateDir)
 	if err != nil {
+		notify.Close()
+		os.Remove(notifyPath)
 		return nil, err
 	}
+	// The socket lives as long as the daemon, as systemd's does: the
+	// daemon also reports STOPPING=1.
+	go func() {
+		<-p.done
+		notify.Close()
+		os.Remove(notifyPath)
+	}()
 	ready := make(chan error, 1)
 	go func() {
 		buf := make([]byte, 4096)
@@ -130,12 +137,17 @@ func (g *guest) serve(ctx context.Context) (*proc, error) {
 		for {
 			n, _, err := notify.ReadFromUnix(buf)
 			if err != nil {
+				if p.exited() {
+					return // the select below reports the exit
+				}
 				ready <- fmt.Errorf("no READY=1 from nbdsnap serve within 30s: %w", err)
 				return
 			}
 			for _, l := range strings.Split(string(buf[:n]), "\n") {
 				if l == "READY=1" {
 					ready <- nil
+					notify.SetReadDeadline(time.Time{})
+					drain(notify, buf)
 					return
 				}
 			}
@@ -205,4 +217,13 @@ func (g *guest) requireValid(ctx context.Context, snap string) (snapStatus, erro
 		return st, fmt.Errorf("snapshot %s is %q (reason %q), expected valid", snap, st.State, st.Reason)
 	}
 	return st, nil
+}
+
+// drain reads and drops notifications until the socket is closed.
+func drain(c *net.UnixConn, buf []byte) {
+	for {
+		if _, _, err := c.ReadFromUnix(buf); err != nil {
+			return
+		}
+	}
 }

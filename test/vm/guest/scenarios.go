@@ -80,17 +80,18 @@ func (g *guest) originDown(ctx context.Context, model fsModel) error {
 	})
 }
 
-// finish clears the snapshots, detaches the devices and stops the daemon,
-// which must exit 0 on SIGTERM.
+// finish detaches the devices, clears the snapshots (which the daemon
+// refuses while a client has them open) and stops the daemon, which must
+// exit 0 on SIGTERM.
 func (g *guest) finish(ctx context.Context, d *proc, snaps ...string) error {
-	return g.step("clear + detach + stop", func() error {
-		for _, s := range snaps {
-			if _, err := g.nbdsnap(ctx, "clear", s); err != nil {
+	return g.step("detach + clear + stop", func() error {
+		for _, dev := range []string{nbd1, nbd0} {
+			if err := g.detach(ctx, dev); err != nil {
 				return err
 			}
 		}
-		for _, dev := range []string{nbd1, nbd0} {
-			if err := g.detach(ctx, dev); err != nil {
+		for _, s := range snaps {
+			if _, err := g.nbdsnap(ctx, "clear", s); err != nil {
 				return err
 			}
 		}
@@ -187,15 +188,26 @@ func scenarioFreeze(ctx context.Context, g *guest) error {
 	return g.finish(ctx, d, "snap1")
 }
 
-// e2fsckJournalOnly accepts e2fsck -n output that says no more than that
-// journal recovery was skipped: any other line (a pass reporting a
-// problem, a question answered "no") is a finding.
+// e2fsckJournalOnly accepts e2fsck -n output on a file system captured
+// while mounted (not frozen) that says no more than what such a capture of
+// a healthy ext4 always shows: journal recovery skipped, and the
+// superblock's file-system-wide free block and inode totals out of date
+// (ext4 keeps the true counts per group, journaled, and refreshes the
+// superblock's sums only at unmount or freeze). Any other line (a pass
+// reporting a problem, a per-group count, a question about an inode) is a
+// finding.
 func e2fsckJournalOnly(out string, code int) error {
 	allowed := []string{
 		"e2fsck ",
 		"Warning: skipping journal recovery because doing a read-only filesystem check.",
-		"Pass 1:", "Pass 2:", "Pass 3:", "Pass 4:", "Pass 5:",
-		"/dev/nbd",
+		"Pass 1: Checking inodes, blocks, and sizes",
+		"Pass 2: Checking directory structure",
+		"Pass 3: Checking directory connectivity",
+		"Pass 4: Checking reference counts",
+		"Pass 5: Checking group summary information",
+		"Free blocks count wrong (",
+		"Free inodes count wrong (",
+		"Fix? no",
 	}
 	var bad []string
 	for _, line := range strings.Split(out, "\n") {
@@ -203,14 +215,11 @@ func e2fsckJournalOnly(out string, code int) error {
 		if line == "" {
 			continue
 		}
-		ok := false
+		ok := strings.HasPrefix(line, "/dev/nbd") && strings.Contains(line, " files (")
 		for _, a := range allowed {
 			if strings.HasPrefix(line, a) {
 				ok = true
 			}
-		}
-		if strings.HasPrefix(line, "/dev/nbd") && !strings.Contains(line, " files (") && !strings.Contains(line, "clean") && !strings.Contains(line, "check forced") && !strings.Contains(line, "recovering journal") {
-			ok = false
 		}
 		if !ok {
 			bad = append(bad, line)
@@ -547,9 +556,11 @@ func scenarioCrash(ctx context.Context, g *guest) error {
 		if err := g.attach(ctx, nbd1, serveSock, "snap1", "-readonly"); err != nil {
 			return err
 		}
+		start := time.Now()
 		if err := compareDevice(nbd1, ref); err != nil {
 			return err
 		}
+		g.log.Info("snapshot read and compared", "MiB_per_s", fmt.Sprintf("%.1f", float64(originSize>>20)/time.Since(start).Seconds()))
 		return g.detach(ctx, nbd1)
 	}); err != nil {
 		return err
@@ -679,7 +690,8 @@ func scenarioReadOnly(ctx context.Context, g *guest) error {
 	if err != nil {
 		return err
 	}
-	if _, err := g.setA(ctx, 8); err != nil {
+	a, err := g.setA(ctx, 8)
+	if err != nil {
 		return err
 	}
 	if err := g.step("create --freeze", func() error {
@@ -785,6 +797,9 @@ func scenarioReadOnly(ctx context.Context, g *guest) error {
 		}
 		return g.noKernelProblems(ctx, nbd0, nbd1)
 	}); err != nil {
+		return err
+	}
+	if err := g.originDown(ctx, a); err != nil {
 		return err
 	}
 	return g.finish(ctx, d, "snap1")
