@@ -36,6 +36,7 @@ func TestGeometry(t *testing.T) {
 		{size: 1 << 20, req: 2048, wantErrStr: "power of two"},
 		{size: 1 << 20, req: 2 << 20, wantErrStr: "power of two"},
 		{size: 0, req: 0, wantErrStr: "origin size"},
+		{size: 1<<44 + 1, req: 0, wantErrStr: "above"},
 	} {
 		g, err := newGeometry(tc.size, tc.req)
 		if tc.wantErrStr != "" {

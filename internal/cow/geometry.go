@@ -15,9 +15,10 @@ const (
 	// MaxClusters is fss's FSS_CLUSTER_MAX: cluster indices fit in a
 	// uint32 and the copied bitmap of any origin stays at most 2 MiB.
 	MaxClusters = 1 << 24
-	// maxRaisedClusterSize bounds the automatic raise (origins above
-	// 4 PiB are refused rather than given clusters too large to cache).
-	maxRaisedClusterSize = 256 << 20
+	// maxRaisedClusterSize bounds the automatic raise: the backing store
+	// takes clusters up to MaxClusterSize, so origins above 16 TiB are
+	// refused.
+	maxRaisedClusterSize = MaxClusterSize
 )
 
 // geometry maps origin byte offsets to clusters for one snapshot.
