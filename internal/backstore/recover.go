@@ -143,7 +143,7 @@ func recoverMap(f vfs.File, h Header, keepSlots ...bool) (*recovered, error) {
 	// Pass 1. Committed blocks are contiguous from block 0 and each keeps
 	// a valid version, so the first block without one ends the scan.
 	var stamps [][2]stamp
-	buf := make([]byte, 2*blockSize*scanChunk)
+	buf := make([]byte, 2*blockSize*min(scanChunk, g.metaBlocks))
 scan:
 	for l0 := int64(0); l0 < g.metaBlocks; l0 += scanChunk {
 		n := min(scanChunk, g.metaBlocks-l0)
