@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"time"
 
@@ -114,7 +115,23 @@ func (o *createOptions) run(cmd *cobra.Command, name string) error {
 // is reported even when the create succeeded, because a frozen filesystem is
 // the more urgent problem.
 func (o *createOptions) createFrozen(ctx context.Context, c *control.Client, req control.CreateRequest) (control.SnapshotInfo, error) {
-	thaw, err := freezeFS(o.freeze)
+	st, err := c.Status(ctx)
+	if err != nil {
+		return control.SnapshotInfo{}, err
+	}
+	mi, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return control.SnapshotInfo{}, fmt.Errorf("--freeze: %w", err)
+	}
+	mountpoint, err := checkFreeze(o.freeze, mi, map[string]string{
+		"backing store directory":  filepath.Dir(req.BackingPath),
+		"daemon's state directory": st.StateDir,
+	})
+	mi.Close()
+	if err != nil {
+		return control.SnapshotInfo{}, err
+	}
+	thaw, err := freezeFS(mountpoint)
 	if err != nil {
 		return control.SnapshotInfo{}, err
 	}

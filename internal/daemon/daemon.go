@@ -80,6 +80,11 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		return nil, fmt.Errorf("origin: %w", err)
 	}
 	cfg.Origin = origin
+	if cfg.StateDir != "" {
+		if cfg.StateDir, err = filepath.Abs(cfg.StateDir); err != nil {
+			return nil, fmt.Errorf("state dir: %w", err)
+		}
+	}
 	if len(cfg.Listen) == 0 {
 		cfg.Listen = []string{"unix:" + DefaultSocketPath(cfg.Name)}
 	}
