@@ -68,25 +68,43 @@ package backstore
 // A block version is valid when its magic, CRC, L, UUID and counts check; the
 // batch that wrote it touched it (505L < T and 505(L+1) > F).
 //
-// # Worked example
+// # Worked example (testdata/store-v1.golden, built by TestGolden)
 //
-// A store named "snap0" of a 1 MiB origin identified as "disk0", 64 KiB
-// clusters, persistent: MaxClusters 16, MetaBlocks 1, the metadata region is
-// 8192 … 16383 and DataStart is 65536. Its first Commit of clusters 3 and 9
-// (batch 1) writes their data at 65536 and 131072 and this block into
-// physical slot 0 of logical block 0 (offset 8192):
+// A persistent store named "snap0" of a 64 KiB origin identified as "disk0",
+// 4096-byte clusters, UUID 6e627364-6e61-7073-8000-000000000001, created
+// 2026-11-21 12:00 UTC: MaxClusters 16, MetaBlocks 1, the metadata region is
+// 8192 … 16383 and DataStart is 16384. Header slot 0 (generation 0; slot 1
+// at 4096 is the same with generation 1 and its own CRC):
 //
-//	00000000  4e 42 53 4d 00 00 00 00  01 00 00 00 00 00 00 00  |NBSM............|
-//	00000010  <16 bytes UUID>                                   |................|
-//	00000020  00 00 00 00 02 00 00 00  02 00 00 00 00 00 00 00  |................|
-//	00000030  03 00 00 00 <crc of 3>   09 00 00 00 <crc of 9>   |................|
-//	00000040  00 …                                              (zeros to 4091)
-//	00000ffc  <CRC32C of 0…4091>
+//	00000000  4e 42 53 53 54 4f 52 45  01 00 00 00 01 00 00 00  |NBSSTORE........|  magic, version 1, flags: persistent
+//	00000010  00 00 00 00 00 00 00 00  6e 62 73 64 6e 61 70 73  |........nbsdnaps|  generation 0, UUID …
+//	00000020  80 00 00 00 00 00 00 01  00 10 00 00 01 00 00 00  |................|  … UUID, cluster size 4096, state valid
+//	00000030  00 00 01 00 00 00 00 00  00 80 9d 1e a4 0d ea 18  |................|  origin size 65536, created (ns)
+//	00000040  00 00 00 00 00 00 00 00  01 00 00 00 00 00 00 00  |................|  max size 0, batch base 1
+//	00000050  00 40 00 00 00 00 00 00  05 00 05 00 00 00 00 00  |.@..............|  DataStart 16384, name 5, id 5, reason 0
+//	00000080  73 6e 61 70 30 00 …                               |snap0|            name
+//	00000180  64 69 73 6b 30 00 …                               |disk0|            origin identity
+//	00000ffc  26 5e 2a 47                                                          CRC32C of 0 … 4091
 //
-// A second Commit of cluster 5 (batch 2) writes slot 2 at 196608 and
-// rewrites logical block 0, now with F=2, T=3 and three entries, into
-// physical slot 1 (offset 12288): slot 0 still holds batch 1's version. The
-// golden files in testdata/ pin these bytes; TestGolden decodes them.
+// The first Commit, clusters 3 and 9 (batch 1), writes their data into
+// slots 0 and 1 (16384, 20480) and logical block 0 into its physical slot 0
+// (8192):
+//
+//	00002000  4e 42 53 4d 00 00 00 00  01 00 00 00 00 00 00 00  |NBSM............|  magic, block 0, batch 1
+//	00002010  6e 62 73 64 6e 61 70 73  80 00 00 00 00 00 00 01  |nbsdnaps........|  UUID
+//	00002020  00 00 00 00 02 00 00 00  02 00 00 00 00 00 00 00  |................|  F 0, T 2, 2 entries
+//	00002030  03 00 00 00 fd fa 4d 7e  09 00 00 00 51 9b ac 50  |......M~....Q..P|  (3, crc), (9, crc)
+//	00002ffc  c0 c8 50 31                                                          CRC32C of 0 … 4091
+//
+// The second Commit, cluster 5 (batch 2), writes slot 2 (24576) and
+// rewrites block 0 — into physical slot 1 (12288), because slot 0 holds the
+// durable version:
+//
+//	00003000  4e 42 53 4d 00 00 00 00  02 00 00 00 00 00 00 00  |NBSM............|  block 0, batch 2
+//	00003020  02 00 00 00 03 00 00 00  03 00 00 00 00 00 00 00  |................|  F 2, T 3, 3 entries
+//	00003030  03 00 00 00 fd fa 4d 7e  09 00 00 00 51 9b ac 50  |......M~....Q..P|
+//	00003040  05 00 00 00 64 86 c6 d0  00 …                     |....d...|
+//	00003ffc  e9 71 53 f7
 //
 // # Commit (persistent) and why a crash anywhere is safe
 //

@@ -160,3 +160,5 @@ func TestCommitReopen(t *testing.T) {
 		})
 	}
 }
+
+func newRand(seed uint64) *rand.Rand { return rand.New(rand.NewPCG(seed, seed)) }
