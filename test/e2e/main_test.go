@@ -93,10 +93,15 @@ type daemon struct {
 // dir, and waits until its control socket answers.
 func startDaemon(t *testing.T, dir, origin string, extra ...string) *daemon {
 	t.Helper()
-	d := &daemon{t: t, dir: dir, origin: origin, sock: filepath.Join(dir, "data.sock"),
-		ctl: filepath.Join(dir, "data.ctl"), state: filepath.Join(dir, "state"),
+	return startDaemonAt(t, dir, origin, "data", filepath.Join(dir, "data.sock"), filepath.Join(dir, "data.ctl"), extra...)
+}
+
+// startDaemonAt is startDaemon with the daemon's name and sockets chosen.
+func startDaemonAt(t *testing.T, dir, origin, name, sock, ctl string, extra ...string) *daemon {
+	t.Helper()
+	d := &daemon{t: t, dir: dir, origin: origin, sock: sock, ctl: ctl, state: filepath.Join(dir, "state"),
 		log: &syncBuffer{}, done: make(chan struct{})}
-	args := append([]string{"serve", origin, "--name", "data", "--listen", "unix:" + d.sock,
+	args := append([]string{"serve", origin, "--name", name, "--listen", "unix:" + d.sock,
 		"--control", d.ctl, "--state-dir", d.state}, extra...)
 	d.cmd = exec.Command(nbdsnapBin, args...)
 	d.cmd.Stdout, d.cmd.Stderr = d.log, d.log
