@@ -378,7 +378,7 @@ func mustOpen(t testing.TB, fs vfs.FS, name string) vfs.File {
 }
 
 func TestModel(t *testing.T) {
-	n, ops := 24, 400
+	n, ops := 12, 400
 	if testing.Short() {
 		n, ops = 6, 200
 	}
