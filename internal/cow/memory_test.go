@@ -195,4 +195,3 @@ func TestMemoryAndReopen1TiB(t *testing.T) {
 		t.Fatal(err)
 	}
 }
-
