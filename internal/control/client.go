@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"syscall"
 )
 
 // Client talks to one daemon's control socket.
@@ -136,6 +137,9 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) (*htt
 func (c *Client) dialError(err error) error {
 	var op *net.OpError
 	if errors.As(err, &op) && op.Op == "dial" {
+		if errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EPERM) {
+			return fmt.Errorf("control socket %s: permission denied (it is mode 0600; run as its owner, usually root)", c.path)
+		}
 		return fmt.Errorf("%w at %s — is `nbdsnap serve` running?", ErrNoDaemon, c.path)
 	}
 	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 
@@ -161,5 +162,37 @@ func fill(t *testing.T, path string) {
 			}
 			return
 		}
+	}
+}
+
+// TestControlSocketIsPrivate: the control socket is mode 0600, so another
+// user cannot create or clear snapshots, and is told why.
+func TestControlSocketIsPrivate(t *testing.T) {
+	e2e(t)
+	testenv.RequireRoot(t)
+	dir := t.TempDir()
+	// Let the other user reach the socket (the test's directories are 0700),
+	// not use it.
+	os.Chmod(filepath.Dir(dir), 0o755)
+	os.Chmod(dir, 0o755)
+	origin := filepath.Join(dir, "origin.img")
+	randomFile(t, origin, 1<<20)
+	d := startDaemon(t, dir, origin)
+	fi, err := os.Stat(d.ctl)
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("control socket mode %v, %v", fi.Mode(), err)
+	}
+	bin := filepath.Join(t.TempDir(), "nbdsnap")
+	b, _ := os.ReadFile(nbdsnapBin)
+	os.WriteFile(bin, b, 0o755)
+	os.Chmod(filepath.Dir(bin), 0o755)
+	cmd := exec.Command(bin, "status", "--control", d.ctl)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	var errb strings.Builder
+	cmd.Stderr = &errb
+	err = cmd.Run()
+	want := "nbdsnap: control socket " + d.ctl + ": permission denied (it is mode 0600; run as its owner, usually root)\n"
+	if err == nil || errb.String() != want {
+		t.Fatalf("as nobody: %v, stderr %q; want %q", err, errb.String(), want)
 	}
 }
