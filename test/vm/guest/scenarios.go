@@ -415,7 +415,17 @@ func (g *guest) crashUnderLoad(ctx context.Context, model fsModel, kill func() e
 	if err := g.step("write load running", func() error { return load.waitIters(ctx, 6) }); err != nil {
 		return err
 	}
-	if err := g.step("kill -9 server", kill); err != nil {
+	if err := g.step("kill -9 server with writes in flight", func() error {
+		n, err := waitInflightWrites(ctx, nbd0)
+		if err != nil {
+			return err
+		}
+		if err := kill(); err != nil {
+			return err
+		}
+		g.log.Info("killed the server", "writes_in_flight", n)
+		return nil
+	}); err != nil {
 		return err
 	}
 	if err := g.step("restart server", restart); err != nil {
@@ -432,6 +442,32 @@ func (g *guest) crashUnderLoad(ctx context.Context, model fsModel, kill func() e
 		g.log.Info("load", "iterations", load.iters.Load())
 		return nil
 	})
+}
+
+// waitInflightWrites waits until the block layer has writes to a device in
+// flight (/sys/block/nbdN/inflight: reads, writes) and returns their count,
+// so that a kill lands while the server owes replies, the case the
+// reconnection must survive.
+func waitInflightWrites(ctx context.Context, dev string) (int, error) {
+	p := "/sys/block/" + strings.TrimPrefix(dev, "/dev/") + "/inflight"
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return 0, err
+		}
+		var reads, writes int
+		if _, err := fmt.Sscan(string(b), &reads, &writes); err != nil {
+			return 0, fmt.Errorf("%s: %q: %w", p, b, err)
+		}
+		if writes > 0 {
+			return writes, nil
+		}
+		if err := sleepCtx(ctx, 1); err != nil {
+			return 0, err
+		}
+	}
+	return 0, fmt.Errorf("no write in flight on %s for 20s although the load runs", dev)
 }
 
 // scenarioReference proves the harness on nbdkit: attach, ext4, a write
