@@ -11,6 +11,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/nbdsnap/nbdsnap/internal/control"
+	"github.com/nbdsnap/nbdsnap/internal/cow"
 )
 
 type createOptions struct {
@@ -22,14 +23,6 @@ type createOptions struct {
 	freeze      string
 	timeout     time.Duration
 }
-
-// Cluster sizes the engine accepts (cow.MinClusterSize, cow.MaxClusterSize);
-// checked here as well so that a typo is a usage error before any daemon is
-// involved.
-const (
-	minClusterSize = 4 << 10
-	maxClusterSize = 1 << 20
-)
 
 func newCreateCommand(runDir string) *cobra.Command {
 	o := &createOptions{}
@@ -67,8 +60,11 @@ func (o *createOptions) validate() error {
 	if o.backing == "" {
 		return usagef("create needs --backing PATH")
 	}
-	if cs := o.clusterSize; cs != 0 && (cs < minClusterSize || cs > maxClusterSize || cs&(cs-1) != 0) {
-		return usagef("invalid --cluster-size %s: must be a power of two from 4K to 1M", formatSize(cs))
+	// The engine's limits, checked here too so that a typo is a usage error
+	// before any daemon is involved.
+	if cs := o.clusterSize; cs != 0 && (cs < cow.MinClusterSize || cs > cow.MaxClusterSize || cs&(cs-1) != 0) {
+		return usagef("invalid --cluster-size %s: must be a power of two from %s to %s",
+			formatSize(cs), shortSize(cow.MinClusterSize), shortSize(cow.MaxClusterSize))
 	}
 	if o.timeout <= 0 {
 		return usagef("--timeout must be positive")

@@ -8,6 +8,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/nbdsnap/nbdsnap/internal/cow"
 	"github.com/nbdsnap/nbdsnap/internal/daemon"
 )
 
@@ -45,7 +46,7 @@ snapshot durable, exit 0. Readiness is reported to systemd (Type=notify).`,
 	f.StringArrayVar(&o.listen, "listen", nil, "NBD listen address, unix:PATH or tcp:HOST:PORT (repeatable; default unix:"+daemon.RunDir+"/NAME.sock; tcp without HOST is 127.0.0.1)")
 	f.StringVar(&o.control, "control", "", "control socket path (default "+daemon.RunDir+"/NAME.ctl)")
 	f.StringVar(&o.stateDir, "state-dir", "", "directory recording persistent snapshots, reopened after a restart")
-	f.Var(sizeFlag{&o.cacheSize}, "cache-size", "copy-on-write cache per snapshot (default 8 MiB)")
+	f.Var(sizeFlag{&o.cacheSize}, "cache-size", "copy-on-write cache per snapshot (default "+formatSize(cow.DefaultCacheBytes)+")")
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&o.logFormat, "log-format", "text", "text or json")
 	f.DurationVar(&o.stopTimeout, "stop-timeout", 30*time.Second, "how long SIGTERM waits for requests in flight before cutting them")

@@ -104,3 +104,8 @@ func (f sizeFlag) Set(s string) error {
 }
 
 func (sizeFlag) Type() string { return "size" }
+
+// shortSize renders a size the way it is typed: "4K", "1M".
+func shortSize(n int64) string {
+	return strings.Replace(strings.TrimSuffix(formatSize(n), "iB"), " ", "", 1)
+}
