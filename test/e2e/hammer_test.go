@@ -22,23 +22,26 @@ import (
 // writerPy hammers an NBD export through libnbd, the reference client
 // library: nthreads connections, each writing whole blocks of its own
 // residue class (block % nthreads == thread), so that writes to one block are
-// strictly sequential. Every write fills its block with the 16-byte record
+// strictly sequential. It prints "writing" once every connection is up and
+// the clock of its run has started. Every write fills its block with the 16-byte record
 // (block, id) repeated, id unique over the run, and is logged as
 // "id block submit_ns complete_ns" with CLOCK_MONOTONIC times. A thread
 // stops at the deadline or at its first error (a killed daemon).
 const writerPy = `
 import nbd, random, struct, sys, threading, time
 uri, nblocks, bs, nthreads, seconds, logpath = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), sys.argv[6]
-stop_at = time.monotonic_ns() + int(seconds * 1e9)
 logs = [[] for _ in range(nthreads)]
 errors = [None] * nthreads
+ready = threading.Barrier(nthreads + 1)
+stop_at = [0]
 def worker(tid):
     h = nbd.NBD()
     h.connect_uri(uri)
+    ready.wait()
     rnd = random.Random(tid)
     n = 0
     try:
-        while time.monotonic_ns() < stop_at:
+        while time.monotonic_ns() < stop_at[0]:
             b = rnd.randrange(tid, nblocks, nthreads)
             n += 1
             wid = n * nthreads + tid
@@ -53,6 +56,9 @@ def worker(tid):
         errors[tid] = e
 threads = [threading.Thread(target=worker, args=(i,)) for i in range(nthreads)]
 for th in threads: th.start()
+stop_at[0] = time.monotonic_ns() + int(seconds * 1e9)
+ready.wait()
+print('writing', flush=True)
 for th in threads: th.join()
 with open(logpath, 'w') as f:
     for l in logs:
@@ -91,8 +97,19 @@ func startWriter(t *testing.T, dir, uri string, nblocks, bs, nthreads int, secon
 		strconv.FormatFloat(seconds, 'f', -1, 64), logPath)
 	errs := &syncBuffer{}
 	cmd.Stderr = errs
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
+	}
+	// Wait until it writes, so that "before" and "after" mean something on
+	// a loaded machine too.
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if line != "writing\n" {
+		cmd.Wait()
+		t.Fatalf("writer did not start: %q, %v\n%s", line, err, errs.String())
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
