@@ -35,6 +35,7 @@ type Daemon struct {
 	listeners []net.Listener
 	addrs     []string // what Status reports, one per listener
 	unixPaths []string // socket files to remove on shutdown
+	ctlL      net.Listener // the control socket
 	ctl       *http.Server
 	ctlPath   string
 
@@ -136,7 +137,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 			d.addrs = append(d.addrs, "tcp:"+l.Addr().String())
 		}
 	}
-	cl, err := listenUnix(cfg.Control, 0o600)
+	d.ctlL, err = listenUnix(cfg.Control, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("control socket: %w", err)
 	}
@@ -188,7 +189,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		}()
 	}
 	go func() {
-		if err := d.ctl.Serve(cl); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := d.ctl.Serve(d.ctlL); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			d.fail(fmt.Errorf("control socket %s: %w", cfg.Control, err))
 		}
 	}()
@@ -251,6 +252,9 @@ func (d *Daemon) closeAll() error {
 	var errs []error
 	for _, l := range d.listeners {
 		l.Close()
+	}
+	if d.ctlL != nil {
+		d.ctlL.Close() // already closed when the control server ran
 	}
 	if d.engine != nil {
 		if err := d.engine.Close(); err != nil {
