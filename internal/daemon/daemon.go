@@ -33,8 +33,8 @@ type Daemon struct {
 	started  time.Time
 
 	listeners []net.Listener
-	addrs     []string // what Status reports, one per listener
-	unixPaths []string // socket files to remove on shutdown
+	addrs     []string     // what Status reports, one per listener
+	unixPaths []string     // socket files to remove on shutdown
 	ctlL      net.Listener // the control socket
 	ctl       *http.Server
 	ctlPath   string
