@@ -1,7 +1,7 @@
 // Package filebackend serves a regular file through nbdsrv: reads and writes
 // with pread/pwrite, flush with fdatasync, trim with a punched hole, write
 // zeroes with FALLOC_FL_ZERO_RANGE (or a punched hole when holes are
-// allowed), and base:allocation from SEEK_DATA/SEEK_HOLE. The tests and the
+// allowed), cache with posix_fadvise, and base:allocation from SEEK_DATA/SEEK_HOLE. The tests and the
 // benchmark server use it; it is also the reference for what a backend
 // implements.
 package filebackend
@@ -165,6 +165,14 @@ func (b *File) writeZeros(off, length int64) error {
 			return fmt.Errorf("filebackend: write zeros: %w", err)
 		}
 		off, length = off+k, length-k
+	}
+	return nil
+}
+
+// Cache asks the kernel to read the range ahead (posix_fadvise WILLNEED).
+func (b *File) Cache(ctx context.Context, off, length int64) error {
+	if err := unix.Fadvise(int(b.f.Fd()), off, length, unix.FADV_WILLNEED); err != nil {
+		return fmt.Errorf("filebackend: fadvise: %w", err)
 	}
 	return nil
 }
