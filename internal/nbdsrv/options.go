@@ -31,11 +31,14 @@ func (c *conn) negotiate() error {
 	}
 	for n := 0; ; n++ {
 		var h [optHeaderLen]byte
-		if _, err := io.ReadFull(c.br, h[:]); err != nil {
+		if _, err := io.ReadFull(c.br, h[:8]); err != nil {
 			return err
 		}
 		if m := binary.BigEndian.Uint64(h[0:]); m != magicIHaveOpt {
 			return protoErrorf("bad option magic %#x", m)
+		}
+		if _, err := io.ReadFull(c.br, h[8:]); err != nil {
+			return err
 		}
 		opt := Opt(binary.BigEndian.Uint32(h[8:]))
 		length := binary.BigEndian.Uint32(h[12:])

@@ -71,7 +71,9 @@ func (c *conn) readLoop() error {
 		if c.draining.Load() {
 			return errDrain
 		}
-		if _, err := io.ReadFull(c.br, h[:]); err != nil {
+		// The magic is checked on its own first, so that a stream that is
+		// not NBD is dropped without waiting for a whole header.
+		if _, err := io.ReadFull(c.br, h[:4]); err != nil {
 			if c.draining.Load() {
 				return errDrain
 			}
@@ -79,6 +81,12 @@ func (c *conn) readLoop() error {
 		}
 		if m := binary.BigEndian.Uint32(h[0:]); m != magicRequest {
 			return protoErrorf("bad request magic %#x", m)
+		}
+		if _, err := io.ReadFull(c.br, h[4:]); err != nil {
+			if c.draining.Load() {
+				return errDrain
+			}
+			return err
 		}
 		ri := reqInfo{
 			flags:  CmdFlags(binary.BigEndian.Uint16(h[4:])),

@@ -1,5 +1,6 @@
 // Command fileserver serves one file over NBD with nbdsrv, for the
-// benchmarks in test/bench (and for poking at the server by hand).
+// benchmarks in test/bench, for the hostile-client test (which measures its
+// memory as a process of its own), and for poking at the server by hand.
 //
 //	fileserver -file /dev/shm/disk.img -unix /tmp/nbd.sock [-latency 1ms]
 package main
@@ -37,6 +38,8 @@ func run() error {
 	readOnly := flag.Bool("readonly", false, "serve read-only")
 	pprofAddr := flag.String("pprof", "", "serve net/http/pprof on this address")
 	verbose := flag.Bool("v", false, "debug logging")
+	maxConns := flag.Int("max-conns", 0, "connection limit (0 = nbdsrv default)")
+	handshake := flag.Duration("handshake-timeout", 0, "negotiation deadline (0 = nbdsrv default)")
 	flag.Parse()
 	if *file == "" || (*sock == "" && *tcp == "") {
 		return fmt.Errorf("need -file and -unix or -tcp")
@@ -56,7 +59,7 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	srv := nbdsrv.NewServer(nbdsrv.Config{Logger: log})
+	srv := nbdsrv.NewServer(nbdsrv.Config{Logger: log, MaxConns: *maxConns, HandshakeTimeout: *handshake})
 	if err := srv.AddExport(nbdsrv.Export{Name: *name, Size: size, Backend: b, ReadOnly: *readOnly, MultiConn: true}); err != nil {
 		return err
 	}
