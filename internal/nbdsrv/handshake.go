@@ -47,6 +47,7 @@ type conn struct {
 	replies    chan *request
 	inflight   sync.WaitGroup
 	writerDone chan struct{}
+	refused    int // requests refused by validate; reader goroutine only
 
 	draining  atomic.Bool // Shutdown: stop reading new requests
 	abortOnce sync.Once

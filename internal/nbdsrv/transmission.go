@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"runtime/debug"
 )
@@ -30,6 +31,9 @@ const (
 	// minHoleLen is the shortest read worth checking for all zeros, to
 	// answer with a 32-byte hole chunk instead of the data.
 	minHoleLen = 512
+	// maxRefusalWarnings is how many refused requests per connection are
+	// logged at warn.
+	maxRefusalWarnings = 10
 )
 
 var (
@@ -114,7 +118,13 @@ func (c *conn) readLoop() error {
 					return err
 				}
 			}
-			c.log.Warn("nbd: request refused", "cookie", cookie, "cmd", ri.cmd, "flags", ri.flags,
+			// A client violating the protocol is worth a warning, but not
+			// an unbounded stream of them: after the first few, debug.
+			level := slog.LevelWarn
+			if c.refused++; c.refused > maxRefusalWarnings {
+				level = slog.LevelDebug
+			}
+			c.log.Log(c.ctx, level, "nbd: request refused", "cookie", cookie, "cmd", ri.cmd, "flags", ri.flags,
 				"offset", ri.off, "length", ri.length, "errno", errno, "reason", reason)
 			r.errno, r.reason = errno, reason
 			if !c.budget.acquire(0) {
