@@ -1,0 +1,5 @@
+//go:build !race
+
+package nbdsrv
+
+const raceEnabled = false
