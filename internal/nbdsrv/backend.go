@@ -17,7 +17,9 @@ type Backend interface {
 // turns on its transmission flag. All are called concurrently.
 type (
 	// Writer makes the export writable (unless Export.ReadOnly). fua asks
-	// that the data be durable before WriteAt returns.
+	// that the data be durable before WriteAt returns. p must not be
+	// modified or kept after WriteAt returns: it is a pooled or shared
+	// buffer.
 	Writer interface {
 		WriteAt(ctx context.Context, p []byte, off int64, fua bool) error
 	}

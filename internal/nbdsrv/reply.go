@@ -7,12 +7,13 @@ import "encoding/binary"
 // pooled; a request belongs to exactly one goroutine at a time.
 type request struct {
 	reqInfo
-	cookie uint64
-	buf    *[]byte // pooled: WRITE payload, READ data or BLOCK_STATUS chunks
-	cost   int64   // bytes held in the connection's budget
-	errno  Errno
-	reason string // why errno; sent as the structured error message
-	hole   bool   // READ data was all zeros: send OFFSET_HOLE
+	cookie   uint64
+	buf      *[]byte // pooled: WRITE payload, READ data or BLOCK_STATUS chunks
+	cost     int64   // bytes held in the connection's budget
+	errno    Errno
+	reason   string // why errno; sent as the structured error message
+	hole     bool   // READ data was all zeros: send OFFSET_HOLE
+	ioFailed bool   // errno came from the backend, not from validate
 
 	// What the writer sends: out (a header in hdr) then payload.
 	out     []byte
@@ -48,9 +49,11 @@ func (c *conn) setReply(r *request) {
 			msg = msg[:maxErrMsg]
 		}
 		typ, extra := ReplyError, 0
-		if r.cmd == CmdRead {
+		if r.cmd == CmdRead && r.ioFailed {
 			// The offset is the request's: the backend reports a failed
-			// range, not the first bad byte, and no data was sent.
+			// range, not the first bad byte, and no data was sent. Only for
+			// I/O errors: the offset must lie inside the request, which a
+			// refused request (say, zero length) need not have.
 			typ, extra = ReplyErrorOffset, 8
 		}
 		n := structReplyLen + 4 + 2 + len(msg) + extra

@@ -188,7 +188,7 @@ func (c *conn) handle(r *request) {
 		}
 	}()
 	if err := c.do(r); err != nil {
-		r.errno = errnoOf(err)
+		r.errno, r.ioFailed = errnoOf(err), true
 		if r.reason == "" {
 			r.reason = r.errno.String()
 		}

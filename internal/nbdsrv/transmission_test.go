@@ -302,6 +302,14 @@ func TestErrorReplies(t *testing.T) {
 					t.Errorf("%v %d+%d: %v, want %v", tt.cmd, tt.off, tt.length, e, tt.want)
 				}
 			}
+			// A refused read is a plain ERROR chunk: ERROR_OFFSET must lie
+			// inside the request, which a zero-length one does not have.
+			if structured {
+				rc.request(CmdRead, 0, 4, 100, 0, nil)
+				if c := rc.chunk(); c.typ != ReplyError {
+					t.Errorf("refused read: %v, want %v", c.typ, ReplyError)
+				}
+			}
 			rc.request(CmdRead, 0, 4, 0, 1, nil)
 			if e := errno(rc, 1); e != 0 {
 				t.Errorf("read after errors: %v", e)
