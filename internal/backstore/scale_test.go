@@ -3,6 +3,7 @@ package backstore
 import (
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -259,5 +260,47 @@ func TestConcurrentReads(t *testing.T) {
 	wg.Wait()
 	if s.Header().State != StateInvalid {
 		t.Error("store still valid")
+	}
+}
+
+// BenchmarkCommit measures Commit of persistent and transient batches of
+// 64 KiB clusters on tmpfs (the store's own cost) and on the test's temp
+// directory (a real disk's fdatasync, when it is one).
+func BenchmarkCommit(b *testing.B) {
+	for _, where := range []string{"shm", "tmp"} {
+		for _, persistent := range []bool{true, false} {
+			for _, n := range []int{1, 4, 32} {
+				name := fmt.Sprintf("%s/persistent=%v/batch=%d", where, persistent, n)
+				b.Run(name, func(b *testing.B) {
+					dir := b.TempDir()
+					if where == "shm" {
+						dir = scratchDir(b)
+					}
+					f, err := vfs.OS{}.OpenFile(filepath.Join(dir, "store"), os.O_RDWR|os.O_CREATE, 0o600)
+					if err != nil {
+						b.Fatal(err)
+					}
+					const cs = 64 << 10
+					s, err := Create(f, Options{ClusterSize: cs, OriginSize: 1 << 40, Persistent: persistent})
+					if err != nil {
+						b.Fatal(err)
+					}
+					defer s.Close()
+					data := make([]byte, cs)
+					batch := make([]Cluster, n)
+					next := uint32(0)
+					b.SetBytes(int64(n * cs))
+					for b.Loop() {
+						for i := range batch {
+							batch[i] = Cluster{Index: next, Data: data}
+							next++
+						}
+						if err := s.Commit(batch); err != nil {
+							b.Fatal(err)
+						}
+					}
+				})
+			}
+		}
 	}
 }
