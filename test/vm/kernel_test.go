@@ -85,7 +85,9 @@ func prepareKernel(logf func(string, ...any)) (*kernel, error) {
 	if err != nil {
 		return nil, err
 	}
-	key := name + "_" + strings.ReplaceAll(version, ":", "%3a")
+	// The key names what the directory holds: the package version and the
+	// modules taken from it.
+	key := name + "_" + strings.ReplaceAll(version, ":", "%3a") + "_" + strings.Join(guestModules, "+")
 	dir := filepath.Join(root, key)
 	if k, err := loadKernel(dir, key); err == nil {
 		return k, nil

@@ -40,7 +40,8 @@ func (g *guest) step(name string, fn func() error) error {
 	return nil
 }
 
-func (g *guest) defer_(fn func()) { g.cleanups = append(g.cleanups, fn) }
+// onCleanup registers an undo step for the end of the scenario.
+func (g *guest) onCleanup(fn func()) { g.cleanups = append(g.cleanups, fn) }
 
 // cleanup undoes what the scenario left behind, newest first. Only the
 // VM's power-off follows, so this is for tidy logs, not correctness.
@@ -120,7 +121,7 @@ func (g *guest) attach(ctx context.Context, dev, sock, export string, extra ...s
 	if err := waitAttached(ctx, dev, true); err != nil {
 		return err
 	}
-	g.defer_(func() { g.detach(context.Background(), dev) })
+	g.onCleanup(func() { g.detach(context.Background(), dev) })
 	return nil
 }
 
@@ -142,7 +143,7 @@ func (g *guest) mount(ctx context.Context, dev, dir, opts string) error {
 	if _, err := g.run(ctx, "mount", "-t", "ext4", "-o", opts, dev, dir); err != nil {
 		return err
 	}
-	g.defer_(func() { syscall.Unmount(dir, 0) })
+	g.onCleanup(func() { syscall.Unmount(dir, 0) })
 	return nil
 }
 

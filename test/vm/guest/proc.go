@@ -35,7 +35,7 @@ func (g *guest) start(name string, env []string, args ...string) (*proc, error) 
 		p.err = cmd.Wait()
 		close(p.done)
 	}()
-	g.defer_(func() { p.kill() })
+	g.onCleanup(func() { p.kill() })
 	return p, nil
 }
 
@@ -83,7 +83,7 @@ func (p *proc) stop(ctx context.Context) error {
 // as a disk would.
 const (
 	originImage = "/work/origin.img"
-	originSize  = 128 << 20
+	originSize  = 64 << 20
 	exportName  = "data"
 	serveSock   = "/run/nbdsnap/data.sock"
 	controlSock = "/run/nbdsnap/data.ctl"

@@ -584,6 +584,9 @@ func scenarioCrash(ctx context.Context, g *guest) error {
 		if err == nil && !st.Persistent {
 			err = errors.New("snap1 is not persistent")
 		}
+		if err == nil && st.ClustersCopied == 0 {
+			err = errors.New("no cluster copied although the load overwrote set A")
+		}
 		return err
 	}); err != nil {
 		return err
