@@ -144,12 +144,27 @@ package backstore
 // "stray"). The next batch after recovery writes the same blocks into the
 // same physical slots (the durable state that chose those slots is
 // unchanged) and so overwrites them before the committed range reaches them;
-// until then they lie beyond the committed count and are ignored. What keeps
-// a stray from ever outranking a later batch is the batch base: a writable
-// Open durably records, before any new batch, a base above every batch
-// number it has seen and above the previous base, and numbers this session's
-// batches from there. A stray comes from a session whose numbers lie below
-// the new base, so it can never be mistaken for newer committed state.
+// until then they lie beyond the committed count and are ignored. Two rules
+// keep a stray from being taken for committed state:
+//
+//   - The batch base: a writable Open durably records, before any new batch,
+//     a base above every batch number it has seen and above the previous
+//     base (the previous session's in-flight batch, even one the scan could
+//     not see, was numbered at most one above either), and numbers this
+//     session's batches from there. A stray therefore never shares a number
+//     with a later batch, nor outranks a batch committed after it.
+//     TestStrayBeyondScan builds the case this rule exists for.
+//   - Judging newest first, an incomplete batch bounds the committed state
+//     to the entries before its F (it continued the committed state), and a
+//     batch reaching past that bound is a stray, skipped unexamined. So a
+//     stray that later became "complete" — a later session rewrote its
+//     slots with the same clusters and bytes — cannot displace the true
+//     state; if nothing newer exists, accepting it is harmless, as every
+//     entry of it was verified against its CRC and a cluster's copy is the
+//     same whoever wrote it.
+//
+// Open fails with ErrCorrupt if the committed state does not end exactly
+// where the next (in-flight) batch began.
 //
 // Only the newest batch's data is checksummed at Open: every older batch was
 // fully synced before the newest was written. Check verifies all of it.
