@@ -75,6 +75,9 @@ type Snapshot struct {
 	stopping      bool
 	discard       bool // stopping without committing what is cached (Clear)
 	done          chan struct{}
+	// lingerUp ends the writer's wait for a fuller batch (see linger).
+	lingerUp    bool
+	lingerTimer *time.Timer
 
 	// life is held shared by reads and exclusively by stop, so the store
 	// is not closed under a read.
@@ -174,6 +177,10 @@ func (s *Snapshot) run() {
 	defer close(s.done)
 	batch := make([]*slot, 0, len(s.slots))
 	clusters := make([]storeCluster, 0, len(s.slots))
+	var (
+		expect     int           // clusters the next batch may gather (see linger)
+		lastCommit time.Duration // how long the last commit took
+	)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for {
@@ -197,6 +204,9 @@ func (s *Snapshot) run() {
 		if len(s.pending) == 0 {
 			return // stopping, and nothing left
 		}
+		if s.persistent {
+			s.linger(expect, lastCommit)
+		}
 		batch = append(batch[:0], s.pending...)
 		clear(s.pending)
 		s.pending = s.pending[:0]
@@ -214,10 +224,15 @@ func (s *Snapshot) run() {
 		for _, sl := range batch {
 			clusters = append(clusters, storeCluster{index: sl.cluster, data: sl.buf.data})
 		}
+		start := time.Now()
 		err := s.st.commit(clusters)
+		lastCommit = time.Since(start)
 		clear(clusters)
 
 		s.mu.Lock()
+		// The requests this commit releases will likely come back with
+		// their next clusters while those that arrived during it wait.
+		expect = len(batch) + len(s.pending)
 		if err != nil {
 			s.failLocked(fmt.Sprintf("write backing store: %v", err))
 		} else {
@@ -231,6 +246,42 @@ func (s *Snapshot) run() {
 		}
 		s.dropLocked(batch)
 	}
+}
+
+// Group commit tuning. With concurrent writers, batches tend to alternate
+// between two halves of them (one half waits on commit k while the other
+// gathers for k+1). When a commit costs a real sync, the writer therefore
+// lingers a little for the requests the last commit released: until the
+// batch has as many clusters as the last commit plus those that arrived
+// during it, for at most half the last commit's duration. A lone writer
+// (batches of one) never lingers; nor does a store whose syncs are cheap.
+const (
+	lingerThreshold = 200 * time.Microsecond
+	maxLinger       = time.Millisecond
+)
+
+// linger waits (with mu held, releasing it while waiting) for the pending
+// batch to reach expect clusters; see lingerThreshold.
+func (s *Snapshot) linger(expect int, lastCommit time.Duration) {
+	if lastCommit < lingerThreshold || len(s.pending) >= expect || expect < 2 {
+		return
+	}
+	d := min(lastCommit/2, maxLinger)
+	s.lingerUp = false
+	if s.lingerTimer == nil {
+		s.lingerTimer = time.AfterFunc(d, func() {
+			s.mu.Lock()
+			s.lingerUp = true
+			s.workCond.Signal()
+			s.mu.Unlock()
+		})
+	} else {
+		s.lingerTimer.Reset(d)
+	}
+	for len(s.pending) < expect && len(s.free) > 0 && !s.lingerUp && !s.stopping && !s.invalid.Load() && !s.persistReason {
+		s.workCond.Wait()
+	}
+	s.lingerTimer.Stop()
 }
 
 // dropLocked frees committed (or abandoned) slots.
