@@ -24,10 +24,11 @@
 //
 // # Concurrency
 //
-// Each connection has one reader goroutine, one goroutine per request in
+// Each connection has one reader goroutine and one goroutine per request in
 // flight (at most Config.MaxRequestsPerConn of them, holding at most
-// Config.MaxBytesPerConn payload bytes), and one writer that alone writes
-// replies, in completion order, header and data in one writev. Backend
+// Config.MaxBytesPerConn payload bytes). Replies are written in completion
+// order by one writer at a time (the goroutine that finds the reply queue
+// idle drains it), many replies, headers and data, in one writev. Backend
 // methods are therefore called concurrently, also across connections.
 // Each backend call gets a context that is cancelled when the connection
 // dies. Negotiation runs under Config.HandshakeTimeout; no backend method

@@ -43,11 +43,10 @@ type conn struct {
 	state      exportState
 
 	// Transmission.
-	budget     *budget
-	replies    chan *request
-	inflight   sync.WaitGroup
-	writerDone chan struct{}
-	refused    int // requests refused by validate; reader goroutine only
+	budget   *budget
+	wq       replyQueue
+	inflight sync.WaitGroup
+	refused  int // requests refused by validate; reader goroutine only
 
 	draining  atomic.Bool // Shutdown: stop reading new requests
 	abortOnce sync.Once

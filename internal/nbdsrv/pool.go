@@ -63,9 +63,9 @@ func (p *bufPool) put(b *[]byte) {
 
 // budget bounds what one connection has in flight: the number of requests
 // admitted and not yet replied to, and the payload bytes they hold.
-// Every request the reader admits holds one slot from acquire until the
-// reply writer has sent (or dropped) its reply; this is what lets the reply
-// channel, sized to the slot count, never block a sender.
+// Every request the reader admits (refused ones too) holds one slot from
+// acquire until its reply has been sent or dropped, so replies waiting to be
+// written are bounded by the same numbers.
 type budget struct {
 	mu       sync.Mutex
 	cond     sync.Cond
