@@ -161,8 +161,23 @@ func TestExt4ThroughNbdfuse(t *testing.T) {
 	}
 	want := fileSums(t, mnt)
 
+	// A create that the daemon refuses still thaws the filesystem: fsfreeze
+	// can freeze it again (a frozen one answers EBUSY).
+	testenv.RequireTool(t, "fsfreeze")
+	t.Cleanup(func() { exec.Command("fsfreeze", "-u", mnt).Run() })
+	taken := filepath.Join(dir, "taken")
+	os.WriteFile(taken, nil, 0o600)
+	if _, errs, code := cli(t, "create", "bad", "--control", d.ctl, "--backing", taken, "--freeze", mnt); code != 1 ||
+		!strings.Contains(errs, "already exists") {
+		t.Fatalf("create over an existing backing file: exit %d: %s", code, errs)
+	}
+	run(t, "fsfreeze", "-f", mnt)
+	run(t, "fsfreeze", "-u", mnt)
+
 	backing := filepath.Join(dir, "snap.cow")
 	mustCLI(t, "create", "snap", "--control", d.ctl, "--backing", backing, "--freeze", mnt)
+	run(t, "fsfreeze", "-f", mnt) // thawed after success too
+	run(t, "fsfreeze", "-u", mnt)
 
 	// The origin filesystem is thawed and changes after the snapshot.
 	for i := range 4 {
