@@ -15,6 +15,8 @@ import (
 // counts matching operations from the moment it is injected and fires on the
 // Nth one (Nth 0 and 1 both mean the first) and on the following ones until
 // it has fired Times times (0 means once, a negative value means forever).
+// Rules are tried in the order injected; the first that fires wins. Pred
+// runs under the FaultFS's lock and must not call the FaultFS.
 type Rule struct {
 	Kind OpKind
 	Name string
