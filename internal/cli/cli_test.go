@@ -146,6 +146,8 @@ func TestCommands(t *testing.T) {
 		{"no daemon by name", []string{"list", "--name", "nobody"}, 1, nil, "no daemon at " + missing, 0},
 		{"both control and name", []string{"list", "--name", "data", "--control", ctl}, 2, nil, "not both", 0},
 		{"unknown flag", []string{"list", "--bogus"}, 2, nil, "unknown flag: --bogus", 0},
+		{"unknown command", []string{"snapshot"}, 2, nil, `nbdsnap: unknown command "snapshot"; see nbdsnap --help`, 0},
+		{"no command prints help", []string{}, 0, []string{"Available Commands:"}, "", 0},
 		{"create needs arg", []string{"create", "--backing", "/x"}, 2, nil, "accepts 1 arg(s)", 0},
 		{"create needs backing", []string{"create", "s", "--name", "data"}, 2, nil, "create needs --backing PATH", 0},
 		{"create bad cluster size", []string{"create", "s", "--name", "data", "--backing", "/b", "--cluster-size", "3K"}, 2, nil,

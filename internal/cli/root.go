@@ -84,6 +84,15 @@ commands talk to a running daemon over its control socket.`,
 		Version:       version,
 	}
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
+	// A runnable root with Args, so that an unknown subcommand is a usage
+	// error (cobra's own check makes it a plain one); no command prints help.
+	root.Args = func(_ *cobra.Command, args []string) error {
+		if len(args) > 0 {
+			return usagef("unknown command %q; see nbdsnap --help", args[0])
+		}
+		return nil
+	}
+	root.RunE = func(cmd *cobra.Command, _ []string) error { return cmd.Help() }
 	root.AddCommand(
 		newServeCommand(version),
 		newCreateCommand(runDir),
