@@ -196,3 +196,26 @@ func TestControlSocketIsPrivate(t *testing.T) {
 		t.Fatalf("as nobody: %v, stderr %q; want %q", err, errb.String(), want)
 	}
 }
+
+// TestOriginHeldExclusively: while the daemon serves a block device, the
+// device cannot be mounted behind its back.
+func TestOriginHeldExclusively(t *testing.T) {
+	e2e(t)
+	testenv.RequireRoot(t)
+	testenv.RequireTool(t, "mkfs.ext4")
+	dir := t.TempDir()
+	img := filepath.Join(dir, "fs.img")
+	run(t, "truncate", "-s", "16M", img)
+	run(t, "mkfs.ext4", "-q", "-F", img)
+	dev, _ := loopAttach(t, img, false)
+	startDaemon(t, dir, dev)
+	mnt := t.TempDir()
+	out, err := exec.Command("mount", "-o", "ro", dev, mnt).CombinedOutput()
+	if err == nil {
+		exec.Command("umount", mnt).Run()
+		t.Fatalf("mounted %s while the daemon serves it", dev)
+	}
+	if !strings.Contains(strings.ToLower(string(out)), "busy") {
+		t.Fatalf("mount failed, but not because the device is busy: %s", out)
+	}
+}
