@@ -45,8 +45,10 @@ type conn struct {
 	// Transmission.
 	budget   *budget
 	wq       replyQueue
-	inflight sync.WaitGroup
-	refused  int // requests refused by validate; reader goroutine only
+	work     chan *request // reader to idle workers
+	workers  atomic.Int32
+	inflight sync.WaitGroup // workers alive
+	refused  int            // requests refused by validate; reader goroutine only
 
 	draining  atomic.Bool // Shutdown: stop reading new requests
 	abortOnce sync.Once

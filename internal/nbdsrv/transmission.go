@@ -11,15 +11,20 @@ import (
 	"net"
 	"runtime/debug"
 	"sync"
+	"time"
 )
 
 // Transmission. Per connection:
 //   - the reader (this goroutine) reads a request, passes it through
 //     validate, waits for room in the budget, reads a WRITE payload into a
-//     pooled buffer and starts a handler goroutine;
-//   - each handler does the backend I/O, lays out its reply and queues it;
-//     handlers run in parallel, so replies go out in completion order, not
-//     request order (NBD allows it: cookies match them up);
+//     pooled buffer and hands the request to an idle worker goroutine, or
+//     starts one if none is idle;
+//   - each worker does the backend I/O, lays out the reply and queues it,
+//     then waits for the next request; workers run in parallel, so replies
+//     go out in completion order, not request order (NBD allows it: cookies
+//     match them up). Workers live on while busy and exit after
+//     workerIdle without work, so a goroutine (and its grown stack) is not
+//     created per request, and an idle connection holds none;
 //   - replies are written by one writer at a time: whichever goroutine
 //     queues a reply while no write is under way becomes the writer and
 //     sends everything queued, again and again until the queue is empty,
@@ -46,6 +51,7 @@ var (
 )
 
 func (c *conn) transmit() {
+	c.work = make(chan *request)
 	defer c.endTransmission()
 	defer c.recoverPanic("reader")
 	err := c.readLoop()
@@ -58,11 +64,12 @@ func (c *conn) transmit() {
 	c.abort()
 }
 
-// endTransmission waits for every handler; each has sent (or dropped) its
-// reply before it ends, so nothing touches the backend or the budget once
+// endTransmission waits for every worker; each has sent (or dropped) the
+// replies of its requests before it ends, so nothing touches the backend or the budget once
 // the connection is forgotten. A reply can be left queued only if a writer
 // panicked; it is released here.
 func (c *conn) endTransmission() {
+	close(c.work) // only the reader sends, and it has returned
 	c.inflight.Wait()
 	c.wq.mu.Lock()
 	left := c.wq.q
@@ -154,8 +161,49 @@ func (c *conn) readLoop() error {
 				return err
 			}
 		}
-		c.inflight.Add(1)
-		go c.handle(r)
+		c.dispatch(r)
+	}
+}
+
+// dispatch hands r to an idle worker, or starts a worker for it. Workers
+// are bounded: each busy one holds a request (and so a budget slot) or is
+// writing replies, so at most MaxRequestsPerConn plus a few exist.
+func (c *conn) dispatch(r *request) {
+	select {
+	case c.work <- r:
+		return
+	default:
+	}
+	if int(c.workers.Load()) >= 2*c.s.cfg.MaxRequestsPerConn {
+		c.work <- r
+		return
+	}
+	c.workers.Add(1)
+	c.inflight.Add(1)
+	go c.worker(r)
+}
+
+// workerIdle is how long a worker waits for another request before it
+// exits.
+const workerIdle = 2 * time.Second
+
+func (c *conn) worker(r *request) {
+	defer c.inflight.Done()
+	defer c.workers.Add(-1)
+	idle := time.NewTimer(workerIdle)
+	defer idle.Stop()
+	for {
+		c.handle(r)
+		idle.Reset(workerIdle)
+		var ok bool
+		select {
+		case r, ok = <-c.work:
+			if !ok {
+				return
+			}
+		case <-idle.C:
+			return
+		}
 	}
 }
 
@@ -178,11 +226,9 @@ func blockStatusChunkMax(f CmdFlags) int64 {
 	return structReplyLen + 4 + 8*n
 }
 
-// handle runs one request in its own goroutine. A panic ends only this
-// connection; a request that has not reached the reply queue is then
-// released here.
+// handle runs one request on a worker. A panic ends only this connection;
+// a request that has not reached the reply queue is then released here.
 func (c *conn) handle(r *request) {
-	defer c.inflight.Done()
 	queued := false
 	defer func() {
 		if p := recover(); p != nil {
