@@ -101,6 +101,7 @@ commands talk to a running daemon over its control socket.`,
 		newListCommand(runDir),
 		newVersionCommand(version, runDir),
 		newManCommand(),
+		newCheckCommand(),
 	)
 	// Positional argument errors are usage errors too.
 	for _, c := range root.Commands() {
