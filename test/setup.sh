@@ -20,6 +20,7 @@ pkgs=(
 	qemu-system-x86     # test/vm: boots a Debian kernel that has the NBD driver (TCG)
 	qemu-system-common  # test/vm: firmware and keymaps qemu-system-x86 loads
 	busybox-static      # test/vm: the guest's userland in the initramfs
+	gnuplot-nox         # test/bench/snapshot: the PNG chart of make bench
 )
 missing=()
 for p in "${pkgs[@]}"; do
