@@ -12,27 +12,38 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/nbdsnap/nbdsnap/test/vm/report"
 )
 
-// guest is one scenario's view of the VM: a logger, the timed steps, and
-// what to undo at the end (processes to stop, devices to detach).
+// guest is one scenario's view of the VM: a logger and the timed steps.
+//
+// Nothing is undone when a scenario fails: the VM is powered off right
+// after the result line, and undoing (unmounting a file system whose
+// server is gone, say) could itself hang for the dead-connection timeout
+// and delay the report.
 type guest struct {
-	log      *slog.Logger
-	steps    []report.Step
-	cleanups []func()
+	log *slog.Logger
+
+	mu      sync.Mutex // guards steps and current: main reads them if a step hangs
+	steps   []report.Step
+	current string // the step in progress
 }
 
 // step runs one named, timed part of a scenario; its error names the step.
 func (g *guest) step(name string, fn func() error) error {
 	g.log.Info("step", "step", name)
+	g.mu.Lock()
+	g.current = name
+	g.mu.Unlock()
 	start := time.Now()
 	err := fn()
 	d := time.Since(start)
+	g.mu.Lock()
 	g.steps = append(g.steps, report.Step{Name: name, Seconds: d.Seconds()})
+	g.current = ""
+	g.mu.Unlock()
 	if err != nil {
 		return fmt.Errorf("%s: %w", name, err)
 	}
@@ -40,16 +51,11 @@ func (g *guest) step(name string, fn func() error) error {
 	return nil
 }
 
-// onCleanup registers an undo step for the end of the scenario.
-func (g *guest) onCleanup(fn func()) { g.cleanups = append(g.cleanups, fn) }
-
-// cleanup undoes what the scenario left behind, newest first. Only the
-// VM's power-off follows, so this is for tidy logs, not correctness.
-func (g *guest) cleanup() {
-	for i := len(g.cleanups) - 1; i >= 0; i-- {
-		g.cleanups[i]()
-	}
-	g.cleanups = nil
+// progress returns the finished steps and the one in progress.
+func (g *guest) progress() ([]report.Step, string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return append([]report.Step(nil), g.steps...), g.current
 }
 
 // run executes a command and returns its combined output; a non-zero exit
@@ -118,11 +124,7 @@ func (g *guest) attach(ctx context.Context, dev, sock, export string, extra ...s
 	if _, err := g.run(ctx, "nbd-client", args...); err != nil {
 		return err
 	}
-	if err := waitAttached(ctx, dev, true); err != nil {
-		return err
-	}
-	g.onCleanup(func() { g.detach(context.Background(), dev) })
-	return nil
+	return waitAttached(ctx, dev, true)
 }
 
 // detach disconnects a device and waits until the driver has let go.
@@ -140,11 +142,8 @@ func (g *guest) mount(ctx context.Context, dev, dir, opts string) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
-	if _, err := g.run(ctx, "mount", "-t", "ext4", "-o", opts, dev, dir); err != nil {
-		return err
-	}
-	g.onCleanup(func() { syscall.Unmount(dir, 0) })
-	return nil
+	_, err := g.run(ctx, "mount", "-t", "ext4", "-o", opts, dev, dir)
+	return err
 }
 
 func (g *guest) umount(ctx context.Context, dir string) error {

@@ -46,8 +46,22 @@ import (
 )
 
 // scenarioDeadline is shorter than the host's boot timeout so that a stuck
-// step is reported as such rather than as a killed VM.
-const scenarioDeadline = 200 * time.Second
+// step is reported as such rather than as a killed VM. A step blocked in
+// the kernel (a process in uninterruptible sleep ignores the context) is
+// reported stuck a little later, and the agent exits without it.
+const (
+	scenarioDeadline = 200 * time.Second
+	stuckGrace       = 15 * time.Second
+)
+
+var scenarios = map[string]func(context.Context, *guest) error{
+	"reference": scenarioReference,
+	"freeze":    scenarioFreeze,
+	"nofreeze":  scenarioNoFreeze,
+	"crash":     scenarioCrash,
+	"full":      scenarioFull,
+	"readonly":  scenarioReadOnly,
+}
 
 func main() {
 	log := slog.New(slog.NewTextHandler(os.Stdout, &slog.HandlerOptions{Level: slog.LevelDebug}))
@@ -81,21 +95,21 @@ func scenarioName() (string, error) {
 }
 
 func runScenario(log *slog.Logger, name string) ([]report.Step, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), scenarioDeadline)
-	defer cancel()
-	g := &guest{log: log.With("scenario", name)}
-	fn, ok := map[string]func(context.Context, *guest) error{
-		"reference": scenarioReference,
-		"freeze":    scenarioFreeze,
-		"nofreeze":  scenarioNoFreeze,
-		"crash":     scenarioCrash,
-		"full":      scenarioFull,
-		"readonly":  scenarioReadOnly,
-	}[name]
+	fn, ok := scenarios[name]
 	if !ok {
 		return nil, fmt.Errorf("unknown scenario %q", name)
 	}
-	err := fn(ctx, g)
-	g.cleanup()
-	return g.steps, err
+	ctx, cancel := context.WithTimeout(context.Background(), scenarioDeadline)
+	defer cancel()
+	g := &guest{log: log.With("scenario", name)}
+	done := make(chan error, 1)
+	go func() { done <- fn(ctx, g) }()
+	select {
+	case err := <-done:
+		steps, _ := g.progress()
+		return steps, err
+	case <-time.After(scenarioDeadline + stuckGrace):
+		steps, current := g.progress()
+		return steps, fmt.Errorf("stuck in step %q past the %v deadline", current, scenarioDeadline)
+	}
 }

@@ -35,7 +35,6 @@ func (g *guest) start(name string, env []string, args ...string) (*proc, error) 
 		p.err = cmd.Wait()
 		close(p.done)
 	}()
-	g.onCleanup(func() { p.kill() })
 	return p, nil
 }
 
