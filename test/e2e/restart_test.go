@@ -34,6 +34,10 @@ func TestKill9Restart(t *testing.T) {
 	time.Sleep(700 * time.Millisecond)
 	d.kill9()
 	w.Wait() // the writer stops at its first error; that is expected here
+	// The store a killed daemon leaves behind is consistent.
+	if out := mustCLI(t, "check", filepath.Join(dir, "keep.cow")); !strings.HasSuffix(out, ", ok\n") {
+		t.Fatalf("check after kill -9: %s", out)
+	}
 	if !bytes.Equal(readExportAfterRestart(t, dir, origin, "keep"), initial) {
 		t.Fatal("persistent snapshot differs from the origin at the create instant after kill -9 and restart")
 	}
@@ -95,6 +99,9 @@ func TestSigtermUnderLoad(t *testing.T) {
 		t.Fatalf("SIGTERM under load: %v\n%s", err, d.log.String())
 	}
 	w.Wait()
+	if out := mustCLI(t, "check", filepath.Join(dir, "keep.cow")); !strings.HasSuffix(out, ", ok\n") {
+		t.Fatalf("check after SIGTERM: %s", out)
+	}
 	writes := readWrites(t, logPath)
 	if len(writes) == 0 {
 		t.Fatal("the writer wrote nothing before SIGTERM")
