@@ -24,9 +24,10 @@
 //
 // # Concurrency
 //
-// Each connection has one reader goroutine and one goroutine per request in
-// flight (at most Config.MaxRequestsPerConn of them, holding at most
-// Config.MaxBytesPerConn payload bytes). Replies are written in completion
+// Each connection has one reader goroutine and worker goroutines that serve
+// its requests in parallel (at most Config.MaxRequestsPerConn requests in
+// flight, holding at most Config.MaxBytesPerConn payload bytes); workers
+// are started on demand and exit when idle. Replies are written in completion
 // order by one writer at a time (the goroutine that finds the reply queue
 // idle drains it), many replies, headers and data, in one writev. Backend
 // methods are therefore called concurrently, also across connections.
