@@ -9,8 +9,8 @@ import (
 
 // Sizes on the command line and in output are binary: 1K = 1 KiB = 1024
 // bytes, as in lvcreate and qemu-img. "64K", "64KiB", "64 KiB", "1.5G",
-// "1.5 GiB" and a plain byte count "4096" are all accepted; a fraction must
-// come out as a whole number of bytes.
+// "1.5 GiB" and a plain byte count "4096" are all accepted; a fraction is
+// rounded to the nearest byte.
 var units = []struct {
 	suffix string
 	shift  uint
@@ -42,10 +42,9 @@ func parseSize(s string) (int64, error) {
 	if v >= math.MaxInt64 {
 		return 0, fmt.Errorf("size %q is too large", s)
 	}
-	if v != math.Trunc(v) {
-		return 0, fmt.Errorf("size %q is not a whole number of bytes", s)
-	}
-	return int64(v), nil
+	// A fraction rounds to the nearest byte, so that every size this
+	// package prints ("1.1 KiB") reads back.
+	return int64(math.Round(v)), nil
 }
 
 // splitUnit splits "1.5 GiB" into "1.5" and 30.

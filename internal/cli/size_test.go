@@ -22,7 +22,7 @@ func TestParseSize(t *testing.T) {
 		{"", 0, false},
 		{"K", 0, false},
 		{"-1", 0, false},
-		{"1.3K", 0, false}, // 1331.2 bytes
+		{"1.3K", 1331, true}, // 1331.2 bytes, rounded
 		{"12X", 0, false},
 		{"8E", 0, false}, // overflows int64
 		{"1e3", 0, false},
@@ -67,4 +67,29 @@ func TestSizeRoundTrip(t *testing.T) {
 			t.Errorf("%d → %q → %d, %v", n, formatSize(n), back, err)
 		}
 	}
+}
+
+// FuzzParseSize: any input either fails or yields a non-negative size whose
+// rendering parses back to within the rendering's precision.
+func FuzzParseSize(f *testing.F) {
+	for _, s := range []string{"64K", "1.5 GiB", "4096", "0.5k", "8E", "1e3", "12 B", " 3 MiB "} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		n, err := parseSize(s)
+		if err != nil {
+			return
+		}
+		if n < 0 {
+			t.Fatalf("parseSize(%q) = %d", s, n)
+		}
+		back, err := parseSize(formatSize(n))
+		if err != nil {
+			t.Fatalf("formatSize(%d) = %q does not parse: %v", n, formatSize(n), err)
+		}
+		// One decimal of the unit: within 5% of a unit ≤ 5% of n.
+		if d := back - n; d > n/20+1 || -d > n/20+1 {
+			t.Fatalf("%q → %d → %q → %d", s, n, formatSize(n), back)
+		}
+	})
 }
