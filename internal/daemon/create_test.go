@@ -209,7 +209,7 @@ func TestRestartReopens(t *testing.T) {
 	if keep.Name != "keep" || keep.State != control.StateValid || !keep.Served {
 		t.Fatalf("persistent snapshot after restart: %+v", keep)
 	}
-	if temp.Name != "temp" || temp.State != control.StateInvalid || temp.Served ||
+	if temp.Name != "temp" || temp.State != control.StateInvalid || temp.Served || temp.ClusterSize != 64<<10 ||
 		!strings.Contains(temp.Reason, "transient snapshot: it did not survive the daemon restart") {
 		t.Fatalf("transient snapshot after restart: %+v", temp)
 	}

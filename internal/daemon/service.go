@@ -91,6 +91,15 @@ func (d *Daemon) Create(ctx context.Context, req control.CreateRequest) (control
 			d.log.Error("undo create: remove backing file", "path", req.BackingPath, "err", err)
 		}
 	}
+	// Record what the engine chose (the cluster size may have been raised
+	// for a large origin) and the store's creation time, so that a snapshot
+	// that is gone after a restart is still described right.
+	if i := snap.Info(); d.state != nil && (rec.ClusterSize != i.ClusterSize || !rec.Created.Equal(i.Created)) {
+		rec.ClusterSize, rec.Created = i.ClusterSize, i.Created.UTC()
+		if err := d.state.put(rec); err != nil {
+			return fail(err)
+		}
+	}
 	if err := d.export(snap); err != nil {
 		return fail(err)
 	}
