@@ -41,3 +41,31 @@ func TestOverflowInvalidates(t *testing.T) {
 		t.Fatalf("read of an invalid snapshot: %v\n%s", err, out)
 	}
 }
+
+// TestBackingFilesystemFills: the backing store's filesystem fills up after
+// the create; the snapshot turns invalid with the reason, the origin keeps
+// every write.
+func TestBackingFilesystemFills(t *testing.T) {
+	e2e(t)
+	testenv.RequireRoot(t)
+	testenv.RequireTool(t, "qemu-io")
+	dir := t.TempDir()
+	origin := filepath.Join(dir, "origin.img")
+	randomFile(t, origin, 16<<20)
+	small := t.TempDir()
+	run(t, "mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", small)
+	t.Cleanup(func() { exec.Command("umount", small).Run() })
+	d := startDaemon(t, dir, origin)
+	mustCLI(t, "create", "s", "--control", d.ctl, "--backing", filepath.Join(small, "s.cow"))
+	run(t, "qemu-io", "-f", "raw", "-c", "write -P 0x44 0 8M", d.uri("data"))
+	run(t, "qemu-io", "-f", "raw", "-r", "-c", "read -P 0x44 0 8M", d.uri("data"))
+	var s control.SnapshotInfo
+	waitFor(t, func() bool {
+		s = d.status(t).Snapshots[0]
+		return s.State == control.StateInvalid
+	})
+	if !strings.Contains(s.Reason, "no space left on device") && !strings.Contains(s.Reason, "full") {
+		t.Fatalf("reason %q does not say the filesystem is full", s.Reason)
+	}
+	t.Logf("reason: %s", s.Reason)
+}
