@@ -47,7 +47,7 @@ afterwards, also when the create fails.`,
 	}
 	f := cmd.Flags()
 	o.addFlags(f, runDir)
-	f.StringVar(&o.backing, "backing", "", "backing store file to create (required; must not exist)")
+	f.StringVar(&o.backing, "backing", "", "backing store: a file to create (must not exist) or a block device to use whole (required)")
 	f.Var(sizeFlag{&o.clusterSize}, "cluster-size", "copy-on-write unit, a power of two from 4K to 1M (default 64K)")
 	f.BoolVar(&o.transient, "transient", false, "never sync the backing store; the snapshot does not survive a daemon restart (faster)")
 	f.Var(sizeFlag{&o.maxSize}, "max-size", "largest the backing store may grow; the snapshot turns invalid beyond it (default: no limit)")

@@ -61,13 +61,14 @@ func (d *Daemon) Create(ctx context.Context, req control.CreateRequest) (control
 			}
 		})
 	}
-	store, err := vfs.OS{}.OpenFile(req.BackingPath, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	b, err := createBacking(req.BackingPath)
 	if err != nil {
 		return fail(backingError(req.BackingPath, err))
 	}
+	store := b.f
 	undo = append(undo, func() {
 		store.Close()
-		if err := (vfs.OS{}).Remove(req.BackingPath); err != nil {
+		if err := removeBacking(req.BackingPath); err != nil {
 			d.log.Error("undo create: remove backing file", "path", req.BackingPath, "err", err)
 		}
 	})
@@ -87,7 +88,7 @@ func (d *Daemon) Create(ctx context.Context, req control.CreateRequest) (control
 		if err := d.engine.Clear(req.Name); err != nil {
 			d.log.Error("undo create: clear", "snapshot", req.Name, "err", err)
 		}
-		if err := (vfs.OS{}).Remove(req.BackingPath); err != nil {
+		if err := removeBacking(req.BackingPath); err != nil {
 			d.log.Error("undo create: remove backing file", "path", req.BackingPath, "err", err)
 		}
 	}
@@ -141,8 +142,64 @@ func (d *Daemon) checkCreate(req control.CreateRequest) error {
 	if req.MaxSize < 0 {
 		return fmt.Errorf("%w: max size %d is negative", control.ErrInvalid, req.MaxSize)
 	}
-	if _, err := os.Lstat(req.BackingPath); err == nil {
+	if fi, err := os.Stat(req.BackingPath); err == nil && !isBlockDevice(fi) {
 		return fmt.Errorf("backing file %s %w", req.BackingPath, control.ErrExists)
+	}
+	return nil
+}
+
+func isBlockDevice(fi os.FileInfo) bool {
+	return fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice == 0
+}
+
+// backing is an open backing store and how to undo its creation.
+type backing struct {
+	f      vfs.File
+	device bool // a block device: it was there before and stays
+}
+
+// createBacking opens the backing store of a new snapshot: a new regular
+// file (O_EXCL, so that nothing existing is overwritten), or an existing
+// block device that the user named explicitly, opened O_EXCL so that it is
+// not mounted or used by another snapshot.
+func createBacking(path string) (backing, error) {
+	if fi, err := os.Stat(path); err == nil && isBlockDevice(fi) {
+		f, err := openDevice(path)
+		return backing{f: f, device: true}, err
+	}
+	f, err := vfs.OS{}.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	return backing{f: f}, err
+}
+
+// openBacking opens an existing backing store (a restart's reopen).
+func openBacking(path string) (vfs.File, error) {
+	if fi, err := os.Stat(path); err == nil && isBlockDevice(fi) {
+		return openDevice(path)
+	}
+	return vfs.OS{}.OpenFile(path, os.O_RDWR, 0)
+}
+
+func openDevice(path string) (vfs.File, error) {
+	f, err := os.OpenFile(path, os.O_RDWR|syscall.O_EXCL|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	vf, err := vfs.NewOSFile(f)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return vf, nil
+}
+
+// removeBacking deletes a snapshot's backing file. A block device is left
+// alone: it belongs to the user, who named it.
+func removeBacking(path string) error {
+	if fi, err := os.Stat(path); err == nil && isBlockDevice(fi) {
+		return nil
+	}
+	if err := (vfs.OS{}).Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
 	}
 	return nil
 }
@@ -155,6 +212,8 @@ func backingError(path string, err error) error {
 		return fmt.Errorf("backing path %s is on a read-only filesystem", path)
 	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
 		return fmt.Errorf("no space for backing store %s: filesystem full", path)
+	case errors.Is(err, syscall.EBUSY):
+		return fmt.Errorf("backing device %s is in use (mounted, or opened exclusively by another program)", path)
 	case errors.Is(err, syscall.EEXIST):
 		return fmt.Errorf("backing file %s %w", path, control.ErrExists)
 	case errors.Is(err, syscall.ENOENT):
@@ -227,7 +286,7 @@ func (d *Daemon) Clear(ctx context.Context, name string, force bool) error {
 		e.gone = "being cleared"
 		d.mu.Unlock()
 	}
-	if err := (vfs.OS{}).Remove(e.rec.BackingPath); err != nil && !errors.Is(err, os.ErrNotExist) {
+	if err := removeBacking(e.rec.BackingPath); err != nil {
 		return fmt.Errorf("clear %q: remove backing file: %w", name, err)
 	}
 	if d.state != nil {
@@ -281,7 +340,7 @@ func (d *Daemon) reopenAll(ctx context.Context) error {
 }
 
 func (d *Daemon) reopen(ctx context.Context, r snapRecord) (*cow.Snapshot, error) {
-	f, err := vfs.OS{}.OpenFile(r.BackingPath, os.O_RDWR, 0)
+	f, err := openBacking(r.BackingPath)
 	if err != nil {
 		return nil, err
 	}
