@@ -220,7 +220,14 @@ func (e *Engine) copyCluster(r *cowReq, g *group, c uint32) {
 		if s.persistent {
 			r.addTicket(s, seq)
 		}
-		s.workCond.Signal()
+		if !s.persistent {
+			// Persistent: this request commits it itself, or finds
+			// it in a commit in progress (waitDurable).
+			s.workCond.Signal()
+		}
+		if s.lingering {
+			s.lingerCond.Signal()
+		}
 		s.slotCond.Broadcast()
 		s.mu.Unlock()
 	}

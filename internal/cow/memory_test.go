@@ -187,7 +187,9 @@ func TestMemoryAndReopen1TiB(t *testing.T) {
 	if limit := int64(64 << 20); heap+int64(info.CacheSlots)<<16 > limit {
 		t.Errorf("heap %d + full cache %d > %d", heap, int64(info.CacheSlots)<<16, limit)
 	}
-	if reopen > 2*time.Second {
+	if raceEnabled {
+		t.Logf("race detector on: the 2 s reopen target is not checked")
+	} else if reopen > 2*time.Second {
 		t.Errorf("reopen of %d clusters took %v, want < 2s", copied, reopen)
 	}
 	runtime.KeepAlive(e)

@@ -75,8 +75,18 @@ type Snapshot struct {
 	stopping      bool
 	discard       bool // stopping without committing what is cached (Clear)
 	done          chan struct{}
-	// lingerUp ends the writer's wait for a fuller batch (see linger).
+	// committing: a commit (or the recording of an invalidation) is in
+	// progress; batch and clusters belong to it.
+	committing bool
+	batch      []*slot
+	clusters   []storeCluster
+	// Group commit state (see linger): the last commit's duration, the
+	// clusters the next batch may gather, and the wait for them.
+	lastCommit  time.Duration
+	expect      int
+	lingering   bool
 	lingerUp    bool
+	lingerCond  sync.Cond
 	lingerTimer *time.Timer
 
 	// life is held shared by reads and exclusively by stop, so the store
@@ -115,6 +125,9 @@ func (e *Engine) newSnapshot(name string, st clusterStore, geo geometry, persist
 	s.slotCond.L = &s.mu
 	s.durCond.L = &s.mu
 	s.workCond.L = &s.mu
+	s.lingerCond.L = &s.mu
+	s.batch = make([]*slot, 0, nslots)
+	s.clusters = make([]storeCluster, 0, nslots)
 	return s
 }
 
@@ -142,6 +155,12 @@ func (s *Snapshot) waitDurable(seq uint64) {
 	}
 	s.mu.Lock()
 	for s.durableSeq.Load() < seq && !s.released.Load() && !s.stopping {
+		if s.persistent && !s.committing && !s.persistReason && len(s.pending) > 0 {
+			// Lead: commit what is pending (ours included) here
+			// rather than wake the writer and wait to be woken.
+			s.commitLocked()
+			continue
+		}
 		s.durCond.Wait()
 	}
 	s.mu.Unlock()
@@ -164,35 +183,36 @@ func (s *Snapshot) failLocked(reason string) {
 	s.slotCond.Broadcast()
 	s.durCond.Broadcast()
 	s.workCond.Signal()
+	s.lingerCond.Signal()
 }
 
 func (s *Snapshot) start() { go s.run() }
 
 // run is the writer goroutine (fss_bs_thread): it drains VALID slots to the
 // store, all pending clusters in one commit (one sync in persistent mode),
-// and frees the slots. A slot is freed, and its cluster removed from
-// cached, only after commit returned: by then the store can find it, so a
-// read that misses the cache finds the cluster in the store.
+// records an invalidation in the store, and on stop commits (or, for
+// Clear, drops) what is left.
+//
+// In persistent mode a request waiting for its commit may run the commit
+// itself when no commit is in progress (waitDurable): that saves two
+// goroutine handoffs per first write. The committing flag keeps the store
+// single-writer either way.
 func (s *Snapshot) run() {
 	defer close(s.done)
-	batch := make([]*slot, 0, len(s.slots))
-	clusters := make([]storeCluster, 0, len(s.slots))
-	var (
-		expect     int           // clusters the next batch may gather (see linger)
-		lastCommit time.Duration // how long the last commit took
-	)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for {
-		for len(s.pending) == 0 && !s.stopping && !s.persistReason {
-			s.workCond.Wait()
-		}
-		if s.persistReason {
+		switch {
+		case s.committing:
+			// A request is committing; it signals when done.
+		case s.persistReason:
 			s.persistReason = false
+			s.committing = true
 			reason := s.reason
 			s.mu.Unlock()
 			err := s.st.invalidate(reason)
 			s.mu.Lock()
+			s.committing = false
 			if err != nil {
 				s.log.Error("cannot record the invalidation in the store: reopening it after a crash would serve stale data",
 					"reason", reason, "err", err)
@@ -200,52 +220,73 @@ func (s *Snapshot) run() {
 			s.released.Store(true)
 			s.durCond.Broadcast()
 			continue
-		}
-		if len(s.pending) == 0 {
-			return // stopping, and nothing left
-		}
-		if s.persistent {
-			s.linger(expect, lastCommit)
-		}
-		batch = append(batch[:0], s.pending...)
-		clear(s.pending)
-		s.pending = s.pending[:0]
-		if s.invalid.Load() || s.discard {
-			s.dropLocked(batch)
+		case len(s.pending) > 0:
+			s.commitLocked()
 			continue
+		case s.stopping:
+			return
 		}
-		for _, sl := range batch {
-			sl.state = slotCommitting
-		}
-		top := batch[len(batch)-1].seq
-		s.mu.Unlock()
-
-		clusters = clusters[:0]
-		for _, sl := range batch {
-			clusters = append(clusters, storeCluster{index: sl.cluster, data: sl.buf.data})
-		}
-		start := time.Now()
-		err := s.st.commit(clusters)
-		lastCommit = time.Since(start)
-		clear(clusters)
-
-		s.mu.Lock()
-		// The requests this commit releases will likely come back with
-		// their next clusters while those that arrived during it wait.
-		expect = len(batch) + len(s.pending)
-		if err != nil {
-			s.failLocked(fmt.Sprintf("write backing store: %v", err))
-		} else {
-			s.stats.batches.Add(1)
-			if s.persistent {
-				s.stats.syncs.Add(1)
-			}
-			s.stats.mapWrites.Add(int64(len(batch)))
-			s.durableSeq.Store(top)
-			s.durCond.Broadcast()
-		}
-		s.dropLocked(batch)
+		s.workCond.Wait()
 	}
+}
+
+// commitLocked commits every pending cluster as one batch. It is called
+// with mu held and no commit in progress, by the writer or by a request
+// (waitDurable), and releases mu during the store I/O. A slot is freed, and
+// its cluster removed from cached, only after the commit returned: by then
+// the store can find it, so a read that misses the cache finds the cluster
+// in the store.
+func (s *Snapshot) commitLocked() {
+	s.committing = true
+	defer func() {
+		s.committing = false
+		s.durCond.Broadcast()
+		s.workCond.Signal()
+	}()
+	if s.persistent {
+		s.linger()
+	}
+	batch := append(s.batch[:0], s.pending...)
+	clear(s.pending)
+	s.pending = s.pending[:0]
+	if len(batch) == 0 {
+		return
+	}
+	if s.invalid.Load() || s.discard {
+		s.dropLocked(batch)
+		return
+	}
+	for _, sl := range batch {
+		sl.state = slotCommitting
+	}
+	top := batch[len(batch)-1].seq
+	s.mu.Unlock()
+
+	clusters := s.clusters[:0]
+	for _, sl := range batch {
+		clusters = append(clusters, storeCluster{index: sl.cluster, data: sl.buf.data})
+	}
+	start := time.Now()
+	err := s.st.commit(clusters)
+	lastCommit := time.Since(start)
+	clear(clusters)
+
+	s.mu.Lock()
+	// The requests this commit releases will likely come back with their
+	// next clusters, while those that arrived during it wait (see linger).
+	s.expect, s.lastCommit = len(batch)+len(s.pending), lastCommit
+	if err != nil {
+		s.failLocked(fmt.Sprintf("write backing store: %v", err))
+	} else {
+		s.stats.batches.Add(1)
+		if s.persistent {
+			s.stats.syncs.Add(1)
+		}
+		s.stats.mapWrites.Add(int64(len(batch)))
+		s.durableSeq.Store(top)
+	}
+	s.dropLocked(batch)
+	s.batch, s.clusters = batch[:0], clusters[:0]
 }
 
 // Group commit tuning. With concurrent writers, batches tend to alternate
@@ -261,26 +302,28 @@ const (
 )
 
 // linger waits (with mu held, releasing it while waiting) for the pending
-// batch to reach expect clusters; see lingerThreshold.
-func (s *Snapshot) linger(expect int, lastCommit time.Duration) {
-	if lastCommit < lingerThreshold || len(s.pending) >= expect || expect < 2 {
+// batch to reach s.expect clusters; see lingerThreshold.
+func (s *Snapshot) linger() {
+	if s.lastCommit < lingerThreshold || len(s.pending) >= s.expect || s.expect < 2 {
 		return
 	}
-	d := min(lastCommit/2, maxLinger)
+	d := min(s.lastCommit/2, maxLinger)
 	s.lingerUp = false
+	s.lingering = true
 	if s.lingerTimer == nil {
 		s.lingerTimer = time.AfterFunc(d, func() {
 			s.mu.Lock()
 			s.lingerUp = true
-			s.workCond.Signal()
+			s.lingerCond.Signal()
 			s.mu.Unlock()
 		})
 	} else {
 		s.lingerTimer.Reset(d)
 	}
-	for len(s.pending) < expect && len(s.free) > 0 && !s.lingerUp && !s.stopping && !s.invalid.Load() && !s.persistReason {
-		s.workCond.Wait()
+	for len(s.pending) < s.expect && len(s.free) > 0 && !s.lingerUp && !s.stopping && !s.invalid.Load() && !s.persistReason {
+		s.lingerCond.Wait()
 	}
+	s.lingering = false
 	s.lingerTimer.Stop()
 }
 
@@ -307,8 +350,14 @@ func (s *Snapshot) stop(discard bool) error {
 	s.slotCond.Broadcast()
 	s.durCond.Broadcast()
 	s.workCond.Signal()
+	s.lingerCond.Signal()
 	s.mu.Unlock()
 	<-s.done
+	s.mu.Lock()
+	for s.committing { // a request's commit that began before stopping
+		s.durCond.Wait()
+	}
+	s.mu.Unlock()
 	s.closed.Store(true)
 	s.life.Lock()
 	defer s.life.Unlock()
