@@ -4,9 +4,10 @@ import "time"
 
 // clusterStore is what the engine needs from a backing store. The
 // production implementation wraps *backstore.Store (backstore.go); tests can
-// substitute their own. Every mutating method (commit, invalidate, close) is
-// called from one goroutine at a time: the snapshot's writer, or Clear/Close
-// after the writer stopped. readCluster runs concurrently with commit.
+// substitute their own. The mutating methods (commit, invalidate, close) are
+// never called concurrently: commit and invalidate under the snapshot's
+// committing flag, close after the writer stopped and no commit runs.
+// readCluster runs concurrently with commit.
 type clusterStore interface {
 	// commit stores a batch of clusters. Persistent stores: when it
 	// returns nil every cluster of the batch is durable and findable
