@@ -314,7 +314,8 @@ func (e *Engine) Create(ctx context.Context, store vfs.File, opts SnapshotOption
 // origin must not have been modified since the daemon stopped (nothing
 // could have copied the old data). It refuses a transient store and a
 // store of another origin (size or originID). On error the caller keeps
-// store.
+// store. store must not be the store of a live snapshot: opening a store
+// writes to its header.
 func (e *Engine) Reopen(ctx context.Context, store vfs.File, originID string) (*Snapshot, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -465,5 +466,78 @@ func TestGroupCommitSlowStore(t *testing.T) {
 	}
 	if err := e.Close(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestReopen: a persistent snapshot survives an engine restart (a clean
+// one here; TestCrash covers crashes); Reopen refuses a transient store and
+// another origin.
+func TestReopen(t *testing.T) {
+	ctx := context.Background()
+	const size = 200<<10 + 7
+	fs := vfstest.NewMemFS()
+	e, origin, data := testEngine(t, fs, size, 9, true)
+	if _, err := e.Create(ctx, mustOpen(t, fs, "p"), SnapshotOptions{Name: "p", ClusterSize: 8192, OriginID: "o1"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Create(ctx, mustOpen(t, fs, "t"), SnapshotOptions{Name: "t", ClusterSize: 8192, Transient: true, OriginID: "o1"}); err != nil {
+		t.Fatal(err)
+	}
+	model := bytes.Clone(data)
+	p := make([]byte, 30000)
+	for i := range 20 {
+		fillRandom(rand.New(rand.NewPCG(uint64(i), 0)), p)
+		off := int64(i*9973) % (size - int64(len(p)))
+		if err := e.WriteAt(ctx, p, off, false); err != nil {
+			t.Fatal(err)
+		}
+		copy(model[off:], p)
+	}
+	if err := e.Zero(ctx, size-100, 100, false); err != nil {
+		t.Fatal(err)
+	}
+	clear(model[size-100:])
+	copied := func() int64 { s, _ := e.Snapshot("p"); return s.Info().ClustersCopied }()
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	e2, err := NewEngine(origin, EngineOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e2.Close()
+	f, _ := fs.OpenFile("p", os.O_RDWR, 0)
+	if _, err := e2.Reopen(ctx, f, "other"); !errors.Is(err, ErrOriginMismatch) {
+		t.Errorf("reopen with another origin id: %v", err)
+	}
+	f, _ = fs.OpenFile("t", os.O_RDWR, 0)
+	if _, err := e2.Reopen(ctx, f, "o1"); err == nil {
+		t.Errorf("a transient store reopened")
+	}
+	f, _ = fs.OpenFile("p", os.O_RDWR, 0)
+	s, err := e2.Reopen(ctx, f, "o1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info := s.Info(); !info.Valid || !info.Persistent || info.ClustersCopied != copied || info.ClusterSize != 8192 {
+		t.Errorf("reopened info %+v, want %d copied", info, copied)
+	}
+	img := make([]byte, size)
+	if err := s.ReadAt(ctx, img, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(img, data) {
+		t.Fatalf("reopened snapshot differs at %d", firstDiff(img, data))
+	}
+	// Copy-on-write resumes: more writes, the snapshot stays frozen.
+	if err := e2.WriteAt(ctx, p, 0, true); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.ReadAt(ctx, img, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(img, data) {
+		t.Fatalf("snapshot after reopen and more writes differs at %d", firstDiff(img, data))
 	}
 }
