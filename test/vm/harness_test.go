@@ -146,7 +146,13 @@ func TestReportParse(t *testing.T) {
 	if got[1].OK || !strings.Contains(got[1].Error, "unreadable") {
 		t.Errorf("a garbled line must come back as a failure, got %+v", got[1])
 	}
-	if _, err := scenarioResult(console, "freeze"); err == nil {
-		t.Error("two result lines for one boot must be an error")
+	if sec := report.Section("boot\r\n"+report.BeginPrefix+"freeze\r\nstep\r\n"+ok.Line()+"\r\n"+report.BeginPrefix+"crash\r\nhung", "freeze"); !strings.HasPrefix(sec, report.BeginPrefix+"freeze") || !strings.HasSuffix(sec, ok.Line()+"\r\n") {
+		t.Errorf("section of freeze: %q", sec)
+	}
+	if sec := report.Section(report.BeginPrefix+"freeze\n"+report.BeginPrefix+"crash\nhung", "crash"); sec != report.BeginPrefix+"crash\nhung" {
+		t.Errorf("section of a scenario without result: %q", sec)
+	}
+	if sec := report.Section(report.BeginPrefix+"crashed\n", "crash"); sec != "" {
+		t.Errorf("section of a scenario that never began: %q", sec)
 	}
 }

@@ -8,8 +8,6 @@ import (
 	"strings"
 	"sync"
 	"time"
-
-	"github.com/nbdsnap/nbdsnap/test/vm/report"
 )
 
 // boot describes one VM run.
@@ -74,18 +72,4 @@ func (b boot) run(ctx context.Context) (string, error) {
 		return console.String(), fmt.Errorf("qemu: %w", err)
 	}
 	return console.String(), nil
-}
-
-// scenarioResult picks the one result line a single-scenario boot must
-// print.
-func scenarioResult(console, name string) (report.Result, error) {
-	results := report.Parse(console)
-	if len(results) != 1 {
-		return report.Result{}, fmt.Errorf("expected one result line for %q on the console, found %d", name, len(results))
-	}
-	r := results[0]
-	if r.Scenario != name {
-		return r, fmt.Errorf("result line for %q, expected %q: %s", r.Scenario, name, r.Error)
-	}
-	return r, nil
 }

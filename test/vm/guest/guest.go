@@ -228,3 +228,35 @@ func (p *prefixWriter) Write(b []byte) (int, error) {
 	}
 	return len(b), nil
 }
+
+// freshStart checks that the previous scenario in this boot left nothing
+// behind (no NBD device attached, nothing mounted under /mnt or /work: a
+// passing scenario tears down what it set up, the daemon included), then
+// empties /work and /run/nbdsnap and clears the kernel log, which the
+// scenario will check for errors of its own.
+func freshStart(ctx context.Context, g *guest) error {
+	for _, dev := range []string{nbd0, nbd1} {
+		if _, err := os.Stat("/sys/block/" + strings.TrimPrefix(dev, "/dev/") + "/pid"); err == nil {
+			return fmt.Errorf("%s is still attached", dev)
+		}
+	}
+	mounts, err := os.ReadFile("/proc/mounts")
+	if err != nil {
+		return err
+	}
+	for _, l := range strings.Split(string(mounts), "\n") {
+		if f := strings.Fields(l); len(f) > 1 && (strings.HasPrefix(f[1], "/mnt/") || strings.HasPrefix(f[1], "/work/")) {
+			return fmt.Errorf("still mounted: %s", l)
+		}
+	}
+	for _, dir := range []string{"/work", "/run/nbdsnap"} {
+		entries, _ := os.ReadDir(dir)
+		for _, e := range entries {
+			if err := os.RemoveAll(dir + "/" + e.Name()); err != nil {
+				return err
+			}
+		}
+	}
+	_, err = g.run(ctx, "dmesg", "-c")
+	return err
+}

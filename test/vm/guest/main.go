@@ -1,8 +1,9 @@
 // Command nbdsnap-vm-guest is the agent test/vm puts in the VM's initramfs.
-// /init starts it after loading nbd.ko and ext4.ko; it reads the scenario
-// named by nbdsnapvm=<name> on the kernel command line, runs it, and prints
-// one result line (test/vm/report) on the console, where the host test reads
-// it. Every step is logged and timed on the console too, so a failure comes
+// /init starts it after loading nbd.ko and ext4.ko; it reads the scenarios
+// named by nbdsnapvm=<name>,<name>... on the kernel command line and runs
+// them in order, printing a begin line and a result line (test/vm/report) for
+// each on the console, where the host test reads them; it stops at the first
+// failure. Every step is logged and timed on the console too, so a failure comes
 // with its context.
 //
 // The scenarios drive the real user path: `nbdsnap serve` on an origin image
@@ -65,33 +66,45 @@ var scenarios = map[string]func(context.Context, *guest) error{
 
 func main() {
 	log := slog.New(slog.NewTextHandler(os.Stdout, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	name, err := scenarioName()
-	r := report.Result{Scenario: name}
-	start := time.Now()
-	if err == nil {
-		r.Steps, err = runScenario(log, name)
-	}
-	r.Seconds = time.Since(start).Seconds()
-	r.OK = err == nil
+	names, err := scenarioNames()
 	if err != nil {
-		r.Error = err.Error()
-		log.Error("scenario failed", "scenario", name, "err", err)
+		log.Error("no scenario", "err", err)
+		os.Stdout.WriteString("\n" + report.Result{Error: err.Error()}.Line() + "\n")
+		return
 	}
-	// One write, so that the line is not split by a kernel message.
-	os.Stdout.WriteString("\n" + r.Line() + "\n")
+	// One scenario after the other in this boot, each starting from what
+	// the previous one, having passed, left: nothing. The first failure
+	// ends the boot; the host boots again for the scenarios after it.
+	for _, name := range names {
+		// Each line in one write, so that a kernel message cannot split it.
+		os.Stdout.WriteString("\n" + report.BeginPrefix + name + "\n")
+		r := report.Result{Scenario: name}
+		start := time.Now()
+		r.Steps, err = runScenario(log, name)
+		r.Seconds = time.Since(start).Seconds()
+		r.OK = err == nil
+		if err != nil {
+			r.Error = err.Error()
+			log.Error("scenario failed", "scenario", name, "err", err)
+		}
+		os.Stdout.WriteString("\n" + r.Line() + "\n")
+		if !r.OK {
+			return
+		}
+	}
 }
 
-func scenarioName() (string, error) {
+func scenarioNames() ([]string, error) {
 	cmdline, err := os.ReadFile("/proc/cmdline")
 	if err != nil {
-		return "", fmt.Errorf("read /proc/cmdline: %w", err)
+		return nil, fmt.Errorf("read /proc/cmdline: %w", err)
 	}
 	for _, f := range strings.Fields(string(cmdline)) {
 		if v, ok := strings.CutPrefix(f, report.CmdlineKey+"="); ok {
-			return v, nil
+			return strings.Split(v, ","), nil
 		}
 	}
-	return "", fmt.Errorf("no %s= on the kernel command line", report.CmdlineKey)
+	return nil, fmt.Errorf("no %s= on the kernel command line", report.CmdlineKey)
 }
 
 func runScenario(log *slog.Logger, name string) ([]report.Step, error) {
@@ -102,6 +115,10 @@ func runScenario(log *slog.Logger, name string) ([]report.Step, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), scenarioDeadline)
 	defer cancel()
 	g := &guest{log: log.With("scenario", name)}
+	if err := g.step("fresh start", func() error { return freshStart(ctx, g) }); err != nil {
+		steps, _ := g.progress()
+		return steps, err
+	}
 	done := make(chan error, 1)
 	go func() { done <- fn(ctx, g) }()
 	select {

@@ -539,7 +539,12 @@ func scenarioReference(ctx context.Context, g *guest) error {
 	if err := g.step("kernel log", func() error { return g.noKernelProblems(ctx, nbd0) }); err != nil {
 		return err
 	}
-	return g.step("detach", func() error { return g.detach(ctx, nbd0) })
+	return g.step("detach + stop nbdkit", func() error {
+		if err := g.detach(ctx, nbd0); err != nil {
+			return err
+		}
+		return srv.stop(ctx)
+	})
 }
 
 // scenarioCrash is issue 5's scenario 3.
@@ -686,7 +691,10 @@ func scenarioFull(ctx context.Context, g *guest) error {
 	if err := g.step("kernel log: no I/O error", func() error { return g.noKernelProblems(ctx, nbd0) }); err != nil {
 		return err
 	}
-	return g.finish(ctx, d, "snap1", "snap2")
+	if err := g.finish(ctx, d, "snap1", "snap2"); err != nil {
+		return err
+	}
+	return g.umount(ctx, "/work/tiny")
 }
 
 // overwriteAll rewrites a whole file in place with new contents of the same

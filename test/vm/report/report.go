@@ -12,8 +12,14 @@ import (
 // reader looks for the prefix anywhere in a line.
 const Prefix = "NBDSNAP-VM-RESULT "
 
-// CmdlineKey names the scenario on the kernel command line:
-// nbdsnapvm=<scenario>. Without a dot the kernel leaves it alone.
+// BeginPrefix starts the line the agent prints before a scenario, followed
+// by its name: the console from there to the scenario's result line is the
+// scenario's own log.
+const BeginPrefix = "NBDSNAP-VM-BEGIN "
+
+// CmdlineKey names the scenarios on the kernel command line, comma
+// separated, in the order to run them: nbdsnapvm=freeze,crash. Without a
+// dot in the key the kernel leaves it alone.
 const CmdlineKey = "nbdsnapvm"
 
 // Result is one scenario's outcome.
@@ -38,6 +44,35 @@ func (r Result) Line() string {
 		return Prefix + `{"ok":false,"error":"report: marshal failed"}`
 	}
 	return Prefix + string(b)
+}
+
+// Section returns the part of a console that belongs to one scenario: from
+// its begin line to the end of its result line, or to the end of the
+// console if it has none (the guest hung or crashed in it). It is empty if
+// the scenario never began.
+func Section(console, scenario string) string {
+	marker := BeginPrefix + scenario
+	begin := -1
+	for off := 0; ; {
+		i := strings.Index(console[off:], marker)
+		if i < 0 {
+			return ""
+		}
+		end := off + i + len(marker)
+		// The serial console ends lines with \r\n.
+		if end < len(console) && (console[end] == '\r' || console[end] == '\n') {
+			begin = off + i
+			break
+		}
+		off = end
+	}
+	rest := console[begin:]
+	if i := strings.Index(rest, Prefix+`{"scenario":"`+scenario+`"`); i >= 0 {
+		if j := strings.IndexByte(rest[i:], '\n'); j >= 0 {
+			return rest[:i+j+1]
+		}
+	}
+	return rest
 }
 
 // Parse finds the result lines in a console log, in order. A line whose
