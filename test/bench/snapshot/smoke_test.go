@@ -1,0 +1,117 @@
+package snapshot_test
+
+import (
+	"bytes"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nbdsnap/nbdsnap/internal/testenv"
+)
+
+// TestBenchSmoke runs the snapshot scenarios of `make bench` the way
+// test/bench/run.sh does (sourcing scenarios.d/snapshot.sh), with tiny
+// sizes, one run and one location, and checks that every scenario produced
+// its numbers, the targets and the chart: the harness cannot rot unnoticed.
+func TestBenchSmoke(t *testing.T) {
+	for _, tool := range []string{"fio", "nbdkit", "qemu-storage-daemon", "nbdcopy", "gnuplot", "go", "bash"} {
+		testenv.RequireTool(t, tool)
+	}
+	root, err := filepath.Abs("../../..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmp := t.TempDir()
+	bin := filepath.Join(tmp, "nbdsnap")
+	build := exec.Command("go", "build", "-o", bin, "./cmd/nbdsnap")
+	build.Dir = root
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build nbdsnap: %v\n%s", err, out)
+	}
+	out := filepath.Join(tmp, "out")
+	locDir := filepath.Join(tmp, "loc")
+	if err := os.Mkdir(locDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("bash", "-c", "set -euo pipefail; . test/bench/scenarios.d/snapshot.sh")
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(),
+		"work="+tmp, "RUNS=1", "RUNTIME=0", "SIZE=2M",
+		"SNAP_PASS_SIZE=2M", "SNAP_LOCATIONS=tmp="+locDir, "SNAP_RESTART_CLUSTERS=1024",
+		"SNAP_CREATE_SAMPLES=3", "SNAP_OUT="+out, "SNAP_NBDSNAP="+bin)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	t0 := time.Now()
+	if _, err := cmd.Output(); err != nil {
+		t.Fatalf("benchmark: %v\n%s", err, stderr.String())
+	}
+	t.Logf("smoke run took %v", time.Since(t0))
+
+	md, err := os.ReadFile(filepath.Join(out, "results.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Which columns each kind of row must fill: nbdkit, QEMU, nbdsnap,
+	// nbdsnap transient (cells 2-5 after scenario and unit).
+	want := []struct {
+		prefix string
+		rows   int
+		filled [4]bool
+	}{
+		{"proxy, no snapshot:", 4, [4]bool{true, true, true, false}},
+		{"no snapshot:", 4, [4]bool{false, true, true, false}},
+		{"first write, fresh snapshot:", 4, [4]bool{false, true, true, true}},
+		{"rewrite of copied clusters:", 4, [4]bool{false, true, true, true}},
+		{"snapshot export:", 1, [4]bool{false, true, true, true}},
+		{"first write, 4 fresh snapshots:", 1, [4]bool{false, false, true, true}},
+	}
+	for _, w := range want {
+		n := 0
+		for _, line := range strings.Split(string(md), "\n") {
+			cells := strings.Split(line, "|")
+			if len(cells) != 11 || !strings.HasPrefix(strings.TrimSpace(cells[1]), w.prefix) {
+				continue
+			}
+			n++
+			for i, f := range w.filled {
+				c := strings.TrimSpace(cells[3+i])
+				if f == (c == "—") {
+					t.Errorf("row %q, column %d: %q, want it filled=%v", strings.TrimSpace(cells[1]), i, c, f)
+				}
+			}
+		}
+		if n != w.rows {
+			t.Errorf("%d rows starting %q, want %d\n%s", n, w.prefix, w.rows, md)
+		}
+	}
+	for _, s := range []string{"## Targets", "create < 50 ms", "Create latency", "Restart with 1024 copied clusters",
+		"clusters reported copied after the restart 1024", "Peak RSS", "Load average"} {
+		if !bytes.Contains(md, []byte(s)) {
+			t.Errorf("results.md lacks %q", s)
+		}
+	}
+	var raw struct {
+		Checks []string `json:"checks"`
+	}
+	b, err := os.ReadFile(filepath.Join(out, "raw.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(b, &raw); err != nil {
+		t.Fatal(err)
+	}
+	if len(raw.Checks) != 3 {
+		t.Errorf("%d snapshot-content checks passed, want 3 (QEMU, nbdsnap, nbdsnap transient): %q", len(raw.Checks), raw.Checks)
+	}
+	png, err := os.ReadFile(filepath.Join(out, "chart.png"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.HasPrefix(png, []byte("\x89PNG")) || len(png) < 10000 {
+		t.Errorf("chart.png: %d bytes, not a plausible PNG chart", len(png))
+	}
+}
