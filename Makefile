@@ -39,8 +39,8 @@ bench: deps build
 
 install: build
 	install -D -m 0755 bin/nbdsnap $(DESTDIR)$(PREFIX)/bin/nbdsnap
-	install -D -m 0644 systemd/nbdsnap@.service $(DESTDIR)/etc/systemd/system/nbdsnap@.service
-	install -D -m 0644 systemd/nbdsnap-snapshot@.service $(DESTDIR)/etc/systemd/system/nbdsnap-snapshot@.service
+	install -d $(DESTDIR)/etc/systemd/system
+	install -m 0644 systemd/*.service systemd/*.target $(DESTDIR)/etc/systemd/system/
 
 clean:
 	rm -rf bin
