@@ -19,13 +19,14 @@
 //     agent (test/vm/guest), both built with CGO_ENABLED=0.
 //   - QEMU runs with `-nodefaults -nic none`: the guest has no network
 //     device; the daemon and nbd-client talk over a unix socket inside it.
-//     The scenario to run is named on the kernel command line; the guest
-//     agent reports each result as one line on the serial console, which
-//     the test captures. A failing scenario fails the test and logs the
-//     whole console.
+//     The scenarios to run are named on the kernel command line; the guest
+//     agent runs them in order, reports each result as one line on the
+//     serial console, which the test captures, and stops at the first
+//     failure; the test then boots again for the scenarios after it. A
+//     failing scenario fails its subtest and logs its part of the console.
 //
-// $NBDSNAP_VM_LOGS, if set, names a directory where each scenario's console
-// is kept, passed or not.
+// $NBDSNAP_VM_LOGS, if set, names a directory where each boot's console is
+// kept (named after the boot's first scenario), passed or not.
 //
 // The scenarios themselves live in the guest agent, which has a doc comment
 // of its own. The "reference" scenario runs the same client path against

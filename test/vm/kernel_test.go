@@ -83,6 +83,12 @@ func prepareKernel(logf func(string, ...any)) (*kernel, error) {
 	}
 	name, version, err := kernelPackage()
 	if err != nil {
+		// Offline, or apt's lists are gone: a kernel prepared by an earlier
+		// run serves as well as the newest.
+		if k, cerr := newestCachedKernel(root); cerr == nil {
+			logf("%v; using the cached %s", err, k.Package)
+			return k, nil
+		}
 		return nil, err
 	}
 	// The key names what the directory holds: the package version and the
@@ -112,6 +118,18 @@ func prepareKernel(logf func(string, ...any)) (*kernel, error) {
 		return nil, fmt.Errorf("kernel cache: %w", err)
 	}
 	return loadKernel(dir, key)
+}
+
+// newestCachedKernel loads the cached kernel whose directory name sorts
+// last (the highest ABI number, as long as they have the same digit count).
+func newestCachedKernel(root string) (*kernel, error) {
+	dirs, _ := filepath.Glob(filepath.Join(root, "linux-image-*_"+strings.Join(guestModules, "+")))
+	for i := len(dirs) - 1; i >= 0; i-- {
+		if k, err := loadKernel(dirs[i], filepath.Base(dirs[i])); err == nil {
+			return k, nil
+		}
+	}
+	return nil, fmt.Errorf("no prepared kernel in %s", root)
 }
 
 // loadKernel reads a prepared kernel directory: vmlinux, modules/ and
