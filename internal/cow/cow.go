@@ -167,6 +167,10 @@ func (e *Engine) copyCluster(r *cowReq, g *group, c uint32) {
 				// cowwait3: the cache is full; the writer frees
 				// slots as it commits (backpressure).
 				s.stats.cacheFullWaits.Add(1)
+				// In persistent mode nobody else may be about to
+				// commit (a request larger than the cache waits here
+				// before waiting for its tickets): wake the writer.
+				s.workCond.Signal()
 				s.slotCond.Wait()
 				continue
 			}

@@ -541,3 +541,41 @@ func TestReopen(t *testing.T) {
 		t.Fatalf("snapshot after reopen and more writes differs at %d", firstDiff(img, data))
 	}
 }
+
+// TestRequestLargerThanCache: one request that needs more clusters than
+// the cache has slots must not wait forever for itself (persistent mode:
+// its own clusters are committed only when someone commits).
+func TestRequestLargerThanCache(t *testing.T) {
+	for _, transient := range []bool{false, true} {
+		ctx := context.Background()
+		const size = 1 << 20
+		e, _, data := testEngine(t, vfstest.NewMemFS(), size, 3, false)
+		s, err := e.Create(ctx, nil, SnapshotOptions{Name: "small", ClusterSize: 4096, CacheBytes: 1, Transient: transient})
+		if err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() { done <- e.WriteAt(ctx, make([]byte, 512<<10), 4096, false) }()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(20 * time.Second):
+			t.Fatalf("transient=%v: a write of 128 clusters through a 32-slot cache is stuck", transient)
+		}
+		img := make([]byte, size)
+		if err := s.ReadAt(ctx, img, 0); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(img, data) {
+			t.Fatalf("snapshot differs at %d", firstDiff(img, data))
+		}
+		if w := s.Info().Stats.CacheFullWaits; w == 0 {
+			t.Errorf("transient=%v: no cache-full wait", transient)
+		}
+		if err := e.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}

@@ -124,7 +124,7 @@ type modelConfig struct {
 
 // runModel runs one seeded randomized workload against the engine and a
 // model (the origin bytes, and a frozen copy per snapshot).
-func runModel(t *testing.T, seed uint64, cfg modelConfig) {
+func runModel(t *testing.T, seed uint64, cfg modelConfig) (cacheWaits int64) {
 	t.Helper()
 	log := &opLog{}
 	failed := true
@@ -158,6 +158,7 @@ func runModel(t *testing.T, seed uint64, cfg modelConfig) {
 		nextSnap int
 		errMu    sync.Mutex
 		firstErr error
+		waitsMu  sync.Mutex
 	)
 	fail := func(err error) {
 		errMu.Lock()
@@ -210,6 +211,9 @@ func runModel(t *testing.T, seed uint64, cfg modelConfig) {
 		snaps = append(snaps[:i], snaps[i+1:]...)
 		snapMu.Unlock()
 		verifySnap(ctx, ms, fail)
+		waitsMu.Lock()
+		cacheWaits += ms.s.Info().Stats.CacheFullWaits
+		waitsMu.Unlock()
 		err := e.Clear(ms.name)
 		log.add("clear %s err=%v", ms.name, err)
 		if err != nil {
@@ -227,8 +231,11 @@ func runModel(t *testing.T, seed uint64, cfg modelConfig) {
 	randRange := func(r *rand.Rand) (int64, int64) {
 		maxLen := int64(3 * 16 << 10)
 		n := 1 + r.Int64N(maxLen)
-		if r.IntN(4) == 0 {
+		switch r.IntN(20) {
+		case 0, 1, 2, 3, 4:
 			n = 1 + r.Int64N(600) // small, unaligned
+		case 5:
+			n = 1 + r.Int64N(160<<10) // larger than the smallest caches
 		}
 		n = min(n, cfg.size)
 		return r.Int64N(cfg.size - n + 1), n
@@ -239,7 +246,7 @@ func runModel(t *testing.T, seed uint64, cfg modelConfig) {
 	for w := range cfg.workers {
 		r := rand.New(rand.NewPCG(seed, uint64(w)+100))
 		wg.Go(func() {
-			buf := make([]byte, 64<<10)
+			buf := make([]byte, 160<<10)
 			for i := 0; i < cfg.ops && !stopped(); i++ {
 				switch k := r.IntN(100); {
 				case k < 45: // write
@@ -315,9 +322,11 @@ func runModel(t *testing.T, seed uint64, cfg modelConfig) {
 		snapMu.Lock()
 		for _, ms := range snaps {
 			verifySnap(ctx, ms, fail)
-			if info := ms.s.Info(); !info.Valid {
+			info := ms.s.Info()
+			if !info.Valid {
 				fail(fmt.Errorf("%s invalid: %s", ms.name, info.Reason))
 			}
+			cacheWaits += info.Stats.CacheFullWaits
 		}
 		snapMu.Unlock()
 		got := make([]byte, cfg.size)
@@ -332,9 +341,10 @@ func runModel(t *testing.T, seed uint64, cfg modelConfig) {
 	}
 	if firstErr != nil {
 		t.Errorf("seed %d: %v", seed, firstErr)
-		return
+		return cacheWaits
 	}
 	failed = false
+	return cacheWaits
 }
 
 // verifySnap compares a whole snapshot with its reference.
@@ -393,14 +403,20 @@ func TestModel(t *testing.T) {
 	}
 	for _, c := range configs {
 		t.Run(c.name, func(t *testing.T) {
+			var waits int64
 			for _, seed := range seeds(n, 1) {
 				cfg := c.cfg
 				cfg.workers, cfg.ops, cfg.maxSnaps = 4, ops, 3
 				cfg.realStore = true
-				runModel(t, seed, cfg)
+				waits += runModel(t, seed, cfg)
 				if t.Failed() {
 					return
 				}
+			}
+			// The smallest caches must have made writers wait.
+			t.Logf("%d cache-full waits", waits)
+			if c.cfg.cacheBytes == 1 && *seedFlag == 0 && waits == 0 {
+				t.Errorf("no cache-full waits: backpressure was not exercised")
 			}
 		})
 	}
