@@ -132,9 +132,10 @@ func (e *Engine) copyOnWrite(r *cowReq, set *snapSet, off, n int64) {
 // Deadlock freedom: a request holds BUSY slots of one cluster only, and
 // reserves them in snapshot id order; a request waiting in snapshot j
 // (cowwait2 or cowwait3) holds reservations only in snapshots before j, and
-// the slots it waits for are released by the writer (which needs nothing
-// from requests) or by a request that itself only waits further along the
-// order. So the wait-for graph has no cycle.
+// the slots it waits for are released by a commit (the writer, woken before
+// a cowwait3, needs nothing from requests) or by a request that itself only
+// waits further along the order. So the wait-for graph has no cycle. Commit
+// waits (tickets) come after all reservations are released.
 func (e *Engine) copyCluster(r *cowReq, g *group, c uint32) {
 	for _, s := range g.snaps {
 		if s.settled(c) {
@@ -222,11 +223,11 @@ func (e *Engine) copyCluster(r *cowReq, g *group, c uint32) {
 		s.stats.clustersCopied.Add(1)
 		s.stats.bytesCopied.Add(int64(n))
 		if s.persistent {
+			// No writer wake-up: this request commits the cluster
+			// itself, or finds it in a commit in progress
+			// (waitDurable).
 			r.addTicket(s, seq)
-		}
-		if !s.persistent {
-			// Persistent: this request commits it itself, or finds
-			// it in a commit in progress (waitDurable).
+		} else {
 			s.workCond.Signal()
 		}
 		if s.lingering {

@@ -304,7 +304,7 @@ func (e *Engine) Create(ctx context.Context, store vfs.File, opts SnapshotOption
 	e.register(s)
 	s.pause = time.Since(start)
 	e.log.Info("snapshot created", "snapshot", s.name, "cluster_size", geo.csize,
-		"clusters", geo.count, "cache_slots", len(s.slots), "persistent", s.persistent,
+		"clusters", geo.count, "cache_slots", s.nslots, "persistent", s.persistent,
 		"pause", s.pause)
 	return s, nil
 }

@@ -16,8 +16,8 @@ type slotState uint8
 const (
 	slotFree       slotState = iota
 	slotBusy                 // reserved; the origin read is in progress
-	slotValid                // holds the old data; waiting for the writer
-	slotCommitting           // in a batch the writer is committing
+	slotValid                // holds the old data; waiting for a commit
+	slotCommitting           // in a batch being committed
 )
 
 // slot is one cache slot. Its fields are guarded by the snapshot's mu; buf
@@ -41,6 +41,7 @@ type Snapshot struct {
 	pool       *bufPool
 	log        *slog.Logger
 	pause      time.Duration // how long the create instant held requests
+	nslots     int           // cache slots
 
 	// copied is fss's sc_copied: bit c is set, under mu, once cluster
 	// c's old data is VALID in the cache; it is never cleared. Reads
@@ -70,7 +71,7 @@ type Snapshot struct {
 	copiedN  int64
 	reason   string
 	// persistReason asks the writer to record the invalidation in the
-	// store (all store writes happen on the writer goroutine).
+	// store.
 	persistReason bool
 	stopping      bool
 	discard       bool // stopping without committing what is cached (Clear)
@@ -111,6 +112,7 @@ func (e *Engine) newSnapshot(name string, st clusterStore, geo geometry, persist
 		st:         st,
 		hdr:        st.header(),
 		pool:       e.bufPool(geo.csize),
+		nslots:     nslots,
 		log:        e.log.With("snapshot", name),
 		copied:     newBitmap(geo.count),
 		slots:      make([]slot, nslots),
@@ -132,7 +134,7 @@ func (e *Engine) newSnapshot(name string, st clusterStore, geo geometry, persist
 }
 
 // settled reports, without locking, that a request has nothing to do for
-// cluster c in s: s failed, or c is copied and (transient, or everything
+// cluster c in s: s failed and was released, or c is copied and (transient, or everything
 // published is committed). The copied bit is loaded before the sequence
 // numbers: c's sequence number is at most validSeq at that point, and
 // durableSeq never decreases.
@@ -361,6 +363,11 @@ func (s *Snapshot) stop(discard bool) error {
 	s.closed.Store(true)
 	s.life.Lock()
 	defer s.life.Unlock()
+	// Release the memory: no request can reach s any more (it left the
+	// engine's set first), and reads now fail before touching these.
+	s.mu.Lock()
+	s.copied, s.slots, s.free, s.cached, s.pending, s.batch, s.clusters = nil, nil, nil, nil, nil, nil, nil
+	s.mu.Unlock()
 	if err := s.st.close(); err != nil {
 		return fmt.Errorf("cow: close store of %q: %w", s.name, err)
 	}
@@ -521,7 +528,7 @@ func (s *Snapshot) Info() Info {
 		Valid:          !s.invalid.Load(),
 		Reason:         reason,
 		StoreBytes:     bytes,
-		CacheSlots:     len(s.slots),
+		CacheSlots:     s.nslots,
 		CreatePause:    s.pause,
 		Stats: Stats{
 			CowCalls:       s.stats.cowCalls.Load(),
