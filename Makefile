@@ -7,9 +7,9 @@ FUZZTIME ?= 10s
 
 all: build
 
+# cgo off: the daemon sets PR_SET_IO_FLUSHER on every thread with
+# syscall.AllThreadsSyscall, which Go refuses in a cgo binary.
 build:
-	# cgo off: the daemon sets PR_SET_IO_FLUSHER on every thread with
-	# syscall.AllThreadsSyscall, which Go refuses in a cgo binary.
 	CGO_ENABLED=0 $(GO) build -trimpath -o bin/nbdsnap ./cmd/nbdsnap
 
 # Installs the Debian packages and Go modules the tests and the demo use.
