@@ -388,7 +388,7 @@ func TestFioVerify(t *testing.T) {
 	both(t, src, func(t *testing.T, s *server, file string) {
 		out := run(t, "fio", "--name=verify", "--ioengine=nbd", "--uri="+s.uri("disk"),
 			"--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=32M", "--verify=crc32c",
-			"--do_verify=1", "--verify_fatal=1", "--output-format=json")
+			"--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--output-format=json")
 		var doc struct {
 			Jobs []struct {
 				Error int `json:"error"`
