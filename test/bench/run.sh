@@ -13,7 +13,7 @@
 #
 # Environment: RUNS (default 3), RUNTIME seconds per fio run (default 10),
 # SIZE of the file (default 1G), OUT file for the table (default
-# /tmp/nbdsnap-bench.md).
+# /tmp/nbdsnap-bench.md), SCENARIOS=builtin to skip scenarios.d.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -115,6 +115,7 @@ compare "4k randread QD32, 1 ms backend latency" iops "$work/ours.sock" "$work/k
 stop_all
 
 for f in test/bench/scenarios.d/*.sh; do
+	[ "${SCENARIOS:-all}" = builtin ] && break
 	[ -e "$f" ] || continue
 	# shellcheck source=/dev/null
 	. "$f"
