@@ -19,7 +19,7 @@ type clusterBuf struct {
 func (b *clusterBuf) release() {
 	switch n := b.refs.Add(-1); {
 	case n == 0:
-		b.pool.p.Put(b)
+		b.pool.put(b)
 	case n < 0:
 		// A double release would hand a buffer in use to another copy
 		// and silently corrupt a snapshot: stop here instead.
@@ -28,21 +28,54 @@ func (b *clusterBuf) release() {
 }
 
 // bufPool recycles cluster buffers of one size. Snapshots with the same
-// cluster size share a pool (and so can share a buffer).
+// cluster size share a pool (and so can share a buffer). It keeps at most
+// as many idle buffers as those snapshots have cache slots: no more can be
+// in use at once by the caches, and unlike a sync.Pool it does not drop
+// them at every garbage collection, which would turn first writes into
+// cluster-sized allocations.
 type bufPool struct {
 	size int
-	p    sync.Pool
+
+	mu   sync.Mutex
+	idle []*clusterBuf
+	max  int // idle buffers kept: the cache slots of the snapshots using the pool
 }
 
-func newBufPool(size int) *bufPool {
-	bp := &bufPool{size: size}
-	bp.p.New = func() any { return &clusterBuf{data: make([]byte, size), pool: bp} }
-	return bp
-}
+func newBufPool(size int) *bufPool { return &bufPool{size: size} }
 
 // get returns a buffer holding refs references.
 func (bp *bufPool) get(refs int) *clusterBuf {
-	b := bp.p.Get().(*clusterBuf)
+	bp.mu.Lock()
+	var b *clusterBuf
+	if n := len(bp.idle); n > 0 {
+		b = bp.idle[n-1]
+		bp.idle[n-1] = nil
+		bp.idle = bp.idle[:n-1]
+	}
+	bp.mu.Unlock()
+	if b == nil {
+		b = &clusterBuf{data: make([]byte, bp.size), pool: bp}
+	}
 	b.refs.Store(int32(refs))
 	return b
+}
+
+func (bp *bufPool) put(b *clusterBuf) {
+	bp.mu.Lock()
+	if len(bp.idle) < bp.max {
+		bp.idle = append(bp.idle, b)
+	}
+	bp.mu.Unlock()
+}
+
+// reserve adjusts how many idle buffers the pool keeps (a snapshot's slots
+// when it starts, minus them when it stops).
+func (bp *bufPool) reserve(slots int) {
+	bp.mu.Lock()
+	bp.max += slots
+	if len(bp.idle) > bp.max {
+		clear(bp.idle[bp.max:])
+		bp.idle = bp.idle[:bp.max]
+	}
+	bp.mu.Unlock()
 }

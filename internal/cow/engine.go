@@ -373,6 +373,7 @@ func (e *Engine) reopen(st clusterStore, originID string) (*Snapshot, error) {
 		}
 	})
 	if bad != nil {
+		s.pool.reserve(-s.nslots)
 		return nil, bad
 	}
 	if !h.Valid {

@@ -579,3 +579,76 @@ func TestRequestLargerThanCache(t *testing.T) {
 		}
 	}
 }
+
+// TestHotPathAllocs: origin writes do not allocate, neither first writes
+// (copy-on-write through a warm cache, with a store that does not allocate
+// itself) nor writes to copied clusters, nor snapshot reads from the cache.
+func TestHotPathAllocs(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector allocates")
+	}
+	ctx := context.Background()
+	const size = 64 << 20
+	// MemFS allocates on every write; this origin does not.
+	e, err := NewEngine(&sliceFile{b: make([]byte, size)}, EngineOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	for _, transient := range []bool{true, false} {
+		e.newStore = func(_ vfs.File, o storeOptions) (clusterStore, error) { return nullStore{o}, nil }
+		name := fmt.Sprint("t", transient)
+		_, err := e.Create(ctx, nil, SnapshotOptions{Name: name, ClusterSize: 4096, Transient: transient, CacheBytes: 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := make([]byte, 4096)
+		next := int64(0)
+		first := func() {
+			if err := e.WriteAt(ctx, p, next*4096, false); err != nil {
+				t.Fatal(err)
+			}
+			next++
+		}
+		for range 500 { // warm the pools and the slot map
+			first()
+		}
+		if a := testing.AllocsPerRun(1000, first); a > 0.05 {
+			t.Errorf("transient=%v: first write: %.2f allocations per write", transient, a)
+		}
+		again := func() {
+			if err := e.WriteAt(ctx, p, 4096, false); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if a := testing.AllocsPerRun(1000, again); a > 0 {
+			t.Errorf("transient=%v: write to a copied cluster: %.2f allocations", transient, a)
+		}
+		if err := e.Clear(name); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// sliceFile is an origin in a byte slice that does not allocate.
+type sliceFile struct {
+	mu sync.RWMutex
+	b  []byte
+}
+
+func (f *sliceFile) ReadAt(p []byte, off int64) (int, error) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return copy(p, f.b[off:]), nil
+}
+
+func (f *sliceFile) WriteAt(p []byte, off int64) (int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return copy(f.b[off:], p), nil
+}
+
+func (f *sliceFile) Sync() error          { return nil }
+func (f *sliceFile) Size() (int64, error) { return int64(len(f.b)), nil }
+func (f *sliceFile) Truncate(int64) error { return errors.New("fixed size") }
+func (f *sliceFile) Close() error         { return nil }

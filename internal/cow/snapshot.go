@@ -124,6 +124,7 @@ func (e *Engine) newSnapshot(name string, st clusterStore, geo geometry, persist
 	for i := range s.slots {
 		s.free[i] = &s.slots[i]
 	}
+	s.pool.reserve(nslots)
 	s.slotCond.L = &s.mu
 	s.durCond.L = &s.mu
 	s.workCond.L = &s.mu
@@ -368,6 +369,7 @@ func (s *Snapshot) stop(discard bool) error {
 	s.mu.Lock()
 	s.copied, s.slots, s.free, s.cached, s.pending, s.batch, s.clusters = nil, nil, nil, nil, nil, nil, nil
 	s.mu.Unlock()
+	s.pool.reserve(-s.nslots)
 	if err := s.st.close(); err != nil {
 		return fmt.Errorf("cow: close store of %q: %w", s.name, err)
 	}
