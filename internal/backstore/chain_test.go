@@ -192,7 +192,7 @@ func TestStrayBeyondScan(t *testing.T) {
 	commitClusters(t, s, 6, seq(10, 1210)...)     // B: blocks 0 (slot 1), 1, 2
 	write(metaOff(0, 1), make([]byte, blockSize)) // B's block 0 and block 1 "never landed"
 	write(metaOff(1, 0), make([]byte, blockSize))
-	s.Close()
+	s.crash()
 
 	s, err = Open(openMem(t, fs, "store"))
 	if err != nil {
@@ -206,7 +206,7 @@ func TestStrayBeyondScan(t *testing.T) {
 	commitClusters(t, s, 6, seq(20, 1100)...) // D: blocks 0 (slot 0), 1, 2
 	write(metaOff(0, 0), block0)              // D's block 0 and block 2 "never landed"
 	write(metaOff(2, 0), block2)
-	s.Close()
+	s.crash()
 
 	if _, err := Check(openMem(t, fs, "store")); err != nil {
 		t.Fatalf("check: %v", err)

@@ -16,11 +16,19 @@ type Report struct {
 	Transient   bool
 	// For a persistent store: the last committed batch, the clusters it
 	// holds, the metadata blocks the scan found, and the batches recovery
-	// drops (in flight at a crash, or left behind by an earlier recovery).
+	// drops (in flight at a crash, or left behind by an earlier recovery),
+	// by number and in detail.
 	CommittedBatch uint64
 	Clusters       int
 	MetaBlocks     int64
 	DroppedBatches []uint64
+	Dropped        []DroppedBatch
+	// Recovery is what Open would find (Check itself writes nothing).
+	// Recovery.Corrupt is also listed in Problems.
+	Recovery Recovery
+	// Notices lists what is normal but worth saying: a batch dropped after
+	// a crash, a stale clean mark.
+	Notices []string
 	// DataVerified is how many clusters' data matched their CRC.
 	DataVerified int
 	// Problems lists every inconsistency; Check returns an error iff it is
@@ -67,7 +75,21 @@ func CheckWithOptions(f vfs.File, opts CheckOptions) (Report, error) {
 		rep.Problems = append(rep.Problems, err.Error())
 		return rep, fmt.Errorf("backstore: check: %w", err)
 	}
-	rep.CommittedBatch, rep.Clusters, rep.MetaBlocks, rep.DroppedBatches = r.committed, len(r.slots), r.scanned, r.dropped
+	rep.CommittedBatch, rep.Clusters, rep.MetaBlocks = r.committed, len(r.slots), r.scanned
+	rep.Recovery = r.recovery(h)
+	rep.Dropped = r.dropped
+	for _, d := range r.dropped {
+		rep.DroppedBatches = append(rep.DroppedBatches, d.Batch)
+		if d.Batch != h.CleanBatch || !rep.Recovery.Clean {
+			rep.Notices = append(rep.Notices, d.String())
+		}
+	}
+	if rep.Recovery.StaleClean {
+		rep.Notices = append(rep.Notices, fmt.Sprintf("the clean mark (batch %d, %d entries) is older than the committed state: a newer header slot was lost", h.CleanBatch, h.CleanCount))
+	}
+	if rep.Recovery.Corrupt != "" {
+		rep.Problems = append(rep.Problems, rep.Recovery.Corrupt)
+	}
 
 	if !opts.SkipData {
 		// recoverMap has verified the committed batch's data; the older

@@ -37,7 +37,14 @@ package backstore
 //	88    2     name length (≤ 255)
 //	90    2     origin identity length (≤ 1024)
 //	92    2     invalidation reason length (≤ 2048)
-//	94    34    zero
+//	94    2     zero
+//	96    8     clean batch: the last committed batch at a clean Close
+//	            (0 when the store held no batch then, and when not clean)
+//	104   4     clean count: entries committed at that Close (0 when not clean)
+//	108   4     clean mark: 1 closed cleanly at (clean batch, clean count);
+//	            0 not recorded — open for writing, crashed, or written
+//	            before this field existed; other values are corrupt
+//	112   16    zero
 //	128   256   name, then zeros
 //	384   1024  origin identity, then zeros
 //	1408  2048  invalidation reason, then zeros
@@ -106,6 +113,19 @@ package backstore
 //	00003040  05 00 00 00 64 86 c6 d0  00 …                     |....d...|
 //	00003ffc  e9 71 53 f7
 //
+// Close then records the clean mark (below): header generation 2, written
+// into slot 0 over generation 0 (slot 1 keeps generation 1), which differs
+// from the slot shown above only in:
+//
+//	00000010  02 00 00 00 00 00 00 00  …                        |........|          generation 2
+//	00000060  02 00 00 00 00 00 00 00  03 00 00 00 01 00 00 00  |................|  clean batch 2, clean count 3, clean mark 1
+//	00000ffc  d4 23 b9 6f                                                          CRC32C of 0 … 4091
+//
+// testdata/store-v1.golden holds the store after that Close;
+// testdata/store-v1-unmarked.golden holds it as written before the clean
+// mark existed (slot 0 still generation 0, as shown above), and must keep
+// opening: a zero mark reads as "not closed cleanly".
+//
 // # Commit (persistent) and why a crash anywhere is safe
 //
 // A Commit of n clusters when the store holds T0 entries, as batch b:
@@ -135,7 +155,9 @@ package backstore
 // higher is the one that was in flight, so it is either complete — all of it
 // reached the disk, and keeping it is as good as having acknowledged it — or
 // it is dropped as a whole. Dropping it is safe because the engine issues
-// the origin writes a batch covers only after its Commit returned nil.
+// the origin writes a batch covers only after its Commit returned nil — but
+// only if it really was in flight; see "The clean mark" for a committed
+// batch that fails its checks.
 // For each block of the committed state, the version used is the newest one
 // stamped at or below the committed batch; Open verifies that every block
 // but the tail is full and the tail holds exactly the committed count.
@@ -168,6 +190,56 @@ package backstore
 //
 // Only the newest batch's data is checksummed at Open: every older batch was
 // fully synced before the newest was written. Check verifies all of it.
+//
+// # The clean mark
+//
+// Recovery cannot tell a batch torn in flight from a committed batch damaged
+// later (a bad sector, a stray write into the file): both fail their checks
+// the same way. Dropping a committed batch would be silent corruption, as
+// the engine has already overwritten the origin's clusters it holds: the
+// snapshot would serve their new contents as if frozen. So the header says
+// whether anything can have been in flight:
+//
+//   - Close of a persistent store writes the header with the clean mark,
+//     the last committed batch B and the entry count T (header bytes
+//     96 … 111), and syncs it. Every batch was synced by its Commit before,
+//     and none can follow, so (B, T) is exactly the committed state. Close
+//     does not write the mark after a failed Commit (what that batch left on
+//     disk is unknown; the next Open recovers as after a crash).
+//   - A writable Open clears the mark in the header write it makes anyway
+//     (the batch base), which is synced before any batch of the session is
+//     written. So while a batch can be in flight, the disk says "not clean";
+//     a crash during that header write leaves the old clean header current,
+//     which is still true, since no batch has been written since it.
+//   - Open of a store marked clean recovers as above and holds the result
+//     against (B, T). Less — batch B dropped, a committed metadata block
+//     without a valid version, the scan stopping early — can only be
+//     damage: the store opens invalid, with a reason starting "store
+//     corrupt:" persisted in the header, so the engine answers EIO for the
+//     snapshot rather than origin data. More (a committed batch above B)
+//     means the header slot holding a later session's cleared mark was
+//     lost; recovery then stands as after a crash. Check reports the same,
+//     without writing.
+//
+// Dropping the in-flight batch after a crash stays correct (the argument
+// above), and is made visible: Store.Recovery and Check's Report list every
+// dropped batch, and whether it was in flight at the crash (numbered at or
+// above the header's batch base: the crashed session's batches) or a
+// leftover an earlier recovery dropped already.
+//
+// The limit that remains: after an unclean shutdown, damage to the newest
+// committed batch is indistinguishable from a torn in-flight batch, and that
+// batch is dropped. Damage to an older block of the committed state is still
+// found by Open whenever it breaks the structure (a block not full, a scan
+// that ends before the committed batch's blocks, which then fails as
+// incomplete …), and by Check's data verification otherwise, but after an
+// unclean shutdown a scan ending at a damaged full block that no later batch
+// wrote past looks like a shorter, complete history.
+//
+// A program that predates the mark refuses a header slot with it
+// (nonzero reserved bytes) and falls back to the other slot, the header
+// written before Close, which holds the same state and batch base but no
+// mark; such a program therefore still opens the store, as after a crash.
 
 import (
 	"encoding/binary"
@@ -213,6 +285,12 @@ const (
 
 	flagPersistent = 1 << 0
 	flagFixedSize  = 1 << 1
+
+	cleanBatchOff = 96
+	cleanCountOff = 104
+	cleanMarkOff  = 108
+	cleanEnd      = 112
+	cleanMark     = 1
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -255,6 +333,13 @@ type Header struct {
 	Reason      string
 	BatchBase   uint64
 	DataStart   int64
+	// Clean says the store was closed cleanly (see "The clean mark" above)
+	// holding CleanCount entries up to batch CleanBatch. A Store's own
+	// header is never clean: a writable Open clears the mark on disk
+	// before it returns. Only Check's Report shows a clean header.
+	Clean      bool
+	CleanBatch uint64
+	CleanCount uint32
 }
 
 // geometry is what the header's fields imply about the layout.
@@ -325,6 +410,11 @@ func encodeHeader(h *Header, b []byte) {
 	le.PutUint16(b[88:], uint16(len(h.Name)))
 	le.PutUint16(b[90:], uint16(len(h.OriginID)))
 	le.PutUint16(b[92:], uint16(len(h.Reason)))
+	if h.Clean {
+		le.PutUint64(b[cleanBatchOff:], h.CleanBatch)
+		le.PutUint32(b[cleanCountOff:], h.CleanCount)
+		le.PutUint32(b[cleanMarkOff:], cleanMark)
+	}
 	copy(b[nameOff:], h.Name)
 	copy(b[originIDOff:], h.OriginID)
 	copy(b[reasonOff:], h.Reason)
@@ -369,6 +459,10 @@ func decodeHeader(b []byte) (Header, error) {
 	h.BatchBase = le.Uint64(b[72:])
 	h.DataStart = int64(le.Uint64(b[80:]))
 	nameLen, idLen, reasonLen := int(le.Uint16(b[88:])), int(le.Uint16(b[90:])), int(le.Uint16(b[92:]))
+	mark := le.Uint32(b[cleanMarkOff:])
+	h.Clean = mark == cleanMark
+	h.CleanBatch = le.Uint64(b[cleanBatchOff:])
+	h.CleanCount = le.Uint32(b[cleanCountOff:])
 	switch {
 	case h.State != StateValid && h.State != StateInvalid:
 		return Header{}, fmt.Errorf("%w: header state %d", ErrCorrupt, h.State)
@@ -378,7 +472,16 @@ func decodeHeader(b []byte) (Header, error) {
 		return Header{}, fmt.Errorf("%w: batch base 0", ErrCorrupt)
 	case nameLen > maxNameLen || idLen > maxOriginIDLen || reasonLen > maxReasonLen:
 		return Header{}, fmt.Errorf("%w: string lengths %d/%d/%d", ErrCorrupt, nameLen, idLen, reasonLen)
-	case !allZero(b[94:nameOff]) || !allZero(b[nameOff+nameLen:originIDOff]) ||
+	case mark != 0 && mark != cleanMark:
+		return Header{}, fmt.Errorf("%w: clean mark %d", ErrCorrupt, mark)
+	case !h.Clean && (h.CleanBatch != 0 || h.CleanCount != 0):
+		return Header{}, fmt.Errorf("%w: clean batch %d and count %d without the clean mark", ErrCorrupt, h.CleanBatch, h.CleanCount)
+	case h.Clean && !h.Persistent:
+		return Header{}, fmt.Errorf("%w: clean mark on a transient store", ErrCorrupt)
+	case h.Clean && (h.CleanBatch == 0) != (h.CleanCount == 0):
+		// Every batch adds at least one entry, and batch numbers start at 1.
+		return Header{}, fmt.Errorf("%w: clean at batch %d with %d entries", ErrCorrupt, h.CleanBatch, h.CleanCount)
+	case !allZero(b[94:cleanBatchOff]) || !allZero(b[cleanEnd:nameOff]) || !allZero(b[nameOff+nameLen:originIDOff]) ||
 		!allZero(b[originIDOff+idLen:reasonOff]) || !allZero(b[reasonOff+reasonLen:crcOff]):
 		return Header{}, fmt.Errorf("%w: nonzero reserved header bytes", ErrCorrupt)
 	}
@@ -391,6 +494,9 @@ func decodeHeader(b []byte) (Header, error) {
 	}
 	if g.dataStart != h.DataStart {
 		return Header{}, fmt.Errorf("%w: data start %d, geometry says %d", ErrCorrupt, h.DataStart, g.dataStart)
+	}
+	if h.CleanCount > g.maxClusters {
+		return Header{}, fmt.Errorf("%w: clean count %d, origin has %d clusters", ErrCorrupt, h.CleanCount, g.maxClusters)
 	}
 	return h, nil
 }

@@ -46,6 +46,18 @@ func TestHeaderEncoding(t *testing.T) {
 	if got != h {
 		t.Fatalf("round trip:\n got %+v\nwant %+v", got, h)
 	}
+	clean := h
+	clean.Clean, clean.CleanBatch, clean.CleanCount = true, 9, 16
+	cb := make([]byte, headerSize)
+	encodeHeader(&clean, cb)
+	if got, err := decodeHeader(cb); err != nil || got != clean {
+		t.Fatalf("clean round trip: %+v, %v", got, err)
+	}
+	clean.CleanBatch, clean.CleanCount = 0, 0 // an empty store closed cleanly
+	encodeHeader(&clean, cb)
+	if got, err := decodeHeader(cb); err != nil || got != clean {
+		t.Fatalf("clean empty round trip: %+v, %v", got, err)
+	}
 	le := binary.LittleEndian
 	for _, tc := range []struct {
 		name   string
@@ -71,6 +83,33 @@ func TestHeaderEncoding(t *testing.T) {
 		{"byte after name", func(b []byte) { b[nameOff+5] = 'x'; reseal(b) }, ErrCorrupt},
 		{"reserved", func(b []byte) { b[100] = 1; reseal(b) }, ErrCorrupt},
 		{"after reason", func(b []byte) { b[4000] = 1; reseal(b) }, ErrCorrupt},
+		{"clean mark 2", func(b []byte) { le.PutUint32(b[cleanMarkOff:], 2); reseal(b) }, ErrCorrupt},
+		{"clean batch without mark", func(b []byte) { le.PutUint64(b[cleanBatchOff:], 3); reseal(b) }, ErrCorrupt},
+		{"clean count without mark", func(b []byte) { le.PutUint32(b[cleanCountOff:], 3); reseal(b) }, ErrCorrupt},
+		{"clean batch 0 with entries", func(b []byte) {
+			le.PutUint32(b[cleanMarkOff:], 1)
+			le.PutUint32(b[cleanCountOff:], 3)
+			reseal(b)
+		}, ErrCorrupt},
+		{"clean batch without entries", func(b []byte) {
+			le.PutUint32(b[cleanMarkOff:], 1)
+			le.PutUint64(b[cleanBatchOff:], 3)
+			reseal(b)
+		}, ErrCorrupt},
+		{"clean count past origin", func(b []byte) {
+			le.PutUint32(b[cleanMarkOff:], 1)
+			le.PutUint64(b[cleanBatchOff:], 3)
+			le.PutUint32(b[cleanCountOff:], 17)
+			reseal(b)
+		}, ErrCorrupt},
+		{"clean transient", func(b []byte) {
+			le.PutUint32(b[12:], 0)
+			le.PutUint64(b[80:], 8192)
+			le.PutUint32(b[cleanMarkOff:], 1)
+			reseal(b)
+		}, ErrCorrupt},
+		{"byte 95", func(b []byte) { b[95] = 1; reseal(b) }, ErrCorrupt},
+		{"byte 112", func(b []byte) { b[112] = 1; reseal(b) }, ErrCorrupt},
 	} {
 		b := bytes.Clone(good)
 		tc.change(b)
@@ -165,7 +204,8 @@ func goldenStore(t *testing.T) []byte {
 
 // TestGolden pins the format: the worked example's bytes must not change
 // (run with -update after a deliberate format change, and bump Version),
-// and the pinned file must keep opening.
+// and the pinned files must keep opening: the store after a clean Close,
+// and the same store as written before the clean mark existed.
 func TestGolden(t *testing.T) {
 	path := filepath.Join("testdata", "store-v1.golden")
 	got := goldenStore(t)
@@ -190,22 +230,48 @@ func TestGolden(t *testing.T) {
 	if len(want) != 16384+3*4096 || string(want[0:8]) != "NBSSTORE" || string(want[8192:8196]) != "NBSM" || string(want[12288:12292]) != "NBSM" {
 		t.Fatalf("golden file does not match the worked example's layout")
 	}
-
-	fs := vfstest.NewMemFS()
-	f := openMem(t, fs, "store")
-	if _, err := f.WriteAt(want, 0); err != nil {
-		t.Fatal(err)
-	}
-	s, err := Open(f)
+	unmarked, err := os.ReadFile(filepath.Join("testdata", "store-v1-unmarked.golden"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := s.Header()
-	if h.Name != "snap0" || h.OriginID != "disk0" || h.UUID != goldenUUID || h.ClusterSize != 4096 || h.OriginSize != 64<<10 {
-		t.Errorf("golden header: %+v", h)
+	// The two differ in header slot 0 only: generation, clean mark, CRC.
+	if !bytes.Equal(want[headerSize:], unmarked[headerSize:]) {
+		t.Fatal("the golden files differ past header slot 0")
 	}
-	verifyStore(t, s, 7, map[uint32]bool{3: true, 9: true, 5: true})
-	s.Close()
+	for i := range headerSize {
+		if want[i] != unmarked[i] && i != 16 && (i < cleanBatchOff || i >= cleanEnd) && i < crcOff {
+			t.Fatalf("the golden files' slot 0 differ at byte %d", i)
+		}
+	}
+
+	fs := vfstest.NewMemFS()
+	for _, tc := range []struct {
+		name  string
+		b     []byte
+		clean bool
+	}{{"marked", want, true}, {"unmarked", unmarked, false}} {
+		f := openMem(t, fs, tc.name)
+		if _, err := f.WriteAt(tc.b, 0); err != nil {
+			t.Fatal(err)
+		}
+		if rep, err := Check(openMem(t, fs, tc.name)); err != nil || rep.Header.Clean != tc.clean ||
+			tc.clean && (rep.Header.CleanBatch != 2 || rep.Header.CleanCount != 3) || len(rep.Notices) != 0 {
+			t.Fatalf("%s: Check: %+v, %v", tc.name, rep, err)
+		}
+		s, err := Open(f)
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		h := s.Header()
+		if h.Name != "snap0" || h.OriginID != "disk0" || h.UUID != goldenUUID || h.ClusterSize != 4096 || h.OriginSize != 64<<10 || h.State != StateValid || h.Clean {
+			t.Errorf("%s: golden header: %+v", tc.name, h)
+		}
+		if rec := s.Recovery(); rec.Clean != tc.clean || rec.CommittedBatch != 2 || rec.Clusters != 3 || len(rec.Dropped) != 0 || rec.Corrupt != "" {
+			t.Errorf("%s: recovery %+v", tc.name, rec)
+		}
+		verifyStore(t, s, 7, map[uint32]bool{3: true, 9: true, 5: true})
+		s.Close()
+	}
 
 	// The same store claiming format version 2 is refused, untouched.
 	v2 := bytes.Clone(want)

@@ -68,6 +68,11 @@ func FuzzOpen(f *testing.F) {
 		f.Fatal(err)
 	}
 	f.Add(golden, false)
+	unmarked, err := os.ReadFile(filepath.Join("testdata", "store-v1-unmarked.golden"))
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(unmarked, false)
 	f.Add(golden, true)
 	f.Add(golden[:16384], true)
 	f.Add([]byte("NBSSTORE"), false)

@@ -12,9 +12,17 @@ import (
 // Open reopens a persistent store after a restart or a crash and rebuilds
 // its map (see "Commit (persistent) and why a crash anywhere is safe" in
 // format.go). A batch that was in flight at a crash is kept if all of it
-// reached the disk and dropped otherwise. Before returning, Open durably
-// records a new batch base in the header, so this session's batches
-// outrank anything an earlier session left behind.
+// reached the disk and dropped otherwise; [Store.Recovery] says what was
+// dropped. Before returning, Open durably records in the header a new
+// batch base, so this session's batches outrank anything an earlier
+// session left behind, and clears the clean mark.
+//
+// If the store was closed cleanly but the committed state its clean mark
+// records is not on the disk whole (damage, not a crash: see "The clean
+// mark" in format.go), Open does not drop the damaged batch silently: the
+// store opens invalid, with a reason starting "store corrupt:" persisted
+// in the header (an invalid store keeps the reason it already had), and
+// [Recovery].Corrupt set.
 //
 // It refuses a transient store with ErrTransient, a newer format with
 // ErrVersion, a file that is no store with ErrNotStore, and metadata no
@@ -31,14 +39,24 @@ func Open(f vfs.File) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("backstore: open %q: %w", h.Name, err)
 	}
+	rec := r.recovery(h)
 	s := newStore(f, r.geo, h)
 	s.idx = r.idx
 	s.count = r.total
+	s.lastBatch = r.committed
 	s.tail, s.tailSlot = r.tail, r.tailSlot
+	s.recovery = rec
 	if err := s.setLimit(); err != nil {
 		return nil, fmt.Errorf("backstore: open %q: %w", h.Name, err)
 	}
 	h.BatchBase = max(h.BatchBase, r.maxBatch) + 2
+	// Dirty from here on: this write is synced before any batch of this
+	// session is written, so a crash in the session is never taken for a
+	// clean close.
+	h.Clean, h.CleanBatch, h.CleanCount = false, 0, 0
+	if rec.Corrupt != "" && h.State == StateValid {
+		h.State, h.Reason = StateInvalid, truncateUTF8(rec.Corrupt, maxReasonLen)
+	}
 	s.hdrMu.Lock()
 	err = s.writeHeader(&h)
 	s.hdrMu.Unlock()
@@ -47,6 +65,96 @@ func Open(f vfs.File) (*Store, error) {
 	}
 	s.nextBatch = h.BatchBase
 	return s, nil
+}
+
+// Recovery is what Open found when it rebuilt a store's map, for the
+// engine and the daemon to log.
+type Recovery struct {
+	// Clean: the header held the clean mark, so nothing was in flight and
+	// the committed state was known before recovery looked for it.
+	Clean bool
+	// CommittedBatch and Clusters describe the committed state recovered.
+	CommittedBatch uint64
+	Clusters       int
+	// Dropped lists, newest first, the batches found on disk that are not
+	// part of the committed state.
+	Dropped []DroppedBatch
+	// Corrupt, when not empty, is why Open made the store invalid: the
+	// store was closed cleanly but the committed state its clean mark
+	// records is not on the disk whole.
+	Corrupt string
+	// StaleClean: the clean mark was older than the committed state found,
+	// which only the loss of a newer header slot explains; recovery then
+	// went on as after a crash.
+	StaleClean bool
+}
+
+// DroppedBatch is a batch recovery did not take.
+type DroppedBatch struct {
+	Batch uint64
+	// First and Total: the batch added entries First … Total−1.
+	First, Total uint32
+	// Leftover: the batch is numbered below the batch base of the session
+	// that wrote the store last, so an earlier recovery already dropped it
+	// and nothing is lost now. Otherwise it was that session's batch in
+	// flight at a crash (or, in a cleanly closed store, a damaged one).
+	Leftover bool
+	// Why says what is missing or damaged.
+	Why string
+}
+
+func (d DroppedBatch) String() string {
+	kind := "in flight at a crash"
+	if d.Leftover {
+		kind = "left behind by an earlier recovery"
+	}
+	return fmt.Sprintf("batch %d (entries %d…%d, %s) dropped: %s", d.Batch, d.First, d.Total-1, kind, d.Why)
+}
+
+// DroppedClusters is how many clusters this recovery dropped: those of
+// the dropped batches that are not leftovers.
+func (r Recovery) DroppedClusters() int {
+	n := 0
+	for _, d := range r.Dropped {
+		if !d.Leftover {
+			n += int(d.Total - d.First)
+		}
+	}
+	return n
+}
+
+func droppedBatch(h Header, bi batchInfo, why string) DroppedBatch {
+	return DroppedBatch{Batch: bi.batch, First: bi.first, Total: bi.total, Leftover: bi.batch < h.BatchBase, Why: why}
+}
+
+// recovery summarises r and holds it against the clean mark of h.
+func (r *recovered) recovery(h Header) Recovery {
+	rec := Recovery{Clean: h.Clean, CommittedBatch: r.committed, Clusters: int(r.total), Dropped: r.dropped}
+	switch {
+	case !h.Clean || r.committed == h.CleanBatch && r.total == h.CleanCount:
+	case r.committed > h.CleanBatch && r.total >= h.CleanCount:
+		// Batches after the clean close were committed (their session's
+		// Open cleared the mark in the other header slot, which must since
+		// have been damaged). The state found continues the marked one.
+		rec.Clean, rec.StaleClean = false, true
+	default:
+		rec.Corrupt = r.cleanMismatch(h)
+	}
+	return rec
+}
+
+// cleanMismatch says how the committed state found falls short of the one
+// h's clean mark records.
+func (r *recovered) cleanMismatch(h Header) string {
+	found := fmt.Sprintf("only %d entries up to batch %d are intact", r.total, r.committed)
+	for _, d := range r.dropped {
+		if d.Batch == h.CleanBatch {
+			return fmt.Sprintf("store corrupt: batch %d (entries %d…%d), committed before the last clean shutdown, is damaged: %s; %s",
+				d.Batch, d.First, d.Total-1, d.Why, found)
+		}
+	}
+	return fmt.Sprintf("store corrupt: the last clean shutdown recorded %d entries up to batch %d, but %s (metadata of batch %d missing or damaged)",
+		h.CleanCount, h.CleanBatch, found, h.CleanBatch)
 }
 
 // readHeader reads both header slots and returns the valid one with the
@@ -115,7 +223,7 @@ type recovered struct {
 	scanned   int64  // logical blocks up to the first without a valid version
 	maxBatch  uint64 // highest batch number seen
 	committed uint64 // the last committed batch; 0 for an empty store
-	dropped   []uint64
+	dropped   []DroppedBatch
 	total     uint32 // committed entries
 	idx       index
 	tail      []entry
@@ -199,18 +307,18 @@ scan:
 	bounded := false
 	for _, bi := range batches {
 		if bounded && bi.total > bound {
-			r.dropped = append(r.dropped, bi.batch)
+			r.dropped = append(r.dropped, droppedBatch(h, bi, "reaches past a newer incomplete batch: left behind by an earlier recovery"))
 			continue
 		}
-		ok, err := batchComplete(f, g, h, stamps, bi)
+		why, err := batchComplete(f, g, h, stamps, bi)
 		if err != nil {
 			return nil, err
 		}
-		if ok {
+		if why == "" {
 			r.committed, r.total = bi.batch, bi.total
 			break
 		}
-		r.dropped = append(r.dropped, bi.batch)
+		r.dropped = append(r.dropped, droppedBatch(h, bi, why))
 		if !bounded || bi.first < bound {
 			bound, bounded = bi.first, true
 		}
@@ -293,13 +401,13 @@ func readBlock(f vfs.File, buf []byte, l int64, phys int, h Header, g geometry) 
 
 // batchComplete reports whether every block batch bi wrote has a valid
 // version stamped with it and every entry it added has data matching its
-// CRC.
-func batchComplete(f vfs.File, g geometry, h Header, stamps [][2]stamp, bi batchInfo) (bool, error) {
+// CRC. When it is not complete, why says what is missing.
+func batchComplete(f vfs.File, g geometry, h Header, stamps [][2]stamp, bi batchInfo) (why string, err error) {
 	firstL, lastL := int64(bi.first)/entriesPerBlock, int64(bi.total-1)/entriesPerBlock
 	phys := make([]int, 0, lastL-firstL+1)
 	for l := firstL; l <= lastL; l++ {
 		if l >= int64(len(stamps)) {
-			return false, nil
+			return fmt.Sprintf("metadata block %d has no valid version", l), nil
 		}
 		switch {
 		case stamps[l][0].valid && stamps[l][0].batch == bi.batch:
@@ -307,7 +415,7 @@ func batchComplete(f vfs.File, g geometry, h Header, stamps [][2]stamp, bi batch
 		case stamps[l][1].valid && stamps[l][1].batch == bi.batch:
 			phys = append(phys, 1)
 		default:
-			return false, nil
+			return fmt.Sprintf("metadata block %d has no valid version of it", l), nil
 		}
 	}
 	block := make([]byte, blockSize)
@@ -315,7 +423,7 @@ func batchComplete(f vfs.File, g geometry, h Header, stamps [][2]stamp, bi batch
 	for i, l := 0, firstL; l <= lastL; i, l = i+1, l+1 {
 		m, err := readBlock(f, block, l, phys[i], h, g)
 		if err != nil {
-			return false, err
+			return "", err
 		}
 		for j, e := range m.entries {
 			slot := uint32(l*entriesPerBlock) + uint32(j)
@@ -323,12 +431,15 @@ func batchComplete(f vfs.File, g geometry, h Header, stamps [][2]stamp, bi batch
 				continue // an older batch's entry, synced before this batch began
 			}
 			ok, err := slotMatches(f, g, data, slot, e)
-			if err != nil || !ok {
-				return false, err
+			if err != nil {
+				return "", err
+			}
+			if !ok {
+				return fmt.Sprintf("data slot %d (cluster %d) fails its checksum", slot, e.cluster), nil
 			}
 		}
 	}
-	return true, nil
+	return "", nil
 }
 
 // slotMatches reports whether data slot slot holds data with e's CRC.

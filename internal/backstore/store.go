@@ -54,12 +54,16 @@ type Store struct {
 	tail      []entry // entries of the partly filled last block (count%505 of them)
 	tailSlot  int     // physical slot of the tail block's durable version
 	nextBatch uint64
-	limit     int64 // the store may not grow past this offset; 0: no limit
-	failed    error // the I/O error that broke the store, if any
+	lastBatch uint64 // number of the last committed batch; 0: none yet
+	limit     int64  // the store may not grow past this offset; 0: no limit
+	failed    error  // the I/O error that broke the store, if any
 	blockBuf  []byte
 
-	// hdrMu serialises header writes (Invalidate, Open's batch base).
+	// hdrMu serialises header writes (Invalidate, Open's batch base,
+	// Close's clean mark).
 	hdrMu sync.Mutex
+
+	recovery Recovery // what Open found; immutable
 
 	// mu guards the index, the header and closed.
 	mu     sync.RWMutex
@@ -221,6 +225,7 @@ func (s *Store) Commit(batch []Cluster) error {
 		if err := s.f.Sync(); err != nil {
 			return s.fail(fmt.Errorf("backstore: sync batch %d: %w", s.nextBatch, ioErr(err)))
 		}
+		s.lastBatch = s.nextBatch
 		s.nextBatch++
 		s.tail, s.tailSlot = newTail, newTailSlot
 	}
@@ -381,6 +386,15 @@ func (s *Store) Bytes() int64 {
 	return b
 }
 
+// Recovery returns what Open found when it rebuilt the map: the batches it
+// dropped and, for a store it opened invalid, why. It is zero for a store
+// made by Create.
+func (s *Store) Recovery() Recovery {
+	rec := s.recovery
+	rec.Dropped = slices.Clone(rec.Dropped)
+	return rec
+}
+
 // Header returns the current header.
 func (s *Store) Header() Header {
 	s.mu.RLock()
@@ -437,8 +451,15 @@ func (s *Store) writeHeader(h *Header) error {
 	return nil
 }
 
-// Close waits for a Commit in progress and closes the file. Everything
-// committed is already durable (persistent) or abandoned (transient).
+// Close waits for a Commit in progress, records the clean mark in the
+// header of a persistent store (durably: the committed batch and entry
+// count, see "The clean mark" in format.go), and closes the file.
+// Everything committed is already durable (persistent) or abandoned
+// (transient). The mark is not recorded when a Commit failed with an I/O
+// error (what that batch left on disk is unknown, so the next Open must
+// recover as after a crash) nor when an Invalidate could not persist its
+// header. The file is closed even if writing the mark fails; the store is
+// then reopened as after a crash, which is safe.
 func (s *Store) Close() error {
 	s.commitMu.Lock()
 	defer s.commitMu.Unlock()
@@ -450,9 +471,20 @@ func (s *Store) Close() error {
 		return fmt.Errorf("backstore: close: %w", ErrClosed)
 	}
 	s.closed = true
+	h := s.hdr
 	s.mu.Unlock()
-	if err := s.f.Close(); err != nil {
-		return fmt.Errorf("backstore: close: %w", err)
+	var markErr error
+	// An invalid header without its reason is an Invalidate whose header
+	// write failed: writing h would persist "invalid" with no reason.
+	unpersisted := h.State == StateInvalid && h.Reason == ""
+	if s.persistent && s.failed == nil && !unpersisted {
+		h.Clean, h.CleanBatch, h.CleanCount = true, s.lastBatch, s.count
+		if err := s.writeHeader(&h); err != nil {
+			markErr = fmt.Errorf("backstore: close: record clean mark: %w", err)
+		}
 	}
-	return nil
+	if err := s.f.Close(); err != nil {
+		return errors.Join(markErr, fmt.Errorf("backstore: close: %w", err))
+	}
+	return markErr
 }

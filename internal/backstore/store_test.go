@@ -161,4 +161,15 @@ func TestCommitReopen(t *testing.T) {
 	}
 }
 
+// crash ends s the way a crash would after every write reached the disk:
+// the file is closed without the clean mark.
+func (s *Store) crash() {
+	s.commitMu.Lock()
+	defer s.commitMu.Unlock()
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
+	s.f.Close()
+}
+
 func newRand(seed uint64) *rand.Rand { return rand.New(rand.NewPCG(seed, seed)) }
