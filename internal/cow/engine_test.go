@@ -652,3 +652,121 @@ func (f *sliceFile) Sync() error          { return nil }
 func (f *sliceFile) Size() (int64, error) { return int64(len(f.b)), nil }
 func (f *sliceFile) Truncate(int64) error { return errors.New("fixed size") }
 func (f *sliceFile) Close() error         { return nil }
+
+// gateFile blocks origin reads of one offset until released, and counts
+// reads.
+type gateFile struct {
+	vfs.File
+	blockOff int64
+	entered  chan struct{}
+	release  chan struct{}
+	reads    atomic.Int64
+}
+
+func (g *gateFile) ReadAt(p []byte, off int64) (int, error) {
+	g.reads.Add(1)
+	if off == g.blockOff {
+		g.entered <- struct{}{}
+		<-g.release
+	}
+	return g.File.ReadAt(p, off)
+}
+
+// TestSecondWriterWaitsForCopy (cowwait2): while one request copies a
+// cluster, another request on that cluster waits for the copy, does not
+// read the origin again, and the origin is modified only after the copy.
+func TestSecondWriterWaitsForCopy(t *testing.T) {
+	ctx := context.Background()
+	fs := vfstest.NewMemFS()
+	base := mustOpen(t, fs, "origin")
+	data := bytes.Repeat([]byte{7}, 64<<10)
+	if _, err := base.WriteAt(data, 0); err != nil {
+		t.Fatal(err)
+	}
+	g := &gateFile{File: base, blockOff: 8192, entered: make(chan struct{}), release: make(chan struct{})}
+	e, err := NewEngine(g, EngineOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.newStore = func(_ vfs.File, o storeOptions) (clusterStore, error) { return newMemStore(o), nil }
+	s, err := e.Create(ctx, nil, SnapshotOptions{Name: "s", ClusterSize: 4096, Transient: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := make(chan error, 1)
+	go func() { first <- e.WriteAt(ctx, []byte{1}, 8192, false) }()
+	<-g.entered // the first request is copying cluster 2
+	second := make(chan error, 1)
+	go func() { second <- e.WriteAt(ctx, []byte{2}, 8193, false) }()
+	select {
+	case err := <-second:
+		t.Fatalf("second write finished (%v) while the cluster was being copied", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	if got, _ := fs.Contents("origin"); got[8193] != 7 {
+		t.Fatalf("origin modified before the copy completed")
+	}
+	close(g.release)
+	for _, ch := range []chan error{first, second} {
+		if err := <-ch; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := g.reads.Load(); n != 1 {
+		t.Errorf("origin read %d times for one cluster", n)
+	}
+	img := make([]byte, 64<<10)
+	if err := s.ReadAt(ctx, img, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(img, data) {
+		t.Fatalf("snapshot differs at %d", firstDiff(img, data))
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestPersistentWaitsForCommit: in persistent mode an origin write is
+// issued only after the commit holding its cluster returned; in transient
+// mode (fss) only the copy into the cache is waited for.
+func TestPersistentWaitsForCommit(t *testing.T) {
+	for _, transient := range []bool{false, true} {
+		ctx := context.Background()
+		fs := vfstest.NewMemFS()
+		e, _, data := testEngine(t, fs, 64<<10, 4, false)
+		release := make(chan struct{})
+		e.newStore = func(_ vfs.File, o storeOptions) (clusterStore, error) {
+			m := newMemStore(o)
+			m.fail = func(int) error { <-release; return nil }
+			return m, nil
+		}
+		if _, err := e.Create(ctx, nil, SnapshotOptions{Name: "s", ClusterSize: 4096, Transient: transient}); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() { done <- e.WriteAt(ctx, []byte{^data[100]}, 100, false) }()
+		select {
+		case err := <-done:
+			if !transient {
+				t.Fatalf("persistent: write finished (%v) before its commit returned", err)
+			}
+		case <-time.After(100 * time.Millisecond):
+			if transient {
+				t.Fatalf("transient: write waits for the store")
+			}
+			if got, _ := fs.Contents("origin"); got[100] != data[100] {
+				t.Fatalf("persistent: origin modified before the commit returned")
+			}
+		}
+		close(release)
+		if !transient {
+			if err := <-done; err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := e.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
