@@ -3,6 +3,7 @@ package cow
 import (
 	"bytes"
 	"context"
+	"flag"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -334,6 +335,8 @@ func checkRecovery(t *testing.T, ctx context.Context, st *crashState, workers []
 	}
 }
 
+var crashesFlag = flag.Int("crashes", 0, "crash points TestCrash checks (0: 1,000, or 100 with -short)")
+
 // TestCrash crashes random workloads at random mutating operations (with a
 // random part of the unsynced writes kept, possibly torn) and checks that
 // every persistent snapshot reopens equal to its reference and that the
@@ -342,6 +345,9 @@ func TestCrash(t *testing.T) {
 	want := 1000
 	if testing.Short() {
 		want = 100
+	}
+	if *crashesFlag > 0 {
+		want = *crashesFlag
 	}
 	if *seedFlag != 0 {
 		want = 1
