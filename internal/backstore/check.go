@@ -84,6 +84,9 @@ func CheckWithOptions(f vfs.File, opts CheckOptions) (Report, error) {
 			rep.Notices = append(rep.Notices, d.String())
 		}
 	}
+	for _, u := range r.unreadable {
+		rep.Notices = append(rep.Notices, u+" (ignored: torn by a crash, damaged, or left from an earlier use)")
+	}
 	if rep.Recovery.StaleClean {
 		rep.Notices = append(rep.Notices, fmt.Sprintf("the clean mark (batch %d, %d entries) is older than the committed state: a newer header slot was lost", h.CleanBatch, h.CleanCount))
 	}

@@ -216,7 +216,9 @@ package backstore
 //     without a valid version, the scan stopping early — can only be
 //     damage: the store opens invalid, with a reason starting "store
 //     corrupt:" persisted in the header, so the engine answers EIO for the
-//     snapshot rather than origin data. More (a committed batch above B)
+//     snapshot rather than origin data. Its Close records the same (B, T)
+//     again, not the smaller state recovered, so that every later Open and
+//     Check still sees the damage. More (a committed batch above B)
 //     means the header slot holding a later session's cleared mark was
 //     lost; recovery then stands as after a crash. Check reports the same,
 //     without writing.
@@ -229,12 +231,14 @@ package backstore
 //
 // The limit that remains: after an unclean shutdown, damage to the newest
 // committed batch is indistinguishable from a torn in-flight batch, and that
-// batch is dropped. Damage to an older block of the committed state is still
-// found by Open whenever it breaks the structure (a block not full, a scan
-// that ends before the committed batch's blocks, which then fails as
-// incomplete …), and by Check's data verification otherwise, but after an
-// unclean shutdown a scan ending at a damaged full block that no later batch
-// wrote past looks like a shorter, complete history.
+// batch is dropped (listed in Store.Recovery as in flight). Damage to an
+// older part of the committed state is found by Open when it breaks the
+// structure (a committed block not full, or without a valid version while
+// block L+1 holds a batch that began after block L was full: gapIsDamage),
+// and by Check's data verification otherwise; what neither finds after an
+// unclean shutdown is a scan ending at a damaged block that only batches
+// reaching back into it wrote past, which looks like a shorter history
+// whose newest batch was torn.
 //
 // A program that predates the mark refuses a header slot with it
 // (nonzero reserved bytes) and falls back to the other slot, the header

@@ -50,13 +50,16 @@ func Open(f vfs.File) (*Store, error) {
 		return nil, fmt.Errorf("backstore: open %q: %w", h.Name, err)
 	}
 	h.BatchBase = max(h.BatchBase, r.maxBatch) + 2
+	if rec.Corrupt != "" {
+		s.damagedMark = &[2]uint64{h.CleanBatch, uint64(h.CleanCount)}
+		if h.State == StateValid {
+			h.State, h.Reason = StateInvalid, truncateUTF8(rec.Corrupt, maxReasonLen)
+		}
+	}
 	// Dirty from here on: this write is synced before any batch of this
 	// session is written, so a crash in the session is never taken for a
 	// clean close.
 	h.Clean, h.CleanBatch, h.CleanCount = false, 0, 0
-	if rec.Corrupt != "" && h.State == StateValid {
-		h.State, h.Reason = StateInvalid, truncateUTF8(rec.Corrupt, maxReasonLen)
-	}
 	s.hdrMu.Lock()
 	err = s.writeHeader(&h)
 	s.hdrMu.Unlock()
@@ -83,6 +86,12 @@ type Recovery struct {
 	// store was closed cleanly but the committed state its clean mark
 	// records is not on the disk whole.
 	Corrupt string
+	// Unreadable lists the metadata block versions, up to where the scan
+	// stopped, that are neither valid nor blank: torn by a crash (a batch
+	// whose metadata never reached the disk leaves no other trace),
+	// damaged, or left from an earlier use of the device. Their blocks' other
+	// versions were used.
+	Unreadable []string
 	// StaleClean: the clean mark was older than the committed state found,
 	// which only the loss of a newer header slot explains; recovery then
 	// went on as after a crash.
@@ -129,7 +138,7 @@ func droppedBatch(h Header, bi batchInfo, why string) DroppedBatch {
 
 // recovery summarises r and holds it against the clean mark of h.
 func (r *recovered) recovery(h Header) Recovery {
-	rec := Recovery{Clean: h.Clean, CommittedBatch: r.committed, Clusters: int(r.total), Dropped: r.dropped}
+	rec := Recovery{Clean: h.Clean, CommittedBatch: r.committed, Clusters: int(r.total), Dropped: r.dropped, Unreadable: r.unreadable}
 	switch {
 	case !h.Clean || r.committed == h.CleanBatch && r.total == h.CleanCount:
 	case r.committed > h.CleanBatch && r.total >= h.CleanCount:
@@ -224,10 +233,13 @@ type recovered struct {
 	maxBatch  uint64 // highest batch number seen
 	committed uint64 // the last committed batch; 0 for an empty store
 	dropped   []DroppedBatch
-	total     uint32 // committed entries
-	idx       index
-	tail      []entry
-	tailSlot  int
+	// unreadable lists the block versions up to the end of the scan that
+	// are neither valid nor blank.
+	unreadable []string
+	total      uint32 // committed entries
+	idx        index
+	tail       []entry
+	tailSlot   int
 	// Only when recoverMap is asked to keep them (for Check): the cluster
 	// of each slot and the physical slot chosen for each committed block.
 	slots  []uint32
@@ -264,8 +276,11 @@ scan:
 			for s := 0; s < 2; s++ {
 				b := chunk[(2*i+int64(s))*blockSize:]
 				m, err := decodeMetaBlock(b, l0+i, h.UUID, g.maxClusters, false)
-				if err == nil {
+				switch {
+				case err == nil:
 					pair[s] = stamp{valid: true, batch: m.batch, first: m.first, total: m.total}
+				case !allZero(b[:blockSize]):
+					r.unreadable = append(r.unreadable, fmt.Sprintf("metadata block %d slot %d: %v", l0+i, s, err))
 				}
 			}
 			if !pair[0].valid && !pair[1].valid {
@@ -275,6 +290,9 @@ scan:
 		}
 	}
 	r.scanned = int64(len(stamps))
+	if err := gapIsDamage(f, g, h, r.scanned); err != nil {
+		return nil, err
+	}
 
 	// The batches seen, newest first. Every version a batch wrote carries
 	// the same F and T.
@@ -373,6 +391,30 @@ scan:
 		}
 	}
 	return r, nil
+}
+
+// gapIsDamage looks past the block gap where pass 1 stopped. A crash can
+// leave gap without a valid version only if the batch in flight was the
+// first to write it; then every batch stamped in block gap+1 began in gap or
+// before. A version of gap+1 written by a batch that began after gap proves
+// gap was full and durable when that batch began (committed counts never
+// shrink, and a full block is never rewritten), so it was damaged since.
+func gapIsDamage(f vfs.File, g geometry, h Header, gap int64) error {
+	if gap+1 >= g.metaBlocks {
+		return nil
+	}
+	buf := make([]byte, 2*blockSize)
+	if err := readFull(f, buf, metaOff(gap+1, 0)); err != nil {
+		return fmt.Errorf("read metadata block %d: %w", gap+1, err)
+	}
+	for s := 0; s < 2; s++ {
+		m, err := decodeMetaBlock(buf[s*blockSize:], gap+1, h.UUID, g.maxClusters, false)
+		if err == nil && int64(m.first) >= (gap+1)*entriesPerBlock {
+			return fmt.Errorf("%w: metadata block %d has no valid version, but block %d holds batch %d, which began after block %d was full",
+				ErrCorrupt, gap, gap+1, m.batch, gap)
+		}
+	}
+	return nil
 }
 
 func cmpU64(a, b uint64) int {

@@ -64,6 +64,10 @@ type Store struct {
 	hdrMu sync.Mutex
 
 	recovery Recovery // what Open found; immutable
+	// damagedMark is the clean mark Open found unmet (Recovery.Corrupt):
+	// Close records it again rather than the smaller state recovered, so
+	// that every later Open and Check still sees the damage. Immutable.
+	damagedMark *[2]uint64
 
 	// mu guards the index, the header and closed.
 	mu     sync.RWMutex
@@ -392,6 +396,7 @@ func (s *Store) Bytes() int64 {
 func (s *Store) Recovery() Recovery {
 	rec := s.recovery
 	rec.Dropped = slices.Clone(rec.Dropped)
+	rec.Unreadable = slices.Clone(rec.Unreadable)
 	return rec
 }
 
@@ -479,6 +484,9 @@ func (s *Store) Close() error {
 	unpersisted := h.State == StateInvalid && h.Reason == ""
 	if s.persistent && s.failed == nil && !unpersisted {
 		h.Clean, h.CleanBatch, h.CleanCount = true, s.lastBatch, s.count
+		if m := s.damagedMark; m != nil {
+			h.CleanBatch, h.CleanCount = m[0], uint32(m[1])
+		}
 		if err := s.writeHeader(&h); err != nil {
 			markErr = fmt.Errorf("backstore: close: record clean mark: %w", err)
 		}
