@@ -40,6 +40,7 @@ func run() error {
 	verbose := flag.Bool("v", false, "debug logging")
 	maxConns := flag.Int("max-conns", 0, "connection limit (0 = nbdsrv default)")
 	handshake := flag.Duration("handshake-timeout", 0, "negotiation deadline (0 = nbdsrv default)")
+	maxReqs := flag.Int("max-requests", 0, "requests in flight per connection (0 = nbdsrv default)")
 	flag.Parse()
 	if *file == "" || (*sock == "" && *tcp == "") {
 		return fmt.Errorf("need -file and -unix or -tcp")
@@ -59,7 +60,8 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	srv := nbdsrv.NewServer(nbdsrv.Config{Logger: log, MaxConns: *maxConns, HandshakeTimeout: *handshake})
+	srv := nbdsrv.NewServer(nbdsrv.Config{Logger: log, MaxConns: *maxConns, HandshakeTimeout: *handshake,
+		MaxRequestsPerConn: *maxReqs})
 	if err := srv.AddExport(nbdsrv.Export{Name: *name, Size: size, Backend: b, ReadOnly: *readOnly, MultiConn: true}); err != nil {
 		return err
 	}
