@@ -10,31 +10,36 @@ import (
 )
 
 // writeLoad writes to a mounted origin from a goroutine while a scenario
-// kills and restarts the server underneath: each iteration writes a new
-// 128 KiB file and overwrites 64 KiB of an existing file of set A in place,
-// each followed by fsync, so that writes and flushes are always in flight
-// and clusters that existed at the create instant keep being overwritten.
-// Every write must succeed: the kernel holds the I/O while the server is
-// away.
+// kills and restarts the server underneath, until it is stopped: each
+// iteration writes one of 32 rotating 128 KiB files and overwrites 64 KiB
+// of a file of set A in place, each followed by fsync, so that writes and
+// flushes are always in flight and clusters that existed at the create
+// instant keep being overwritten. Every write must succeed: the kernel
+// holds the I/O while the server is away.
 type writeLoad struct {
+	stop  chan struct{} // closed to end the load after the iteration in progress
 	done  chan struct{}
 	err   error        // set before done is closed
 	iters atomic.Int64 // completed iterations
 	model fsModel      // owned by the goroutine until done is closed
 }
 
-func startLoad(ctx context.Context, root string, model fsModel, iterations int, seed uint64) *writeLoad {
-	l := &writeLoad{done: make(chan struct{}), model: model}
+func startLoad(ctx context.Context, root string, model fsModel, seed uint64) *writeLoad {
+	l := &writeLoad{stop: make(chan struct{}), done: make(chan struct{}), model: model}
 	targets := model.sorted("A/")
 	go func() {
 		defer close(l.done)
 		r := rand.New(rand.NewPCG(seed, 3))
-		for i := 0; i < iterations; i++ {
-			if err := ctx.Err(); err != nil {
-				l.err = err
+		for i := 0; ; i++ {
+			select {
+			case <-l.stop:
 				return
+			case <-ctx.Done():
+				l.err = ctx.Err()
+				return
+			default:
 			}
-			rel := fmt.Sprintf("load/f%03d", i)
+			rel := fmt.Sprintf("load/f%02d", i%32)
 			data := randomBytes(r, 128<<10)
 			if err := writeSynced(filepath.Join(root, rel), data); err != nil {
 				l.err = fmt.Errorf("load iteration %d: %w", i, err)
@@ -75,13 +80,14 @@ func (l *writeLoad) waitIters(ctx context.Context, n int64) error {
 	return nil
 }
 
-// wait waits for the load to end and returns its error.
-func (l *writeLoad) wait(ctx context.Context) error {
+// finish stops the load and returns its error.
+func (l *writeLoad) finish(ctx context.Context) error {
+	close(l.stop)
 	select {
 	case <-l.done:
 		return l.err
 	case <-ctx.Done():
-		return fmt.Errorf("the load did not finish (%d iterations done): %w", l.iters.Load(), ctx.Err())
+		return fmt.Errorf("the load did not stop (%d iterations done): %w", l.iters.Load(), ctx.Err())
 	}
 }
 

@@ -20,7 +20,9 @@ const (
 	// Timeout (seconds) after which the kernel requeues a request that got
 	// no reply. Only the crash scenarios set it: there it bounds how long
 	// requests in flight at the kill wait before being resent on the new
-	// connection.
+	// connection. A request this slow with the server alive would be
+	// requeued too and then wait for a reconnection nobody makes; requests
+	// here take milliseconds, so 8 s leaves a wide margin on a loaded host.
 	requeueTimeout = "8"
 	// How long the kernel holds I/O for a dead connection (seconds).
 	deadConnTimeout = 120
@@ -408,11 +410,13 @@ func compareDevice(dev, ref string) error {
 }
 
 // crashUnderLoad runs the write load on the mounted origin, kills the server
-// with SIGKILL once some iterations are done, restarts it and reconnects
-// /dev/nbd0; the load must then finish without a single failed write.
+// with SIGKILL while writes are in flight, restarts it and reconnects
+// /dev/nbd0; the load must then go on for a while more and end without a
+// single failed write.
 func (g *guest) crashUnderLoad(ctx context.Context, model fsModel, kill func() error, restart func() error, sock, export string) error {
-	load := startLoad(ctx, originMnt, model, 40, 4)
+	load := startLoad(ctx, originMnt, model, 4)
 	if err := g.step("write load running", func() error { return load.waitIters(ctx, 6) }); err != nil {
+		load.finish(ctx)
 		return err
 	}
 	if err := g.step("kill -9 server with writes in flight", func() error {
@@ -423,7 +427,7 @@ func (g *guest) crashUnderLoad(ctx context.Context, model fsModel, kill func() e
 		if err := kill(); err != nil {
 			return err
 		}
-		g.log.Info("killed the server", "writes_in_flight", n)
+		g.log.Info("killed the server", "writes_in_flight", n, "load_iterations", load.iters.Load())
 		return nil
 	}); err != nil {
 		return err
@@ -434,8 +438,11 @@ func (g *guest) crashUnderLoad(ctx context.Context, model fsModel, kill func() e
 	if err := g.step("reconnect /dev/nbd0", func() error { return g.reconnect(ctx, nbd0, sock, export) }); err != nil {
 		return err
 	}
-	return g.step("write load completes without an error", func() error {
-		if err := load.wait(ctx); err != nil {
+	return g.step("write load goes on and ends without an error", func() error {
+		if err := load.waitIters(ctx, load.iters.Load()+12); err != nil {
+			return err
+		}
+		if err := load.finish(ctx); err != nil {
 			return err
 		}
 		syscall.Sync()
