@@ -45,7 +45,10 @@ type CheckOptions struct {
 // Check validates a store without changing it: both header slots, every
 // metadata block of the committed state (valid, full where it must be, its
 // entries in range, no cluster claimed twice), and the CRC of every copied
-// cluster's data. For a transient store only the header can be checked.
+// cluster's data. A store closed cleanly whose committed state is not
+// whole is a problem (Open would make it invalid); batches recovery would
+// drop after a crash are notices. For a transient store only the header can
+// be checked.
 // The error wraps ErrCorrupt (or the header's error) and names the first
 // problem; the Report lists them all.
 func Check(f vfs.File) (Report, error) {

@@ -10,8 +10,11 @@
 // Commit writes a batch's data and metadata and then syncs once, so when it
 // returns nil the batch is durable and Open will find it after a crash,
 // while a batch torn by a crash is detected by checksums and dropped as a
-// whole. The byte layout and the argument for crash safety are in
-// format.go. A transient store writes data only, never syncs, and cannot be
+// whole ([Store.Recovery] lists what was dropped). Close records a clean
+// mark in the header, so that a store closed cleanly whose committed state
+// was damaged since opens invalid ("store corrupt: …") rather than silently
+// losing the damaged batch. The byte layout and the argument for crash
+// safety are in format.go. A transient store writes data only, never syncs, and cannot be
 // reopened; its map lives only in memory.
 //
 // Main types: [Store] (Create, Open, Commit, ReadCluster, Invalidate),
@@ -26,7 +29,10 @@
 // bytes per copied cluster (see index.go and TestIndexMemory).
 //
 // Caveats: Open verifies the data checksums of the newest batch only;
-// corruption of older data is found by Check, not by Open. After a Commit
+// corruption of older data is found by Check, not by Open. After an
+// unclean shutdown, damage to the newest committed batch cannot be told
+// from a batch torn in flight, and it is dropped (see "The clean mark" in
+// format.go). After a Commit
 // fails with an I/O error the store takes no more batches (ErrFailed):
 // whether that batch's writes are durable is unknown until a reopen.
 package backstore

@@ -155,7 +155,10 @@ func (r *recovered) recovery(h Header) Recovery {
 // cleanMismatch says how the committed state found falls short of the one
 // h's clean mark records.
 func (r *recovered) cleanMismatch(h Header) string {
-	found := fmt.Sprintf("only %d entries up to batch %d are intact", r.total, r.committed)
+	found := "no batch is intact"
+	if r.committed > 0 {
+		found = fmt.Sprintf("only entries 0…%d, up to batch %d, are intact", r.total-1, r.committed)
+	}
 	for _, d := range r.dropped {
 		if d.Batch == h.CleanBatch {
 			return fmt.Sprintf("store corrupt: batch %d (entries %d…%d), committed before the last clean shutdown, is damaged: %s; %s",
