@@ -3,10 +3,15 @@ package vm
 import (
 	"bytes"
 	"compress/gzip"
+	"context"
 	"encoding/binary"
+	"errors"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nbdsnap/nbdsnap/test/vm/report"
 )
@@ -154,5 +159,25 @@ func TestReportParse(t *testing.T) {
 	}
 	if sec := report.Section(report.BeginPrefix+"crashed\n", "crash"); sec != "" {
 		t.Errorf("section of a scenario that never began: %q", sec)
+	}
+}
+
+// TestBootSilence runs boot.run on a stand-in for QEMU that prints and then
+// hangs: the silence watchdog must kill it and say why.
+func TestBootSilence(t *testing.T) {
+	fake := filepath.Join(t.TempDir(), "qemu")
+	if err := os.WriteFile(fake, []byte("#!/bin/sh\necho booting\nexec sleep 60\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	console, err := boot{Qemu: fake, Timeout: time.Minute, Silence: time.Second}.run(context.Background())
+	if !errors.Is(err, errSilent) {
+		t.Fatalf("error %v, want one wrapping errSilent", err)
+	}
+	if !strings.Contains(console, "booting") {
+		t.Errorf("console %q lost what was printed", console)
+	}
+	if d := time.Since(start); d > 20*time.Second {
+		t.Errorf("took %v to notice 1s of silence", d)
 	}
 }

@@ -3,6 +3,7 @@ package vm
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"os/exec"
 	"strings"
@@ -15,20 +16,29 @@ type boot struct {
 	Qemu    string
 	Kernel  string // vmlinux
 	Initrd  string
-	Append  []string // extra kernel parameters
-	Timeout time.Duration
+	Append  []string      // extra kernel parameters
+	Timeout time.Duration // for the whole run
+	Silence time.Duration // the longest the console may stay silent
 }
 
 // syncBuffer collects the console while QEMU writes it.
 type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
+	mu   sync.Mutex
+	b    bytes.Buffer
+	last time.Time // of the latest write
 }
 
 func (s *syncBuffer) Write(p []byte) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.last = time.Now()
 	return s.b.Write(p)
+}
+
+func (s *syncBuffer) silentFor() time.Duration {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return time.Since(s.last)
 }
 
 func (s *syncBuffer) String() string {
@@ -53,20 +63,40 @@ func (b boot) qemuArgs() []string {
 	}
 }
 
+// errSilent ends a boot whose console stayed silent too long: the guest
+// agent logs every step and reports a stuck one itself, so silence means
+// the kernel itself is stuck.
+var errSilent = errors.New("the console stayed silent")
+
 // run boots the VM and returns its console. The error is non-nil if QEMU
-// failed or the timeout killed it; the console is returned in every case.
+// failed or was killed (timeout, silence); the console is returned in every
+// case.
 func (b boot) run(ctx context.Context) (string, error) {
-	ctx, cancel := context.WithTimeout(ctx, b.Timeout)
+	ctx, cancel := context.WithTimeoutCause(ctx, b.Timeout, fmt.Errorf("the boot ran for %v", b.Timeout))
 	defer cancel()
-	var console syncBuffer
+	ctx, silenced := context.WithCancelCause(ctx)
+	defer silenced(nil)
+	console := &syncBuffer{last: time.Now()}
+	go func() {
+		for ctx.Err() == nil {
+			if d := console.silentFor(); d > b.Silence {
+				silenced(fmt.Errorf("%w for %v", errSilent, d.Round(time.Second)))
+				return
+			}
+			select {
+			case <-ctx.Done():
+			case <-time.After(time.Second):
+			}
+		}
+	}()
 	cmd := exec.CommandContext(ctx, b.Qemu, b.qemuArgs()...)
 	cmd.Stdin = nil // /dev/null: nothing types on the console
-	cmd.Stdout = &console
-	cmd.Stderr = &console
+	cmd.Stdout = console
+	cmd.Stderr = console
 	cmd.WaitDelay = 5 * time.Second
 	err := cmd.Run()
 	if ctx.Err() != nil {
-		return console.String(), fmt.Errorf("qemu: killed after %v: %w", b.Timeout, ctx.Err())
+		return console.String(), fmt.Errorf("qemu killed: %w", context.Cause(ctx))
 	}
 	if err != nil {
 		return console.String(), fmt.Errorf("qemu: %w", err)
