@@ -17,7 +17,8 @@
 //   - freeze: create --freeze under a mounted ext4; the snapshot passes
 //     e2fsck -fn and holds file set A exactly, nothing of set B.
 //   - nofreeze: sync, then create without freezing; the snapshot mounts
-//     ro,noload and e2fsck -n finds nothing beyond journal notices.
+//     ro,noload and e2fsck -fn finds nothing beyond what any capture of a
+//     mounted ext4 shows (journal recovery skipped, superblock free totals).
 //   - crash: kill -9 of the daemon during a write load, restart with the same
 //     state directory, reconnect the kernel; the persistent snapshot is
 //     byte-identical to the origin at the create instant, the origin clean.
@@ -26,13 +27,13 @@
 //   - readonly: the snapshot device is read-only to the kernel, and writes
 //     fail cleanly both through the kernel and on the wire.
 //
-// Reconnecting: Debian 12's nbd-client (3.24) attaches through netlink but
-// cannot reconnect such a device (its -persist works only in ioctl mode,
-// where the kernel fails the queued I/O; netlink reconnection arrived in
-// nbd 3.27). The agent does what that newer nbd-client does: it sets a dead
-// connection timeout with NBD_CMD_RECONFIGURE, so the kernel holds I/O while
-// the server is down, and hands the kernel a freshly negotiated socket with
-// another NBD_CMD_RECONFIGURE.
+// Reconnecting: Debian 12's nbd-client (3.24) attaches through netlink and
+// exits; it cannot reconnect such a device (in 3.24 -persist is handled only
+// on the ioctl path; netlink reconnection arrived in nbd 3.27). The agent
+// does what that newer nbd-client does: it sets a dead-connection timeout
+// with NBD_CMD_RECONFIGURE, so that the kernel holds I/O while the server
+// is down, and hands the kernel a freshly negotiated socket with another
+// NBD_CMD_RECONFIGURE.
 package main
 
 import (
