@@ -205,7 +205,9 @@ package backstore
 //     96 … 111), and syncs it. Every batch was synced by its Commit before,
 //     and none can follow, so (B, T) is exactly the committed state. Close
 //     does not write the mark after a failed Commit (what that batch left on
-//     disk is unknown; the next Open recovers as after a crash).
+//     disk is unknown; the next Open recovers as after a crash), nor after
+//     an Invalidate whose header write failed (the mark would persist
+//     "invalid" without its reason).
 //   - A writable Open clears the mark in the header write it makes anyway
 //     (the batch base), which is synced before any batch of the session is
 //     written. So while a batch can be in flight, the disk says "not clean";
@@ -221,13 +223,17 @@ package backstore
 //     Check still sees the damage. More (a committed batch above B)
 //     means the header slot holding a later session's cleared mark was
 //     lost; recovery then stands as after a crash. Check reports the same,
-//     without writing.
+//     without writing. (Damage that makes the metadata contradict itself
+//     fails Open with ErrCorrupt, marked or not, as before: the daemon then
+//     lists the snapshot as not reopenable, with that error.)
 //
 // Dropping the in-flight batch after a crash stays correct (the argument
 // above), and is made visible: Store.Recovery and Check's Report list every
 // dropped batch, and whether it was in flight at the crash (numbered at or
 // above the header's batch base: the crashed session's batches) or a
-// leftover an earlier recovery dropped already.
+// leftover an earlier recovery dropped already. A batch none of whose
+// metadata block versions reached the disk whole leaves at most torn
+// versions, which Store.Recovery and Check report as unreadable.
 //
 // The limit that remains: after an unclean shutdown, damage to the newest
 // committed batch is indistinguishable from a torn in-flight batch, and that
