@@ -61,8 +61,8 @@ func runFio(ctx context.Context, uri string, j job, p fioParams) (float64, error
 	}
 	var r struct {
 		Jobs []struct {
-			Error       int `json:"error"`
-			Read, Write struct {
+			Error             int `json:"error"`
+			Read, Write, Trim struct {
 				IOBytes int64   `json:"io_bytes"`
 				IOPS    float64 `json:"iops"`
 				BW      float64 `json:"bw_bytes"`
@@ -78,6 +78,9 @@ func runFio(ctx context.Context, uri string, j job, p fioParams) (float64, error
 	d := r.Jobs[0].Read
 	if r.Jobs[0].Write.IOBytes > 0 {
 		d = r.Jobs[0].Write
+	}
+	if r.Jobs[0].Trim.IOBytes > 0 {
+		d = r.Jobs[0].Trim
 	}
 	if d.IOBytes == 0 {
 		return 0, fmt.Errorf("fio %s on %s: no I/O done", j.id, uri)

@@ -529,8 +529,16 @@ func restartTime(ctx context.Context, c *config, l location) (restartResult, err
 		terminate(cmd, time.Minute)
 		return rr, err
 	}
+	// Trims copy every cluster (the old contents must be kept) and leave
+	// the sparse origin sparse, so that only the store takes room.
+	// Blocks of up to 256 clusters that tile the origin exactly.
+	per := int64(1)
+	for per < 256 && c.restartCount%(per*2) == 0 {
+		per *= 2
+	}
+	bs := strconv.FormatInt(per*c.restartCluster, 10)
 	fill := job{id: "fill", unit: "MiB/s", pass: true,
-		args: []string{"--rw=write", "--bs=1M", "--iodepth=8", "--size=" + strconv.FormatInt(size, 10)}}
+		args: []string{"--rw=trim", "--bs=" + bs, "--iodepth=8", "--size=" + strconv.FormatInt(size, 10)}}
 	t0 := time.Now()
 	if _, err := runFio(ctx, s.origin, fill, fioParams{}); err != nil {
 		terminate(cmd, time.Minute)
