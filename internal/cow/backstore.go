@@ -9,14 +9,23 @@ import (
 	"github.com/nbdsnap/nbdsnap/internal/vfs"
 )
 
-// bstore adapts *backstore.Store to clusterStore.
+// bstore adapts *backstore.Store to clusterStore. The Store is given the
+// file behind a wrapper whose Close does nothing, so that a store the engine
+// refuses (Reopen of another origin) can be released while the caller keeps
+// its file, as Create's and Reopen's contracts say.
 type bstore struct {
 	s     *backstore.Store
-	batch []backstore.Cluster // reused: commit runs on one goroutine
+	f     vfs.File
+	batch []backstore.Cluster // reused: commit runs on one goroutine at a time
 }
 
+// keepOpen hides a file's Close from the backing store.
+type keepOpen struct{ vfs.File }
+
+func (keepOpen) Close() error { return nil }
+
 func createBackstore(f vfs.File, o storeOptions) (clusterStore, error) {
-	s, err := backstore.Create(f, backstore.Options{
+	s, err := backstore.Create(keepOpen{f}, backstore.Options{
 		Name:        o.Name,
 		ClusterSize: o.ClusterSize,
 		OriginSize:  o.OriginSize,
@@ -28,18 +37,18 @@ func createBackstore(f vfs.File, o storeOptions) (clusterStore, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &bstore{s: s}, nil
+	return &bstore{s: s, f: f}, nil
 }
 
 func openBackstore(f vfs.File) (clusterStore, error) {
-	s, err := backstore.Open(f)
+	s, err := backstore.Open(keepOpen{f})
 	if err != nil {
 		if errors.Is(err, backstore.ErrTransient) {
 			return nil, fmt.Errorf("%w: %w", err, ErrBadOption)
 		}
 		return nil, err
 	}
-	return &bstore{s: s}, nil
+	return &bstore{s: s, f: f}, nil
 }
 
 func (b *bstore) commit(batch []storeCluster) error {
@@ -89,4 +98,5 @@ func (b *bstore) header() storeHeader {
 
 func (b *bstore) invalidate(reason string) error { return b.s.Invalidate(reason) }
 func (b *bstore) bytes() int64                   { return b.s.Bytes() }
-func (b *bstore) close() error                   { return b.s.Close() }
+func (b *bstore) close() error                   { return errors.Join(b.s.Close(), b.f.Close()) }
+func (b *bstore) release() error                 { return b.s.Close() }

@@ -179,6 +179,7 @@ func (n nullStore) header() storeHeader {
 func (nullStore) invalidate(string) error { return nil }
 func (nullStore) bytes() int64            { return 0 }
 func (nullStore) close() error            { return nil }
+func (nullStore) release() error          { return nil }
 
 // processCPU returns the user+system CPU time this process has used.
 func processCPU(b *testing.B) time.Duration {

@@ -326,7 +326,7 @@ func (e *Engine) Reopen(ctx context.Context, store vfs.File, originID string) (*
 	}
 	s, err := e.reopen(st, originID)
 	if err != nil {
-		if cerr := st.close(); cerr != nil {
+		if cerr := st.release(); cerr != nil {
 			e.log.Warn("close refused store", "err", cerr)
 		}
 		return nil, err

@@ -297,7 +297,7 @@ func TestInvalidation(t *testing.T) {
 				stores = append(stores, m)
 				return m, nil
 			}
-			bad, err := e.Create(ctx, nil, SnapshotOptions{Name: "bad", ClusterSize: 4096, Transient: transient})
+			bad, err := e.Create(ctx, nil, SnapshotOptions{Name: "bad", ClusterSize: 4096, Transient: transient, CacheBytes: 1})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -510,6 +510,9 @@ func TestReopen(t *testing.T) {
 	f, _ := fs.OpenFile("p", os.O_RDWR, 0)
 	if _, err := e2.Reopen(ctx, f, "other"); !errors.Is(err, ErrOriginMismatch) {
 		t.Errorf("reopen with another origin id: %v", err)
+	}
+	if _, err := f.ReadAt(make([]byte, 1), 0); err != nil {
+		t.Errorf("a refused store's file is no longer the caller's: %v", err)
 	}
 	f, _ = fs.OpenFile("t", os.O_RDWR, 0)
 	if _, err := e2.Reopen(ctx, f, "o1"); err == nil {

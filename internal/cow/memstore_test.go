@@ -101,3 +101,5 @@ func (m *memStore) close() error {
 	m.closed = true
 	return nil
 }
+
+func (m *memStore) release() error { return m.close() }

@@ -20,7 +20,10 @@ type clusterStore interface {
 	header() storeHeader
 	invalidate(reason string) error
 	bytes() int64
+	// close closes the store and its file; release closes the store but
+	// leaves the file to the caller (a store Reopen refuses).
 	close() error
+	release() error
 }
 
 // storeCluster is one cluster of a commit batch; data is a full cluster
