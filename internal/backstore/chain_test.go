@@ -52,6 +52,9 @@ func crashChain(t *testing.T, seed uint64, sessions int) error {
 		if err != nil {
 			return fmt.Errorf("session %d: open: %w", session, err)
 		}
+		if rec := s.Recovery(); rec.Corrupt != "" || s.Header().State != StateValid {
+			return fmt.Errorf("session %d: crash taken for damage: %q", session, s.Header().Reason)
+		}
 		// Verify the recovered state against what the previous session
 		// acknowledged.
 		got := map[uint32]bool{}

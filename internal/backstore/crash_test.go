@@ -114,6 +114,15 @@ func verifyCrashed(t *testing.T, c *vfstest.MemFS, seed uint64, run *crashRun, g
 	if inflight != 0 && inflight != len(run.inflight) {
 		return fmt.Errorf("interrupted batch of %d clusters recovered partly: %d", len(run.inflight), inflight)
 	}
+	// A crash is never taken for damage, and the only batch this recovery
+	// drops (rather than an earlier one's leftovers) is the interrupted one.
+	rec := s.Recovery()
+	if rec.Corrupt != "" {
+		return fmt.Errorf("crash taken for damage: %s", rec.Corrupt)
+	}
+	if d := rec.DroppedClusters(); d != 0 && (inflight != 0 || d != len(run.inflight)) {
+		return fmt.Errorf("recovery dropped %d clusters; the interrupted batch had %d, %d of them recovered: %+v", d, len(run.inflight), inflight, rec.Dropped)
+	}
 	for cl := range run.acked {
 		if !got[cl] {
 			return fmt.Errorf("acknowledged cluster %d lost (store holds %d, %d acknowledged)", cl, len(got), len(run.acked))
