@@ -749,14 +749,20 @@ func TestPersistentWaitsForCommit(t *testing.T) {
 		}
 		done := make(chan error, 1)
 		go func() { done <- e.WriteAt(ctx, []byte{^data[100]}, 100, false) }()
-		select {
-		case err := <-done:
-			if !transient {
-				t.Fatalf("persistent: write finished (%v) before its commit returned", err)
-			}
-		case <-time.After(100 * time.Millisecond):
-			if transient {
+		if transient {
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Fatal(err)
+				}
+			case <-time.After(10 * time.Second):
 				t.Fatalf("transient: write waits for the store")
+			}
+		} else {
+			select {
+			case err := <-done:
+				t.Fatalf("persistent: write finished (%v) before its commit returned", err)
+			case <-time.After(100 * time.Millisecond):
 			}
 			if got, _ := fs.Contents("origin"); got[100] != data[100] {
 				t.Fatalf("persistent: origin modified before the commit returned")
