@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -777,5 +778,86 @@ func TestPersistentWaitsForCommit(t *testing.T) {
 		if err := e.Close(); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// TestZeroTrimFallback: an origin without Zeroer/Deallocator gets zeros
+// written; the snapshot keeps the old contents.
+func TestZeroTrimFallback(t *testing.T) {
+	ctx := context.Background()
+	const size = 1<<20 + 3
+	orig := &sliceFile{b: make([]byte, size)}
+	fillRandom(rand.New(rand.NewPCG(1, 1)), orig.b)
+	data := bytes.Clone(orig.b)
+	e, err := NewEngine(orig, EngineOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.newStore = func(_ vfs.File, o storeOptions) (clusterStore, error) { return newMemStore(o), nil }
+	s, err := e.Create(ctx, nil, SnapshotOptions{Name: "s"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Zero(ctx, 1000, 300<<10, true); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Trim(ctx, size-(500<<10), 500<<10, false); err != nil {
+		t.Fatal(err)
+	}
+	want := bytes.Clone(data)
+	clear(want[1000 : 1000+300<<10])
+	clear(want[size-(500<<10):])
+	got := make([]byte, size)
+	if err := e.ReadAt(ctx, got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("origin differs at %d", firstDiff(got, want))
+	}
+	if err := s.ReadAt(ctx, got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatalf("snapshot differs at %d", firstDiff(got, data))
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestOriginReadError (fss: "fs read error"): when copying fails to read
+// the origin, the snapshot becomes invalid and the write goes on.
+func TestOriginReadError(t *testing.T) {
+	ctx := context.Background()
+	fs := vfstest.NewMemFS()
+	ffs := vfstest.NewFaultFS(fs)
+	base := mustOpen(t, fs, "origin")
+	if _, err := base.WriteAt(make([]byte, 256<<10), 0); err != nil {
+		t.Fatal(err)
+	}
+	e, err := NewEngine(ffs.Wrap("origin", base), EngineOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.newStore = func(_ vfs.File, o storeOptions) (clusterStore, error) { return newMemStore(o), nil }
+	s, err := e.Create(ctx, nil, SnapshotOptions{Name: "s"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ffs.Inject(vfstest.Rule{Kind: vfstest.OpRead, Name: "origin", Err: syscall.EIO})
+	if err := e.WriteAt(ctx, []byte{1, 2, 3}, 70000, false); err != nil {
+		t.Fatalf("origin write failed with the snapshot: %v", err)
+	}
+	if got, _ := fs.Contents("origin"); got[70000] != 1 {
+		t.Fatalf("origin write lost")
+	}
+	if info := s.Info(); info.Valid || !strings.Contains(info.Reason, "read origin") {
+		t.Fatalf("after an origin read error: valid %v reason %q", info.Valid, info.Reason)
+	}
+	if err := s.ReadAt(ctx, make([]byte, 10), 0); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("read of the invalid snapshot: %v", err)
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
 	}
 }
