@@ -45,8 +45,7 @@ type conn struct {
 	// Transmission.
 	budget   *budget
 	wq       replyQueue
-	work     chan *request // reader to idle workers
-	workers  atomic.Int32
+	work     chan *request  // reader to idle workers
 	inflight sync.WaitGroup // workers alive
 	refused  int            // requests refused by validate; reader goroutine only
 

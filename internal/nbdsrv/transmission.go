@@ -65,9 +65,9 @@ func (c *conn) transmit() {
 }
 
 // endTransmission waits for every worker; each has sent (or dropped) the
-// replies of its requests before it ends, so nothing touches the backend or the budget once
-// the connection is forgotten. A reply can be left queued only if a writer
-// panicked; it is released here.
+// replies of its requests before it ends, so nothing touches the backend or
+// the budget once the connection is forgotten. A reply can be left queued
+// only if a writer panicked; it is released here.
 func (c *conn) endTransmission() {
 	close(c.work) // only the reader sends, and it has returned
 	c.inflight.Wait()
@@ -166,19 +166,18 @@ func (c *conn) readLoop() error {
 }
 
 // dispatch hands r to an idle worker, or starts a worker for it. Workers
-// are bounded: each busy one holds a request (and so a budget slot) or is
-// writing replies, so at most MaxRequestsPerConn plus a few exist.
+// stay bounded without a cap of their own (a cap would need the reader to
+// wait for a worker, and one about to exit on its idle timer might never
+// take the request): a worker is started only when none is idle and r holds
+// a budget slot, and a worker that is not idle either holds such a request,
+// or is the one writing replies, or is between the two for a few
+// instructions. So about MaxRequestsPerConn+1 exist at most.
 func (c *conn) dispatch(r *request) {
 	select {
 	case c.work <- r:
 		return
 	default:
 	}
-	if int(c.workers.Load()) >= 2*c.s.cfg.MaxRequestsPerConn {
-		c.work <- r
-		return
-	}
-	c.workers.Add(1)
 	c.inflight.Add(1)
 	go c.worker(r)
 }
@@ -189,7 +188,6 @@ const workerIdle = 2 * time.Second
 
 func (c *conn) worker(r *request) {
 	defer c.inflight.Done()
-	defer c.workers.Add(-1)
 	idle := time.NewTimer(workerIdle)
 	defer idle.Stop()
 	for {
