@@ -21,6 +21,9 @@ pkgs=(
 	qemu-system-common  # test/vm: firmware and keymaps qemu-system-x86 loads
 	busybox-static      # test/vm: the guest's userland in the initramfs
 	gnuplot-nox         # test/bench/snapshot: the PNG chart of make bench
+	jq                  # test/bench/run.sh: reads fio's JSON
+	bc                  # test/bench/run.sh: ratios
+	diffutils           # cmp in the nbdsrv interop tests
 )
 missing=()
 for p in "${pkgs[@]}"; do
