@@ -122,7 +122,7 @@ type row struct {
 func tableRows(c *config) []row {
 	var rows []row
 	for _, j := range proxyJobs {
-		rows = append(rows, row{j.id, j.title, j.unit, strings.TrimPrefix(j.title, "proxy, no snapshot: ")})
+		rows = append(rows, row{j.id, j.title, j.unit, "proxy " + strings.TrimPrefix(j.title, "proxy, no snapshot: ")})
 	}
 	for _, j := range passJobs(c) {
 		rows = append(rows, row{j.id + "/nosnap", "no snapshot: " + j.title, j.unit, ""})
