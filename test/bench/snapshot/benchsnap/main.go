@@ -164,7 +164,8 @@ func snapReadJob(c *config) job {
 type results struct {
 	Samples map[string]map[string]map[string][]float64 `json:"samples"`
 	// Memory: peak RSS (VmHWM, KiB) per location and server after the
-	// 64K QD32 first-write, rewrite and snapshot read.
+	// 64K QD32 first-write, rewrite and snapshot read, and ("proxy-" +
+	// server) after the proxy jobs; the largest over the runs.
 	MemKiB  map[string]map[string]int64 `json:"mem_kib"`
 	Create  map[string]createResult     `json:"create"`
 	Restart map[string]restartResult    `json:"restart"`
@@ -295,6 +296,11 @@ func proxyPhase(ctx context.Context, c *config, l location, res *results) error 
 			c.log.Info("sample", "location", l.name, "scenario", j.id, "server", st.col, "value", v, "unit", j.unit)
 			res.add(l.name, j.id, st.col, v)
 		}
+		_, hwm := s.memKiB()
+		if res.MemKiB[l.name] == nil {
+			res.MemKiB[l.name] = map[string]int64{}
+		}
+		res.MemKiB[l.name]["proxy-"+st.col] = max(res.MemKiB[l.name]["proxy-"+st.col], hwm)
 		if err := s.stop(); err != nil {
 			return err
 		}

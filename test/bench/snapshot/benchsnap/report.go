@@ -209,8 +209,8 @@ func writeReport(c *config, res *results) error {
 			fmt.Fprintf(&b, "Create latency (median of %d persistent creates after an 8 MiB write burst, `nbdsnap create` wall time incl. process start): %s ms; origin writes held (create_pause_us): %s µs.\n\n", w.n, w, p)
 		}
 		if mem, ok := res.MemKiB[l.name]; ok {
-			fmt.Fprintf(&b, "Peak RSS (VmHWM) after the 64K QD32 first-write, rewrite and snapshot read: nbdkit —, QEMU %d MiB, nbdsnap %d MiB, nbdsnap transient %d MiB.\n\n",
-				mem[colQemu]>>10, mem[colSnap]>>10, mem[colTr]>>10)
+			fmt.Fprintf(&b, "Peak RSS (VmHWM, largest over the runs) after the proxy jobs: nbdkit %d MiB, QEMU %d MiB, nbdsnap %d MiB; after the 64K QD32 first writes, rewrites and snapshot read: QEMU %d MiB, nbdsnap %d MiB, nbdsnap transient %d MiB.\n\n",
+				mem["proxy-"+colKit]>>10, mem["proxy-"+colQemu]>>10, mem["proxy-"+colSnap]>>10, mem[colQemu]>>10, mem[colSnap]>>10, mem[colTr]>>10)
 		}
 		if rr, ok := res.Restart[l.name]; ok {
 			fmt.Fprintf(&b, "Restart with %d copied clusters of %d KiB (persistent, store %d MiB, filled in %.1f s): SIGTERM to exit %s ms; start to READY=1 %s ms (without a snapshot %s ms); RSS after the restart %d MiB; clusters reported copied after the restart %d.\n\n",
