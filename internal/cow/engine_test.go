@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -858,6 +859,63 @@ func TestOriginReadError(t *testing.T) {
 		t.Fatalf("read of the invalid snapshot: %v", err)
 	}
 	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestClearRefusesReadsBeforeDropping: Clear drops cached copies without
+// committing them, so a read that starts once Clear has begun must fail as
+// cleared, never miss the cache and report a copied cluster as missing from
+// the store. The writer is held inside a commit so that a copy is still
+// cached, uncommitted, while Clear waits for it.
+func TestClearRefusesReadsBeforeDropping(t *testing.T) {
+	ctx := context.Background()
+	const csize = 4096
+	fs := vfstest.NewMemFS()
+	origin := mustOpen(t, fs, "origin")
+	if _, err := origin.WriteAt(make([]byte, 4*csize), 0); err != nil {
+		t.Fatal(err)
+	}
+	e, err := NewEngine(origin, EngineOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	inCommit, release := make(chan struct{}), make(chan struct{})
+	e.newStore = func(_ vfs.File, o storeOptions) (clusterStore, error) {
+		m := newMemStore(o)
+		m.fail = func(n int) error {
+			if n == 1 {
+				close(inCommit)
+				<-release
+			}
+			return nil
+		}
+		return m, nil
+	}
+	s, err := e.Create(ctx, nil, SnapshotOptions{Name: "s", ClusterSize: csize, Transient: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.WriteAt(ctx, []byte{1}, 0, false); err != nil { // cluster 0: commit 1, held
+		t.Fatal(err)
+	}
+	<-inCommit
+	if err := e.WriteAt(ctx, []byte{1}, csize, false); err != nil { // cluster 1: cached, pending
+		t.Fatal(err)
+	}
+	cleared := make(chan error, 1)
+	go func() { cleared <- e.Clear("s") }()
+	for stopping := false; !stopping; {
+		s.mu.Lock()
+		stopping = s.stopping
+		s.mu.Unlock()
+		runtime.Gosched()
+	}
+	if err := s.ReadAt(ctx, make([]byte, csize), csize); !errors.Is(err, ErrCleared) {
+		t.Errorf("read of a snapshot being cleared: %v, want ErrCleared", err)
+	}
+	close(release)
+	if err := <-cleared; err != nil {
 		t.Fatal(err)
 	}
 }

@@ -350,6 +350,13 @@ func (s *Snapshot) stop(discard bool) error {
 	s.mu.Lock()
 	s.stopping = true
 	s.discard = discard
+	if discard {
+		// Reads fail as cleared from here on: the writer is about to
+		// drop cached copies without committing them, and a read that
+		// then missed the cache would find nothing in the store and
+		// report a copied cluster as missing.
+		s.closed.Store(true)
+	}
 	s.slotCond.Broadcast()
 	s.durCond.Broadcast()
 	s.workCond.Signal()
