@@ -3,7 +3,6 @@ package cow
 import (
 	"errors"
 	"fmt"
-	"io"
 
 	"github.com/nbdsnap/nbdsnap/internal/backstore"
 	"github.com/nbdsnap/nbdsnap/internal/vfs"
@@ -62,21 +61,7 @@ func (b *bstore) commit(batch []storeCluster) error {
 }
 
 func (b *bstore) readCluster(index uint32, p []byte, off int) (bool, error) {
-	ok, err := b.s.ReadCluster(index, p, off)
-	if ok && errors.Is(err, io.EOF) {
-		// The cluster's slot runs past the end of the store file: the
-		// last batch before a crash kept its map entries and a data
-		// checksum that matched zeros, but the write of those zeros was
-		// lost; the sparse file's tail reads as zeros. ReadAt filled
-		// what lies before the end; read again over a cleared p to get
-		// exactly that, zeros after it.
-		clear(p)
-		ok, err = b.s.ReadCluster(index, p, off)
-		if ok && errors.Is(err, io.EOF) {
-			err = nil
-		}
-	}
-	return ok, err
+	return b.s.ReadCluster(index, p, off)
 }
 
 func (b *bstore) forEachCopied(fn func(uint32)) { b.s.ForEachCopied(fn) }
