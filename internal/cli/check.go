@@ -40,6 +40,9 @@ mid-batch). Exits 1 if a problem is found.`,
 				}
 			} else if rep.Header.Version != 0 { // a header was read
 				fmt.Fprintln(out, checkLine(args[0], rep))
+				for _, n := range rep.Notices {
+					fmt.Fprintf(out, "  notice: %s\n", n)
+				}
 			}
 			switch {
 			case len(rep.Problems) > 0:

@@ -3,6 +3,7 @@ package cow
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 
 	"github.com/nbdsnap/nbdsnap/internal/backstore"
 	"github.com/nbdsnap/nbdsnap/internal/vfs"
@@ -39,13 +40,24 @@ func createBackstore(f vfs.File, o storeOptions) (clusterStore, error) {
 	return &bstore{s: s, f: f}, nil
 }
 
-func openBackstore(f vfs.File) (clusterStore, error) {
+func openBackstore(f vfs.File, log *slog.Logger) (clusterStore, error) {
 	s, err := backstore.Open(keepOpen{f})
 	if err != nil {
 		if errors.Is(err, backstore.ErrTransient) {
 			return nil, fmt.Errorf("%w: %w", err, ErrBadOption)
 		}
 		return nil, err
+	}
+	// A batch in flight at a crash is dropped, which is safe (its origin
+	// writes were never issued) but worth a line: it says the last
+	// shutdown was not clean. A damaged committed state turns the store
+	// invalid instead, and the engine reports that.
+	rec := s.Recovery()
+	for _, d := range rec.Dropped {
+		if !d.Leftover {
+			log.Info("store recovery dropped the batch in flight at a crash",
+				"store", s.Header().Name, "batch", d.Batch, "entries", fmt.Sprintf("%d…%d", d.First, d.Total-1), "why", d.Why)
+		}
 	}
 	return &bstore{s: s, f: f}, nil
 }

@@ -51,7 +51,7 @@ type Engine struct {
 
 	// Store constructors; tests may replace them before the first Create.
 	newStore  func(f vfs.File, o storeOptions) (clusterStore, error)
-	openStore func(f vfs.File) (clusterStore, error)
+	openStore func(f vfs.File, log *slog.Logger) (clusterStore, error)
 
 	// gate is the create instant's barrier (fss: vfs_write_suspend).
 	// Origin-modifying requests hold it shared from before their
@@ -320,7 +320,7 @@ func (e *Engine) Reopen(ctx context.Context, store vfs.File, originID string) (*
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	st, err := e.openStore(store)
+	st, err := e.openStore(store, e.log)
 	if err != nil {
 		return nil, fmt.Errorf("cow: reopen: %w", err)
 	}
