@@ -170,8 +170,10 @@ type results struct {
 	Create  map[string]createResult     `json:"create"`
 	Restart map[string]restartResult    `json:"restart"`
 	Checks  []string                    `json:"checks"`
-	Machine map[string]string           `json:"machine"`
-	Config  map[string]string           `json:"config"`
+	// LoadSamples: /proc/loadavg's 1/5/15-minute averages every 30 s.
+	LoadSamples []string          `json:"load_samples"`
+	Machine     map[string]string `json:"machine"`
+	Config      map[string]string `json:"config"`
 }
 
 type createResult struct {
@@ -214,6 +216,22 @@ func run(ctx context.Context, c *config) error {
 		},
 	}
 	res.Machine = describeMachine(c)
+	// The load average over the run, sampled every 30 s: numbers taken
+	// while other work ran are not comparable.
+	loadCtx, stopLoad := context.WithCancel(ctx)
+	loadDone := make(chan struct{})
+	go func() {
+		defer close(loadDone)
+		for {
+			select {
+			case <-loadCtx.Done():
+				return
+			case <-time.After(30 * time.Second):
+				res.LoadSamples = append(res.LoadSamples, loadAvg())
+			}
+		}
+	}()
+	defer func() { stopLoad(); <-loadDone }()
 	for i := range c.locs {
 		l := &c.locs[i]
 		d, err := os.MkdirTemp(l.base, "nbdsnap-snapbench.")
@@ -253,6 +271,8 @@ func run(ctx context.Context, c *config) error {
 			res.Restart[l.name] = rr
 		}
 	}
+	stopLoad()
+	<-loadDone
 	res.Machine["load_end"] = loadAvg()
 	return writeReport(c, res)
 }

@@ -170,6 +170,13 @@ func writeReport(c *config, res *results) error {
 	fmt.Fprintf(&b, "# nbdsnap vs nbdkit vs QEMU image fleecing — %s\n\n", m["date"])
 	fmt.Fprintf(&b, "Machine: %s CPUs (%s), %s RAM, %s, kernel %s. Load average (1/5/15 min) at the start %s, at the end %s.\n\n",
 		m["nproc"], m["cpu"], m["memory"], m["os"], m["kernel"], m["load"], m["load_end"])
+	if len(res.LoadSamples) > 0 {
+		var ones []string
+		for _, l := range res.LoadSamples {
+			ones = append(ones, strings.Fields(l)[0])
+		}
+		fmt.Fprintf(&b, "1-minute load average every 30 s during the run: %s.\n\n", strings.Join(ones, " "))
+	}
 	fmt.Fprintf(&b, "Versions: %s; %s; %s; %s; nbdsnap %s (%s).\n\n", m["fio"], m["nbdkit"], m["qemu"], m["go"], m["nbdsnap"], m["nbdsnapv"])
 	fmt.Fprintf(&b, "Locations: %s.\n\n", m["locations"])
 	fmt.Fprintf(&b, "Settings: origin %d MiB of random data, %s runs; timed jobs %s; first-write passes cover %d MiB (%d clusters of %d KiB, each written once, capped at %d s); nbdsnap and QEMU copy 64 KiB clusters. "+
