@@ -919,3 +919,70 @@ func TestClearRefusesReadsBeforeDropping(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// readCounter counts the bytes read through a vfs.File.
+type readCounter struct {
+	vfs.File
+	n atomic.Int64
+}
+
+func (r *readCounter) ReadAt(p []byte, off int64) (int, error) {
+	r.n.Add(int64(len(p)))
+	return r.File.ReadAt(p, off)
+}
+
+// TestSnapshotReadSkipsCopiedClusters: a snapshot read takes copied
+// clusters from their copies and reads the origin only for the others, and
+// still returns the frozen image where the two alternate.
+func TestSnapshotReadSkipsCopiedClusters(t *testing.T) {
+	ctx := context.Background()
+	const csize, n = 4096, 8
+	fs := vfstest.NewMemFS()
+	frozen := make([]byte, n*csize)
+	for i := range frozen {
+		frozen[i] = byte(i / csize)
+	}
+	f := mustOpen(t, fs, "origin")
+	if _, err := f.WriteAt(frozen, 0); err != nil {
+		t.Fatal(err)
+	}
+	origin := &readCounter{File: f}
+	e, err := NewEngine(origin, EngineOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.newStore = func(_ vfs.File, o storeOptions) (clusterStore, error) { return newMemStore(o), nil }
+	s, err := e.Create(ctx, nil, SnapshotOptions{Name: "s", ClusterSize: csize})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Overwrite clusters 1, 2 and 5 (copied); 0, 3, 4, 6, 7 stay as they were.
+	for _, c := range []int64{1, 2, 5} {
+		if err := e.WriteAt(ctx, bytes.Repeat([]byte{0xFF}, csize), c*csize, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, tc := range []struct {
+		name      string
+		off, len  int64
+		originLen int64 // bytes the read may take from the origin
+	}{
+		{"all", 0, n * csize, 5 * csize},
+		{"copied only", csize, 2 * csize, 0},
+		{"partial clusters at both ends", csize / 2, 5 * csize, csize/2 + 2*csize},
+		{"inside one uncopied cluster", 3*csize + 10, 100, 100},
+		{"inside one copied cluster", 5*csize + 10, 100, 0},
+	} {
+		origin.n.Store(0)
+		p := make([]byte, tc.len)
+		if err := s.ReadAt(ctx, p, tc.off); err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		if !bytes.Equal(p, frozen[tc.off:tc.off+tc.len]) {
+			t.Errorf("%s: the snapshot read differs from the frozen image", tc.name)
+		}
+		if got := origin.n.Load(); got != tc.originLen {
+			t.Errorf("%s: read %d bytes from the origin, want %d", tc.name, got, tc.originLen)
+		}
+	}
+}

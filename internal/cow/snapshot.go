@@ -390,8 +390,10 @@ func (s *Snapshot) Name() string { return s.name }
 func (s *Snapshot) Size() int64 { return s.geo.size }
 
 // ReadAt reads the frozen image (the I/O half of fss_bs_thread): it reads
-// the origin, then overlays the clusters that have been copied, from the
-// cache or the store.
+// the origin where clusters are not yet copied, then overlays the clusters
+// that have been copied, from the cache or the store. A cluster copied
+// before the read starts is not read from the origin at all: the bit never
+// clears, so the overlay would replace those bytes anyway.
 //
 // Why this is race-free: a request modifies the origin within cluster c
 // only after c's copy is VALID and c's copied bit is set (copyCluster), and
@@ -417,11 +419,30 @@ func (s *Snapshot) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if len(p) == 0 {
 		return nil
 	}
-	if err := readFull(s.e.origin, p, off); err != nil {
-		return fmt.Errorf("cow: snapshot %q: read origin at %d: %w", s.name, off, err)
-	}
 	end := off + int64(len(p))
 	first, last := s.geo.span(off, int64(len(p)))
+	// Read the origin in runs of clusters not copied now. The check below,
+	// after these reads completed, is the one that makes the result right.
+	run := int64(-1) // start of the pending run of uncopied clusters
+	for c := first; ; c++ {
+		copied := s.copied.get(c)
+		if !copied && run < 0 {
+			run = max(off, s.geo.off(c))
+		}
+		if run >= 0 && (copied || c == last) {
+			runEnd := end
+			if copied {
+				runEnd = s.geo.off(c)
+			}
+			if err := readFull(s.e.origin, p[run-off:runEnd-off], run); err != nil {
+				return fmt.Errorf("cow: snapshot %q: read origin at %d: %w", s.name, run, err)
+			}
+			run = -1
+		}
+		if c == last {
+			break
+		}
+	}
 	for c := first; ; c++ {
 		if s.copied.get(c) {
 			if err := s.overlay(c, p, off, end); err != nil {
