@@ -366,18 +366,8 @@ func TestInvalidation(t *testing.T) {
 				t.Errorf("read of invalid snapshot: %v, want EIO", err)
 			}
 			img := make([]byte, size)
-			if err := good.ReadAt(ctx, img, 0); err != nil {
-				t.Fatal(err)
-			}
-			if !bytes.Equal(img, data) {
-				t.Errorf("good snapshot differs at %d", firstDiff(img, data))
-			}
-			if err := e.ReadAt(ctx, img, 0); err != nil {
-				t.Fatal(err)
-			}
-			if !bytes.Equal(img, model) {
-				t.Errorf("origin differs at %d", firstDiff(img, model))
-			}
+			wantImage(t, ctx, good.ReadAt, img, data, "good snapshot", false)
+			wantImage(t, ctx, e.ReadAt, img, model, "origin", false)
 			if err := e.Close(); err != nil {
 				t.Fatal(err)
 			}
@@ -455,12 +445,7 @@ func TestGroupCommitSlowStore(t *testing.T) {
 	}
 	wg.Wait()
 	img := make([]byte, size)
-	if err := s.ReadAt(ctx, img, 0); err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(img, data) {
-		t.Fatalf("snapshot differs at %d", firstDiff(img, data))
-	}
+	wantImage(t, ctx, s.ReadAt, img, data, "snapshot", true)
 	st := s.Info().Stats
 	t.Logf("%d clusters in %d commits", st.ClustersCopied, st.Syncs)
 	if st.ClustersCopied != 64 || st.Syncs >= 64 {
@@ -529,22 +514,12 @@ func TestReopen(t *testing.T) {
 		t.Errorf("reopened info %+v, want %d copied", info, copied)
 	}
 	img := make([]byte, size)
-	if err := s.ReadAt(ctx, img, 0); err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(img, data) {
-		t.Fatalf("reopened snapshot differs at %d", firstDiff(img, data))
-	}
+	wantImage(t, ctx, s.ReadAt, img, data, "reopened snapshot", true)
 	// Copy-on-write resumes: more writes, the snapshot stays frozen.
 	if err := e2.WriteAt(ctx, p, 0, true); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.ReadAt(ctx, img, 0); err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(img, data) {
-		t.Fatalf("snapshot after reopen and more writes differs at %d", firstDiff(img, data))
-	}
+	wantImage(t, ctx, s.ReadAt, img, data, "snapshot after reopen and more writes", true)
 }
 
 // TestRequestLargerThanCache: one request that needs more clusters than
@@ -570,12 +545,7 @@ func TestRequestLargerThanCache(t *testing.T) {
 			t.Fatalf("transient=%v: a write of 128 clusters through a 32-slot cache is stuck", transient)
 		}
 		img := make([]byte, size)
-		if err := s.ReadAt(ctx, img, 0); err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(img, data) {
-			t.Fatalf("snapshot differs at %d", firstDiff(img, data))
-		}
+		wantImage(t, ctx, s.ReadAt, img, data, "snapshot", true)
 		if w := s.Info().Stats.CacheFullWaits; w == 0 {
 			t.Errorf("transient=%v: no cache-full wait", transient)
 		}
@@ -721,12 +691,7 @@ func TestSecondWriterWaitsForCopy(t *testing.T) {
 		t.Errorf("origin read %d times for one cluster", n)
 	}
 	img := make([]byte, 64<<10)
-	if err := s.ReadAt(ctx, img, 0); err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(img, data) {
-		t.Fatalf("snapshot differs at %d", firstDiff(img, data))
-	}
+	wantImage(t, ctx, s.ReadAt, img, data, "snapshot", true)
 	if err := e.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -809,18 +774,8 @@ func TestZeroTrimFallback(t *testing.T) {
 	clear(want[1000 : 1000+300<<10])
 	clear(want[size-(500<<10):])
 	got := make([]byte, size)
-	if err := e.ReadAt(ctx, got, 0); err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(got, want) {
-		t.Fatalf("origin differs at %d", firstDiff(got, want))
-	}
-	if err := s.ReadAt(ctx, got, 0); err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(got, data) {
-		t.Fatalf("snapshot differs at %d", firstDiff(got, data))
-	}
+	wantImage(t, ctx, e.ReadAt, got, want, "origin", true)
+	wantImage(t, ctx, s.ReadAt, got, data, "snapshot", true)
 	if err := e.Close(); err != nil {
 		t.Fatal(err)
 	}

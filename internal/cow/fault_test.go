@@ -172,12 +172,7 @@ func runFault(t *testing.T, seed uint64) (invalidated, reopenedInvalid bool) {
 	if info := good.Info(); !info.Valid {
 		t.Fatalf("good snapshot invalid: %s", info.Reason)
 	}
-	if err := good.ReadAt(ctx, img, 0); err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(img, data) {
-		t.Fatalf("good snapshot differs at %d", firstDiff(img, data))
-	}
+	wantImage(t, ctx, good.ReadAt, img, data, "good snapshot", true)
 	info := bad.Info()
 	fired := ffs.Injected() > 0 || full
 	log.add("bad: valid=%v reason=%q injected=%d copied=%d", info.Valid, info.Reason, ffs.Injected(), info.ClustersCopied)
@@ -195,12 +190,7 @@ func runFault(t *testing.T, seed uint64) (invalidated, reopenedInvalid bool) {
 		// limit is always hit: the workload copies far more).
 		t.Fatalf("a store fault fired (%d) but the snapshot is valid", ffs.Injected())
 	default:
-		if err := bad.ReadAt(ctx, img, 0); err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(img, data) {
-			t.Fatalf("unfaulted snapshot differs at %d", firstDiff(img, data))
-		}
+		wantImage(t, ctx, bad.ReadAt, img, data, "unfaulted snapshot", true)
 	}
 	if err := e.Close(); err != nil {
 		log.add("close: %v", err)

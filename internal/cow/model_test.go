@@ -359,6 +359,23 @@ func verifySnap(ctx context.Context, ms *modelSnap, fail func(error)) {
 	}
 }
 
+// wantImage reads len(buf) bytes at offset 0 through readAt into buf and
+// reports where they first differ from want; fatal stops the test there.
+func wantImage(t testing.TB, ctx context.Context, readAt func(context.Context, []byte, int64) error,
+	buf, want []byte, what string, fatal bool) {
+	t.Helper()
+	if err := readAt(ctx, buf, 0); err != nil {
+		t.Fatalf("read %s: %v", what, err)
+	}
+	if !bytes.Equal(buf, want) {
+		report := t.Errorf
+		if fatal {
+			report = t.Fatalf
+		}
+		report("%s differs at %d", what, firstDiff(buf, want))
+	}
+}
+
 func firstDiff(a, b []byte) int {
 	for i := range min(len(a), len(b)) {
 		if a[i] != b[i] {
