@@ -29,11 +29,19 @@ missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo=sudo
+# The VM tests download Debian's kernel package at the version the package
+# lists name, so lists not refreshed for a day are refreshed too. apt leaves
+# unchanged list files untouched, hence a stamp of our own.
+stamp=/var/cache/apt/nbdsnap-update-stamp
+fresh=$(find "$stamp" /var/lib/apt/lists -maxdepth 1 \( -name nbdsnap-update-stamp -o -name '*_Packages*' \) -mtime -1 2>/dev/null | head -1 || true)
+if ((${#missing[@]})) || [ -z "$fresh" ]; then
+	$sudo apt-get update -qq
+	$sudo touch "$stamp"
+fi
 if ((${#missing[@]})); then
 	echo "setup: installing ${missing[*]}"
-	sudo=""
-	[ "$(id -u)" -eq 0 ] || sudo=sudo
-	$sudo apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 go mod download
