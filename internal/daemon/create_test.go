@@ -11,6 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nbdsnap/nbdsnap/internal/control"
+	"github.com/nbdsnap/nbdsnap/internal/disktest"
 	"github.com/nbdsnap/nbdsnap/internal/testenv"
 )
 
@@ -105,7 +106,7 @@ func TestCreateRefusals(t *testing.T) {
 		ro, full := t.TempDir(), t.TempDir()
 		mountTmpfs(t, ro, "ro,size=1m")
 		mountTmpfs(t, full, "size=64k")
-		fillUp(t, filepath.Join(full, "filler"))
+		disktest.Fill(t, filepath.Join(full, "filler"))
 		tests = append(tests,
 			tc{"read-only filesystem", control.CreateRequest{Name: "s1", BackingPath: filepath.Join(ro, "s1.cow")},
 				"backing path " + filepath.Join(ro, "s1.cow") + " is on a read-only filesystem", nil},
@@ -118,7 +119,7 @@ func TestCreateRefusals(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			dirs := []string{e.dir, filepath.Dir(tt.req.BackingPath)}
-			before := tree(t, dirs...)
+			before := disktest.Record(t, dirs...)
 			stBefore, _ := c.Status(ctx)
 			_, err := c.Create(ctx, tt.req)
 			if err == nil {
@@ -131,7 +132,7 @@ func TestCreateRefusals(t *testing.T) {
 			if tt.is != nil && !errors.Is(err, tt.is) {
 				t.Fatalf("error %v is not %v", err, tt.is)
 			}
-			sameTree(t, before, tree(t, dirs...))
+			before.Unchanged(t, disktest.Record(t, dirs...))
 			stAfter, _ := c.Status(ctx)
 			if len(stAfter.Snapshots) != len(stBefore.Snapshots) {
 				t.Fatalf("snapshots %d → %d", len(stBefore.Snapshots), len(stAfter.Snapshots))
@@ -152,25 +153,6 @@ func mountTmpfs(t *testing.T, dir, opts string) {
 		t.Fatalf("mount tmpfs %s on %s: %v", opts, dir, err)
 	}
 	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
-}
-
-// fillUp writes path until its filesystem is full.
-func fillUp(t *testing.T, path string) {
-	t.Helper()
-	f, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	buf := make([]byte, 4096)
-	for {
-		if _, err := f.Write(buf); err != nil {
-			if !errors.Is(err, unix.ENOSPC) {
-				t.Fatalf("fill %s: %v", path, err)
-			}
-			return
-		}
-	}
 }
 
 func TestRestartReopens(t *testing.T) {

@@ -2,12 +2,9 @@ package daemon
 
 import (
 	"context"
-	"crypto/sha256"
 	"encoding/binary"
-	"encoding/hex"
 	"errors"
 	"io"
-	"io/fs"
 	"log/slog"
 	"net"
 	"os"
@@ -17,6 +14,7 @@ import (
 	"time"
 
 	"github.com/nbdsnap/nbdsnap/internal/control"
+	"github.com/nbdsnap/nbdsnap/internal/disktest"
 )
 
 func TestParseListen(t *testing.T) {
@@ -93,49 +91,6 @@ func start(t *testing.T, cfg Config) *Daemon {
 	return d
 }
 
-// tree records every file under the given roots with a hash of its content,
-// so a test can assert that a refused operation changed nothing on disk.
-func tree(t *testing.T, roots ...string) map[string]string {
-	t.Helper()
-	m := map[string]string{}
-	for _, root := range roots {
-		filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-			if err != nil {
-				return nil
-			}
-			switch {
-			case d.Type()&fs.ModeSocket != 0:
-				m[p] = "socket"
-			case d.Type().IsRegular():
-				b, err := os.ReadFile(p)
-				if err != nil {
-					t.Fatal(err)
-				}
-				sum := sha256.Sum256(b)
-				m[p] = hex.EncodeToString(sum[:])
-			case d.IsDir():
-				m[p] = "dir"
-			}
-			return nil
-		})
-	}
-	return m
-}
-
-func sameTree(t *testing.T, before, after map[string]string) {
-	t.Helper()
-	for p, v := range before {
-		if after[p] != v {
-			t.Errorf("%s changed: %q → %q", p, v, after[p])
-		}
-	}
-	for p := range after {
-		if _, ok := before[p]; !ok {
-			t.Errorf("%s appeared", p)
-		}
-	}
-}
-
 func TestStartRefusals(t *testing.T) {
 	e := newEnv(t, 1<<20)
 	held := start(t, e.config())
@@ -166,7 +121,7 @@ func TestStartRefusals(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			cfg := tt.cfg()
-			before := tree(t, e.dir, other.dir)
+			before := disktest.Record(t, e.dir, other.dir)
 			d, err := Start(context.Background(), cfg)
 			if err == nil {
 				d.Shutdown(context.Background())
@@ -175,7 +130,7 @@ func TestStartRefusals(t *testing.T) {
 			if !strings.Contains(err.Error(), tt.want) || strings.Contains(err.Error(), "\n") {
 				t.Fatalf("error %q, want one line containing %q", err, tt.want)
 			}
-			sameTree(t, before, tree(t, e.dir, other.dir))
+			before.Unchanged(t, disktest.Record(t, e.dir, other.dir))
 		})
 	}
 	// The daemon that held everything still answers.

@@ -9,6 +9,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/nbdsnap/nbdsnap/internal/disktest"
 	"github.com/nbdsnap/nbdsnap/internal/testenv"
 )
 
@@ -46,14 +47,14 @@ func TestBadServe(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			before := tree(t, dir, other)
+			before := disktest.Record(t, dir, other)
 			_, errs, code := cli(t, "serve", tt.origin, "--name", "data2", "--log-level", "error",
 				"--listen", "unix:"+filepath.Join(other, "data2.sock"), "--control", filepath.Join(other, "data2.ctl"),
 				"--state-dir", filepath.Join(other, "state"))
 			if code != 1 || errs != tt.want {
 				t.Fatalf("exit %d, stderr %q; want 1, %q", code, errs, tt.want)
 			}
-			sameTree(t, before, tree(t, dir, other))
+			before.Unchanged(t, disktest.Record(t, dir, other))
 		})
 	}
 	if st := held.status(t); st.Name != "data" {
@@ -94,7 +95,7 @@ func TestBadCreate(t *testing.T) {
 		t.Cleanup(func() { exec.Command("umount", ro).Run() })
 		run(t, "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", full)
 		t.Cleanup(func() { exec.Command("umount", full).Run() })
-		fill(t, filepath.Join(full, "filler"))
+		disktest.Fill(t, filepath.Join(full, "filler"))
 		tests = append(tests,
 			tc{"read-only filesystem", []string{"create", "s1"}, filepath.Join(ro, "s1.cow"), 1,
 				"nbdsnap: backing path " + filepath.Join(ro, "s1.cow") + " is on a read-only filesystem\n"},
@@ -107,14 +108,14 @@ func TestBadCreate(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			roots := []string{dir, filepath.Dir(tt.backing)}
-			before := tree(t, roots...)
+			before := disktest.Record(t, roots...)
 			snapsBefore := len(d.status(t).Snapshots)
 			args := append(tt.args, "--control", d.ctl, "--backing", tt.backing)
 			_, errs, code := cli(t, args...)
 			if code != tt.code || errs != tt.want {
 				t.Fatalf("exit %d, stderr %q; want %d, %q", code, errs, tt.code, tt.want)
 			}
-			sameTree(t, before, tree(t, roots...))
+			before.Unchanged(t, disktest.Record(t, roots...))
 			if n := len(d.status(t).Snapshots); n != snapsBefore {
 				t.Fatalf("snapshots %d → %d", snapsBefore, n)
 			}
@@ -143,25 +144,6 @@ func TestNoDaemon(t *testing.T) {
 	}
 	if _, err := os.Stat("/tmp/never.cow"); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("/tmp/never.cow exists")
-	}
-}
-
-// fill writes path until its filesystem is full.
-func fill(t *testing.T, path string) {
-	t.Helper()
-	f, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	buf := make([]byte, 4096)
-	for {
-		if _, err := f.Write(buf); err != nil {
-			if !errors.Is(err, syscall.ENOSPC) {
-				t.Fatalf("fill %s: %v", path, err)
-			}
-			return
-		}
 	}
 }
 

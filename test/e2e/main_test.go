@@ -10,7 +10,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -238,49 +237,4 @@ func randomFile(t *testing.T, path string, size int) []byte {
 		t.Fatal(err)
 	}
 	return b
-}
-
-// tree maps every file under the roots to a hash of its content, so a test
-// can assert that a refused command changed nothing on disk.
-func tree(t *testing.T, roots ...string) map[string]string {
-	t.Helper()
-	m := map[string]string{}
-	for _, root := range roots {
-		filepath.Walk(root, func(p string, fi os.FileInfo, err error) error {
-			if err != nil {
-				return nil
-			}
-			switch {
-			case fi.Mode()&os.ModeSocket != 0:
-				m[p] = "socket"
-			case fi.Mode().IsRegular():
-				f, err := os.Open(p)
-				if err != nil {
-					return nil
-				}
-				defer f.Close()
-				h := sha256.New()
-				io.Copy(h, f)
-				m[p] = hex.EncodeToString(h.Sum(nil))
-			case fi.IsDir():
-				m[p] = "dir"
-			}
-			return nil
-		})
-	}
-	return m
-}
-
-func sameTree(t *testing.T, before, after map[string]string) {
-	t.Helper()
-	for p, v := range before {
-		if after[p] != v {
-			t.Errorf("%s changed: %.12s → %.12s", p, v, after[p])
-		}
-	}
-	for p := range after {
-		if _, ok := before[p]; !ok {
-			t.Errorf("%s appeared", p)
-		}
-	}
 }
