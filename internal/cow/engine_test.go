@@ -530,10 +530,30 @@ func TestRequestLargerThanCache(t *testing.T) {
 		ctx := context.Background()
 		const size = 1 << 20
 		e, _, data := testEngine(t, vfstest.NewMemFS(), size, 3, false)
+		// A transient writer drains the cache while the request fills it
+		// and may keep up, so the first commit is held until the request
+		// found the cache full (bounded: a regression fails below rather
+		// than hanging). A persistent request waits for its commits and
+		// reaches a full cache by itself.
+		var snap atomic.Pointer[Snapshot]
+		e.newStore = func(_ vfs.File, o storeOptions) (clusterStore, error) {
+			m := newMemStore(o)
+			m.fail = func(n int) error {
+				for end := time.Now().Add(10 * time.Second); transient && n == 1 && time.Now().Before(end); {
+					if s := snap.Load(); s != nil && s.stats.cacheFullWaits.Load() > 0 {
+						break
+					}
+					time.Sleep(time.Millisecond)
+				}
+				return nil
+			}
+			return m, nil
+		}
 		s, err := e.Create(ctx, nil, SnapshotOptions{Name: "small", ClusterSize: 4096, CacheBytes: 1, Transient: transient})
 		if err != nil {
 			t.Fatal(err)
 		}
+		snap.Store(s)
 		done := make(chan error, 1)
 		go func() { done <- e.WriteAt(ctx, make([]byte, 512<<10), 4096, false) }()
 		select {
