@@ -9,6 +9,12 @@ import (
 // Backend is what an export serves. ReadAt is the only required method:
 // it fills all of p from offset off or returns an error. The server never
 // calls it with a range outside the export, and calls it concurrently.
+//
+// A call may run on the goroutine that reads the connection's requests
+// (while the backend answers fast, see inline.go), so no call may wait
+// for a later request of the same connection; waiting for anything else
+// only delays that connection's next requests until the server notices
+// the backend is slow.
 type Backend interface {
 	ReadAt(ctx context.Context, p []byte, off int64) error
 }

@@ -48,6 +48,14 @@ type conn struct {
 	work     chan *request  // reader to idle workers
 	inflight sync.WaitGroup // workers alive
 	refused  int            // requests refused by validate; reader goroutine only
+	service  serviceTime    // when the reader runs requests itself (inline.go)
+	turn     atomic.Pointer[readTurn]
+	rescue   *time.Timer   // takes the reading over from a request run too long
+	readEnd  chan struct{} // the reader's last turn ended
+	// Replies of requests the reader ran or refused, not yet queued for
+	// writing (see hold); reader goroutine only.
+	held      []*request
+	heldBytes int
 
 	draining  atomic.Bool // Shutdown: stop reading new requests
 	abortOnce sync.Once

@@ -81,13 +81,12 @@ func newBudget(maxN int, maxBytes int64) *budget {
 	return b
 }
 
-// acquire blocks until a slot and cost bytes are free. A request larger than
-// the whole byte budget is admitted alone, so no configuration deadlocks.
-// It returns false once the budget is closed.
+// acquire blocks until a slot and cost bytes are free (see fits). It
+// returns false once the budget is closed.
 func (b *budget) acquire(cost int64) bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	for !b.closed && (b.n >= b.maxN || (b.bytes > 0 && b.bytes+cost > b.maxBytes)) {
+	for !b.closed && !b.fits(cost) {
 		b.cond.Wait()
 	}
 	if b.closed {
@@ -96,6 +95,26 @@ func (b *budget) acquire(cost int64) bool {
 	b.n++
 	b.bytes += cost
 	return true
+}
+
+// tryAcquire is acquire without the wait: it reports false if the request
+// does not fit now, or the budget is closed.
+func (b *budget) tryAcquire(cost int64) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed || !b.fits(cost) {
+		return false
+	}
+	b.n++
+	b.bytes += cost
+	return true
+}
+
+// fits reports whether a request of cost bytes may be admitted now. A
+// request larger than the whole byte budget is admitted alone, so no
+// configuration deadlocks.
+func (b *budget) fits(cost int64) bool {
+	return b.n < b.maxN && (b.bytes == 0 || b.bytes+cost <= b.maxBytes)
 }
 
 func (b *budget) release(cost int64) {

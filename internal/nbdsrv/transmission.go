@@ -17,8 +17,9 @@ import (
 // Transmission. Per connection:
 //   - the reader (this goroutine) reads a request, passes it through
 //     validate, waits for room in the budget, reads a WRITE payload into a
-//     pooled buffer and hands the request to an idle worker goroutine, or
-//     starts one if none is idle;
+//     pooled buffer and either runs the request itself (a short request
+//     while the backend answers fast, see inline.go) or hands it to an idle
+//     worker goroutine, starting one if none is idle;
 //   - each worker does the backend I/O, lays out the reply and queues it,
 //     then waits for the next request; workers run in parallel, so replies
 //     go out in completion order, not request order (NBD allows it: cookies
@@ -48,20 +49,23 @@ const (
 var (
 	errDisc  = errors.New("client sent NBD_CMD_DISC")
 	errDrain = errors.New("server shutting down")
+	// errHandedOver ends a reader's turn whose request ran so long that
+	// another goroutine took over the reading.
+	errHandedOver = errors.New("reading handed over")
+	errPanic      = errors.New("reader panicked")
 )
 
 func (c *conn) transmit() {
 	c.work = make(chan *request)
+	c.readEnd = make(chan struct{}, 1)
+	c.rescue = time.AfterFunc(time.Hour, c.takeOver) // armed by runInline
+	c.rescue.Stop()
 	defer c.endTransmission()
-	defer c.recoverPanic("reader")
-	err := c.readLoop()
-	if errors.Is(err, errDisc) || errors.Is(err, errDrain) {
-		return // graceful: let the in-flight requests finish and reply
-	}
-	c.logEnd("transmission", err)
-	// The client is gone or broke the protocol: cancel what it has in
-	// flight, nobody will read the replies.
-	c.abort()
+	t := new(readTurn)
+	c.turn.Store(t)
+	c.inflight.Add(1)
+	c.read(t) // here, or on a goroutine that took over (takeOver)
+	<-c.readEnd
 }
 
 // endTransmission waits for every worker; each has sent (or dropped) the
@@ -69,7 +73,8 @@ func (c *conn) transmit() {
 // the budget once the connection is forgotten. A reply can be left queued
 // only if a writer panicked; it is released here.
 func (c *conn) endTransmission() {
-	close(c.work) // only the reader sends, and it has returned
+	c.rescue.Stop()
+	close(c.work) // only the reader sends, and its last turn has ended
 	c.inflight.Wait()
 	c.wq.mu.Lock()
 	left := c.wq.q
@@ -80,9 +85,39 @@ func (c *conn) endTransmission() {
 	}
 }
 
-func (c *conn) readLoop() error {
+// read runs one turn of reading: readLoop, until it ends the connection's
+// transmission or hands the reading over (see takeOver). The last turn
+// ends the transmission itself (transmit may be the goroutine still busy
+// in a request that only the abort would end), then tells transmit.
+func (c *conn) read(t *readTurn) {
+	defer c.inflight.Done()
+	err := errPanic
+	defer func() {
+		if errors.Is(err, errHandedOver) {
+			return // the held replies passed to the next turn
+		}
+		c.flushHeld()
+		if !errors.Is(err, errDisc) && !errors.Is(err, errDrain) {
+			// The client is gone or broke the protocol: cancel what it
+			// has in flight, nobody will read the replies. (A graceful
+			// end lets the requests in flight finish and reply.)
+			c.logEnd("transmission", err)
+			c.abort()
+		}
+		c.readEnd <- struct{}{}
+	}()
+	defer c.recoverPanic("reader")
+	err = c.readLoop(t)
+}
+
+func (c *conn) readLoop(t *readTurn) error {
 	var h [requestHeaderLen]byte
 	for {
+		// Held replies go out before any read that may wait for the
+		// client (which may be waiting for them).
+		if c.br.Buffered() < requestHeaderLen {
+			c.flushHeld()
+		}
 		if c.draining.Load() {
 			return errDrain
 		}
@@ -138,20 +173,23 @@ func (c *conn) readLoop() error {
 			c.log.Log(c.ctx, level, "nbd: request refused", "cookie", cookie, "cmd", ri.cmd, "flags", ri.flags,
 				"offset", ri.off, "length", ri.length, "errno", errno, "reason", reason)
 			r.errno, r.reason = errno, reason
-			if !c.budget.acquire(0) {
+			if !c.acquire(0) {
 				c.s.putRequest(r)
 				return errQuiet
 			}
 			c.setReply(r)
-			c.send(r)
+			c.hold(r)
 			continue
 		}
 		r.cost = c.cost(ri)
-		if !c.budget.acquire(r.cost) {
+		if !c.acquire(r.cost) {
 			c.s.putRequest(r)
 			return errQuiet
 		}
 		if ri.cmd == CmdWrite {
+			if c.br.Buffered() < int(ri.length) {
+				c.flushHeld()
+			}
 			r.buf = c.s.pool.get(int(ri.length))
 			if _, err := io.ReadFull(c.br, *r.buf); err != nil {
 				c.release(r)
@@ -161,8 +199,24 @@ func (c *conn) readLoop() error {
 				return err
 			}
 		}
+		if inlineCandidate(ri) && c.service.fast() {
+			if !c.runInline(t, r) {
+				return errHandedOver
+			}
+			continue
+		}
 		c.dispatch(r)
 	}
+}
+
+// acquire takes budget for a request the reader admits. Held replies hold
+// budget themselves, so they are sent before the reader waits for it.
+func (c *conn) acquire(cost int64) bool {
+	if c.budget.tryAcquire(cost) {
+		return true
+	}
+	c.flushHeld()
+	return c.budget.acquire(cost)
 }
 
 // dispatch hands r to an idle worker, or starts a worker for it. Workers
@@ -188,10 +242,13 @@ const workerIdle = 2 * time.Second
 
 func (c *conn) worker(r *request) {
 	defer c.inflight.Done()
+	defer c.recoverPanic("reply writer")
 	idle := time.NewTimer(workerIdle)
 	defer idle.Stop()
 	for {
-		c.handle(r)
+		if c.timedHandle(r) {
+			c.send(r)
+		}
 		idle.Reset(workerIdle)
 		var ok bool
 		select {
@@ -224,18 +281,17 @@ func blockStatusChunkMax(f CmdFlags) int64 {
 	return structReplyLen + 4 + 8*n
 }
 
-// handle runs one request on a worker. A panic ends only this connection;
-// a request that has not reached the reply queue is then released here.
-func (c *conn) handle(r *request) {
-	queued := false
+// handle runs one request's I/O and lays out its reply; the caller sends
+// it. A panic ends only this connection: r is then released here and
+// handle reports false.
+func (c *conn) handle(r *request) (ok bool) {
 	defer func() {
 		if p := recover(); p != nil {
 			c.log.Error("nbd: panic in request, closing connection", "cookie", r.cookie, "cmd", r.cmd,
 				"panic", fmt.Sprint(p), "stack", string(debug.Stack()))
 			c.abort()
-			if !queued {
-				c.release(r)
-			}
+			c.release(r)
+			ok = false
 		}
 	}()
 	if err := c.do(r); err != nil {
@@ -253,8 +309,7 @@ func (c *conn) handle(r *request) {
 		}
 	}
 	c.setReply(r)
-	queued = true
-	c.send(r)
+	return true
 }
 
 // do performs r's I/O on the backend.
@@ -390,12 +445,13 @@ type replyQueue struct {
 	vec     [][]byte
 }
 
-// send queues r's reply and, unless another goroutine is writing, writes
-// every queued reply until none is left. r must not be used afterwards.
-func (c *conn) send(r *request) {
+// send queues the replies of rs and, unless another goroutine is writing,
+// writes every queued reply until none is left. The requests must not be
+// used afterwards.
+func (c *conn) send(rs ...*request) {
 	w := &c.wq
 	w.mu.Lock()
-	w.q = append(w.q, r)
+	w.q = append(w.q, rs...)
 	if w.writing {
 		w.mu.Unlock()
 		return

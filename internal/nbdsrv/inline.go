@@ -1,0 +1,150 @@
+package nbdsrv
+
+import (
+	"sync/atomic"
+	"time"
+)
+
+// Running requests on the reader. Handing a request to a worker costs a
+// goroutine wake-up, often on another core, plus the scheduler work around
+// it; for a backend that answers from the page cache in a few microseconds
+// that is more than the I/O itself (a 4 KiB request spent 20–40% of the
+// server's CPU in the scheduler). So the reader runs a short request
+// itself while the backend answers fast, and holds its reply until it has
+// no further request buffered, so that a burst of pipelined requests costs
+// one socket read and one writev.
+//
+// A request run on the reader delays every request behind it, which is
+// wrong for a slow backend (a disk, a network, a snapshot whose first
+// write waits for a sync): there, parallel workers are the point. So the
+// connection keeps a moving average of how long the backend takes for
+// such short requests, wherever they run, and the reader runs them only
+// while that average is under inlineSlow. Samples are clipped, so that a
+// rare outlier (the reader preempted, a page fault) does not switch modes:
+// it takes about five slow requests in a row to move a fast average over
+// the line. Requests run by workers keep the average current, so a
+// backend that turns fast again is noticed without probing.
+const (
+	inlineMaxLen = 64 << 10
+	inlineSlow   = 25 * time.Microsecond
+
+	// A burst's held replies are sent when they reach either bound, so the
+	// first reply of a long burst is not kept waiting for the last.
+	maxHeld      = 32
+	maxHeldBytes = 256 << 10
+)
+
+// inlineCandidate reports whether a request may run on the reader: a short
+// read or origin modification that does not ask for durability (FLUSH and
+// FUA wait for a sync).
+func inlineCandidate(ri reqInfo) bool {
+	switch ri.cmd {
+	case CmdRead, CmdWrite, CmdTrim, CmdWriteZeroes:
+		return ri.flags&FlagFUA == 0 && ri.length <= inlineMaxLen
+	}
+	return false
+}
+
+// serviceTime is a moving average (weight 1/8) of the backend's time for
+// inline candidates, in nanoseconds. The reader and the workers update it
+// without a lock; an update lost to a concurrent one is harmless.
+type serviceTime struct{ ns atomic.Int64 }
+
+func (s *serviceTime) observe(d time.Duration) {
+	d = min(d, 2*inlineSlow)
+	old := s.ns.Load()
+	s.ns.Store(old + (int64(d)-old)/8)
+}
+
+func (s *serviceTime) fast() bool { return s.ns.Load() < int64(inlineSlow) }
+
+// Still, a request the reader runs may take long, or never end (a backend
+// that waits for a later request of the same connection, a hung disk):
+// nobody would read the connection meanwhile, so further requests would
+// wait, and a client that disconnects would go unnoticed, its requests'
+// contexts never cancelled. So the reader arms a timer for each request
+// it runs; if the request is still running after inlineRescue, the timer
+// starts a new goroutine that reads on, and the old one, once its request
+// is done, sends the reply and ends its turn.
+//
+// The hand-over: each turn of reading has a readTurn whose state the
+// reader sets to turnInline for the duration of a request; the timer
+// takes over only by moving it from turnInline to turnOver, and the
+// reader keeps reading only by moving it back from turnInline to
+// turnReading. Exactly one of the two succeeds, so exactly one goroutine
+// reads, and the reader's state (the bufio.Reader, the held replies)
+// passes from one to the other through that atomic state. A turn taken
+// over never comes back, so a late timer can only cut a later turn short,
+// which is safe.
+const inlineRescue = time.Millisecond
+
+const (
+	turnReading int32 = iota
+	turnInline
+	turnOver
+)
+
+type readTurn struct{ state atomic.Int32 }
+
+// runInline runs r on the reader and holds its reply. It reports false if
+// the reading was taken over meanwhile: the reply has then been sent, and
+// the caller's turn is over.
+func (c *conn) runInline(t *readTurn, r *request) bool {
+	t.state.Store(turnInline)
+	c.rescue.Reset(inlineRescue)
+	ok := c.timedHandle(r)
+	c.rescue.Stop()
+	if !t.state.CompareAndSwap(turnInline, turnReading) {
+		if ok {
+			c.send(r)
+		}
+		return false
+	}
+	if ok {
+		c.hold(r)
+	}
+	return true
+}
+
+// takeOver runs on the rescue timer: if the reader is still in a request,
+// a new turn reads on.
+func (c *conn) takeOver() {
+	if !c.turn.Load().state.CompareAndSwap(turnInline, turnOver) {
+		return
+	}
+	t := new(readTurn)
+	c.turn.Store(t)
+	c.inflight.Add(1)
+	go c.read(t)
+}
+
+// timedHandle is handle, timing an inline candidate into c.service.
+func (c *conn) timedHandle(r *request) bool {
+	if !inlineCandidate(r.reqInfo) {
+		return c.handle(r)
+	}
+	start := time.Now()
+	ok := c.handle(r)
+	c.service.observe(time.Since(start))
+	return ok
+}
+
+// hold keeps r's reply for the reader's next flushHeld.
+func (c *conn) hold(r *request) {
+	c.held = append(c.held, r)
+	c.heldBytes += len(r.payload)
+	if len(c.held) >= maxHeld || c.heldBytes >= maxHeldBytes {
+		c.flushHeld()
+	}
+}
+
+// flushHeld queues the held replies for writing, and writes them unless a
+// worker is writing already (it then sends them with its next batch).
+func (c *conn) flushHeld() {
+	if len(c.held) == 0 {
+		return
+	}
+	c.send(c.held...)
+	clear(c.held)
+	c.held, c.heldBytes = c.held[:0], 0
+}
