@@ -48,9 +48,10 @@ type conn struct {
 	work     chan *request  // reader to idle workers
 	inflight sync.WaitGroup // workers alive
 	refused  int            // requests refused by validate; reader goroutine only
+	requests int            // requests read, up to busyAfter; reader goroutine only
 	service  serviceTime    // when the reader runs requests itself (inline.go)
 	turn     atomic.Pointer[readTurn]
-	rescue   *time.Timer   // takes the reading over from a request run too long
+	dog      watchdog      // takes the reading over from a request run too long
 	readEnd  chan struct{} // the reader's last turn ended
 	// Replies of requests the reader ran or refused, not yet queued for
 	// writing (see hold); reader goroutine only.
@@ -61,10 +62,18 @@ type conn struct {
 	abortOnce sync.Once
 }
 
-// connReadBuf is the per-connection read buffer. Small, because 1000 idle
-// connections must stay cheap; payloads larger than it are read directly
-// into their pooled buffers by bufio.
-const connReadBuf = 16 << 10
+// Per-connection read buffer. It starts small, because 1000 idle
+// connections must stay cheap, and grows to busyReadBuf once the client
+// has sent busyAfter requests: then one socket read takes in a burst of
+// pipelined requests (4 KiB writes at queue depth 32: a read per 10
+// requests instead of one per 3.5, a fifth less server CPU per request).
+// Payloads larger than the buffer are read directly into their pooled
+// buffers by bufio.
+const (
+	connReadBuf = 16 << 10
+	busyReadBuf = 128 << 10
+	busyAfter   = 64
+)
 
 func newConn(s *Server, nc net.Conn, id uint64) *conn {
 	ctx, cancel := context.WithCancel(context.Background())

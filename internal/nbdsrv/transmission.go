@@ -1,6 +1,7 @@
 package nbdsrv
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/binary"
@@ -58,13 +59,13 @@ var (
 func (c *conn) transmit() {
 	c.work = make(chan *request)
 	c.readEnd = make(chan struct{}, 1)
-	c.rescue = time.AfterFunc(time.Hour, c.takeOver) // armed by runInline
-	c.rescue.Stop()
+	c.dog.timer = time.AfterFunc(time.Hour, c.tick) // armed by runInline
+	c.dog.timer.Stop()
 	defer c.endTransmission()
 	t := new(readTurn)
 	c.turn.Store(t)
 	c.inflight.Add(1)
-	c.read(t) // here, or on a goroutine that took over (takeOver)
+	c.read(t) // here, or on a goroutine that took over (tick)
 	<-c.readEnd
 }
 
@@ -73,7 +74,7 @@ func (c *conn) transmit() {
 // the budget once the connection is forgotten. A reply can be left queued
 // only if a writer panicked; it is released here.
 func (c *conn) endTransmission() {
-	c.rescue.Stop()
+	c.dog.timer.Stop()
 	close(c.work) // only the reader sends, and its last turn has ended
 	c.inflight.Wait()
 	c.wq.mu.Lock()
@@ -86,7 +87,7 @@ func (c *conn) endTransmission() {
 }
 
 // read runs one turn of reading: readLoop, until it ends the connection's
-// transmission or hands the reading over (see takeOver). The last turn
+// transmission or hands the reading over (see tick). The last turn
 // ends the transmission itself (transmit may be the goroutine still busy
 // in a request that only the abort would end), then tells transmit.
 func (c *conn) read(t *readTurn) {
@@ -117,6 +118,13 @@ func (c *conn) readLoop(t *readTurn) error {
 		// client (which may be waiting for them).
 		if c.br.Buffered() < requestHeaderLen {
 			c.flushHeld()
+		}
+		if c.requests < busyAfter {
+			c.requests++
+		} else if c.requests == busyAfter && c.br.Buffered() == 0 {
+			// Nothing is buffered, so nothing is lost with the old buffer.
+			c.br = bufio.NewReaderSize(c.nc, busyReadBuf)
+			c.requests++
 		}
 		if c.draining.Load() {
 			return errDrain
