@@ -30,8 +30,10 @@ const (
 	inlineSlow   = 25 * time.Microsecond
 
 	// A burst's held replies are sent when they reach either bound, so the
-	// first reply of a long burst is not kept waiting for the last.
-	maxHeld      = 32
+	// first reply of a long burst is not kept waiting for the last, and a
+	// client at queue depth 32 gets replies (and sends new requests) while
+	// the rest of its burst runs, rather than the two taking turns.
+	maxHeld      = 16
 	maxHeldBytes = 256 << 10
 )
 
