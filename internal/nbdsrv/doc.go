@@ -17,8 +17,8 @@
 //
 // handshake.go (greeting, client flags, connection life), options.go
 // (option haggling), validate.go (the one gate every request passes),
-// transmission.go (reader, handlers, reply writer), reply.go (reply
-// layout), constants.go (wire constants), pool.go (buffers and the
+// transmission.go (reader, handlers, reply writer), inline.go (requests
+// run on the reader, its watchdog), reply.go (reply layout), constants.go (wire constants), pool.go (buffers and the
 // per-connection budget). docs/protocol.md lists what is supported, what is
 // refused with which error, and the limits.
 //
@@ -27,10 +27,13 @@
 // Each connection has one reader goroutine and worker goroutines that serve
 // its requests in parallel (at most Config.MaxRequestsPerConn requests in
 // flight, holding at most Config.MaxBytesPerConn payload bytes); workers
-// are started on demand and exit when idle. Replies are written in completion
-// order by one writer at a time (the goroutine that finds the reply queue
-// idle drains it), many replies, headers and data, in one writev. Backend
-// methods are therefore called concurrently, also across connections.
+// are started on demand and exit when idle. While the backend answers short
+// requests fast, the reader runs them itself, without a hand-off, and a
+// watchdog hands the reading to a new goroutine if one of them runs past a
+// millisecond (inline.go). Replies are written in completion order by one
+// writer at a time (the goroutine that finds the reply queue idle drains
+// it), many replies, headers and data, in one writev. Backend methods are
+// therefore called concurrently, also across connections.
 // Each backend call gets a context that is cancelled when the connection
 // dies. Negotiation runs under Config.HandshakeTimeout; no backend method
 // is called before the client has chosen an export. A panic in any
