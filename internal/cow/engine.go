@@ -16,6 +16,18 @@ import (
 type EngineOptions struct {
 	// Logger receives invalidations and create timings; nil discards.
 	Logger *slog.Logger
+	// RecordInvalid, if set, is how the engine tells its owner that a
+	// persistent snapshot turned invalid: the snapshot's writer calls it
+	// with the snapshot's name and the reason, in addition to recording
+	// the reason in the store's header, before origin writes go on without
+	// copying for that snapshot (see Snapshot.recordInvalid). It should
+	// record the invalidation durably wherever the owner looks before
+	// reopening the snapshot, so that a store whose header write failed is
+	// not reopened as valid. It runs on the writer goroutine: it must not
+	// call Clear or Close (they wait for that goroutine), and every origin
+	// write that needs the snapshot waits for it to return. nil: the store
+	// header is the only record.
+	RecordInvalid func(name, reason string) error
 }
 
 // SnapshotOptions configure a new snapshot.
@@ -48,6 +60,8 @@ type Engine struct {
 	size   int64
 	log    *slog.Logger
 	zeros  []byte // read-only; the source of fallback zero writes
+	// recordInvalid is EngineOptions.RecordInvalid.
+	recordInvalid func(name, reason string) error
 
 	// Store constructors; tests may replace them before the first Create.
 	newStore  func(f vfs.File, o storeOptions) (clusterStore, error)
@@ -87,15 +101,16 @@ func NewEngine(origin vfs.File, opts EngineOptions) (*Engine, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	e := &Engine{
-		origin:    origin,
-		size:      size,
-		log:       log,
-		zeros:     make([]byte, 256<<10),
-		newStore:  createBackstore,
-		openStore: openBackstore,
-		set:       &snapSet{},
-		byName:    make(map[string]*Snapshot),
-		pools:     make(map[int]*bufPool),
+		origin:        origin,
+		size:          size,
+		log:           log,
+		zeros:         make([]byte, 256<<10),
+		recordInvalid: opts.RecordInvalid,
+		newStore:      createBackstore,
+		openStore:     openBackstore,
+		set:           &snapSet{},
+		byName:        make(map[string]*Snapshot),
+		pools:         make(map[int]*bufPool),
 	}
 	e.reqs.New = func() any { return new(cowReq) }
 	return e, nil

@@ -55,8 +55,7 @@ type Snapshot struct {
 	// released: requests may modify the origin without copying for this
 	// snapshot. For a transient snapshot it is set with invalid; for a
 	// persistent one only after the writer tried to record the
-	// invalidation in the store, so that a crash cannot leave a store that
-	// reopens as valid while the origin moved on uncopied.
+	// invalidation (see recordInvalid).
 	released atomic.Bool
 	closed   atomic.Bool // reads refused: the snapshot was cleared or the engine closed
 
@@ -170,8 +169,9 @@ func (s *Snapshot) waitDurable(seq uint64) {
 }
 
 // failLocked is fss_error: the snapshot becomes invalid with a reason.
-// Waiters are released (origin requests go on without it), the writer
-// drops what it holds and records the reason in the store.
+// The writer drops what it holds and records the reason (recordInvalid);
+// then waiters are released (origin requests go on without it). A
+// transient snapshot is released at once.
 func (s *Snapshot) failLocked(reason string) {
 	if s.invalid.Load() {
 		return
@@ -193,8 +193,8 @@ func (s *Snapshot) start() { go s.run() }
 
 // run is the writer goroutine (fss_bs_thread): it drains VALID slots to the
 // store, all pending clusters in one commit (one sync in persistent mode),
-// records an invalidation in the store, and on stop commits (or, for
-// Clear, drops) what is left.
+// records an invalidation (recordInvalid) before releasing the snapshot,
+// and on stop commits (or, for Clear, drops) what is left.
 //
 // In persistent mode a request waiting for its commit may run the commit
 // itself when no commit is in progress (waitDurable): that saves two
@@ -213,13 +213,9 @@ func (s *Snapshot) run() {
 			s.committing = true
 			reason := s.reason
 			s.mu.Unlock()
-			err := s.st.invalidate(reason)
+			s.recordInvalid(reason)
 			s.mu.Lock()
 			s.committing = false
-			if err != nil {
-				s.log.Error("cannot record the invalidation in the store: reopening it after a crash would serve stale data",
-					"reason", reason, "err", err)
-			}
 			s.released.Store(true)
 			s.durCond.Broadcast()
 			continue
@@ -230,6 +226,49 @@ func (s *Snapshot) run() {
 			return
 		}
 		s.workCond.Wait()
+	}
+}
+
+// recordInvalid records the invalidation of s, with mu not held: in the
+// store's header and, for a persistent snapshot, in its owner's record
+// (EngineOptions.RecordInvalid). run releases s only after it returned.
+//
+// Invariant: before any origin write goes on without copying for a
+// persistent snapshot, its invalidation is durable in at least one of the
+// two places, so a crash cannot leave a snapshot that reopens as valid while
+// the origin moved on uncopied. Both are tried whatever the other did. If
+// both fail (or the store fails and there is no owner's record), the
+// invariant is broken and that is logged as an error; s is released anyway,
+// because the origin must never be blocked or fail because a snapshot
+// failed.
+func (s *Snapshot) recordInvalid(reason string) {
+	storeErr := s.st.invalidate(reason)
+	if !s.persistent {
+		// A transient store is never reopened: its header is only for
+		// whoever reads it while the snapshot lives.
+		if storeErr != nil {
+			s.log.Warn("cannot record the invalidation in the store", "reason", reason, "err", storeErr)
+		}
+		return
+	}
+	if s.e.recordInvalid == nil {
+		if storeErr != nil {
+			s.log.Error("cannot record the invalidation in the store: reopening it after a crash would serve stale data",
+				"reason", reason, "err", storeErr)
+		}
+		return
+	}
+	recordErr := s.e.recordInvalid(s.name, reason)
+	switch {
+	case storeErr != nil && recordErr != nil:
+		s.log.Error("cannot record the invalidation in the store nor in the owner's record: reopening it after a crash would serve stale data",
+			"reason", reason, "store_err", storeErr, "record_err", recordErr)
+	case storeErr != nil:
+		s.log.Warn("cannot record the invalidation in the store; the owner's record has it",
+			"reason", reason, "err", storeErr)
+	case recordErr != nil:
+		s.log.Warn("cannot record the invalidation in the owner's record; the store has it",
+			"reason", reason, "err", recordErr)
 	}
 }
 
