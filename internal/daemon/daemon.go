@@ -151,7 +151,11 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		// Without a state directory nothing is reopened, so any ID will do.
 		d.originID = uuid.NewString()
 	}
-	d.engine, err = cow.NewEngine(vf, cow.EngineOptions{Logger: log})
+	eopts := cow.EngineOptions{Logger: log}
+	if d.state != nil {
+		eopts.RecordInvalid = d.recordInvalid
+	}
+	d.engine, err = cow.NewEngine(vf, eopts)
 	if err != nil {
 		return nil, fmt.Errorf("origin %s: %w", cfg.Origin, err)
 	}

@@ -303,9 +303,10 @@ func (d *Daemon) Clear(ctx context.Context, name string, force bool) error {
 
 // reopenAll brings back the snapshots recorded in the state directory. A
 // persistent one whose store reopens is served again; anything else (a
-// transient snapshot, whose copied data lived partly in memory; a store that
-// is missing, damaged or of another origin) is kept as an invalid entry with
-// the reason, never served, until the user clears it.
+// transient snapshot, whose copied data lived partly in memory; a snapshot
+// whose record says it turned invalid; a store that is missing, damaged or
+// of another origin) is kept as an invalid entry with the reason, never
+// served, until the user clears it.
 func (d *Daemon) reopenAll(ctx context.Context) error {
 	recs, err := d.state.records()
 	if err != nil {
@@ -315,6 +316,14 @@ func (d *Daemon) reopenAll(ctx context.Context) error {
 		e := &entry{rec: r}
 		if r.Transient {
 			e.gone = "transient snapshot: it did not survive the daemon restart"
+		} else if r.Invalid {
+			// The store is not even opened: its header may still say
+			// valid (recordInvalid), and the origin has moved on
+			// without copying for it.
+			e.gone = r.Reason
+			if e.gone == "" {
+				e.gone = "invalid"
+			}
 		} else if snap, err := d.reopen(ctx, r); err != nil {
 			e.gone = "cannot reopen after restart: " + err.Error()
 		} else {
@@ -335,6 +344,18 @@ func (d *Daemon) reopenAll(ctx context.Context) error {
 			d.log.Info("snapshot reopened", "snapshot", r.Name, "backing", r.BackingPath)
 		}
 		d.snaps[r.Name] = e
+	}
+	return nil
+}
+
+// recordInvalid is the engine's RecordInvalid: it marks the snapshot's
+// record invalid, so that a restart does not serve the snapshot although
+// its store's header may say valid (writing the header may have failed).
+// It runs on the snapshot's writer, which Create and Clear may be waiting
+// for with opMu held: it takes only the state directory's lock.
+func (d *Daemon) recordInvalid(name, reason string) error {
+	if err := d.state.markInvalid(name, reason); err != nil {
+		return fmt.Errorf("record invalid snapshot %q: %w", name, err)
 	}
 	return nil
 }

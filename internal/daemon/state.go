@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/google/uuid"
@@ -19,6 +20,16 @@ import (
 //	{"version":1,"origin":"/dev/vdb","origin_id":"8f3c…"}
 //	{"version":1,"name":"snap1","backing_path":"/var/lib/nbdsnap/snap1.cow",
 //	 "cluster_size":65536,"transient":false,"max_size":0,"created":"2026-…"}
+//
+// A snapshot that turned invalid has its record rewritten with
+// "invalid":true and "reason":"…" (markInvalid), before origin writes go on
+// without copying for it: the engine's RecordInvalid hook. A restarted
+// daemon does not reopen such a snapshot, even if its store's header says
+// valid (the header write may have failed; see cow.EngineOptions). A record
+// marked invalid stays so until it is removed: put keeps the mark. Records
+// written before these fields existed have neither and load as not marked
+// (the version is unchanged). An older nbdsnap ignores the fields: after a
+// downgrade it trusts the store header alone, as it always did.
 //
 // Every file is replaced atomically: written to a temporary name, fsynced,
 // renamed over the old name, and the directory fsynced, so a crash leaves
@@ -45,9 +56,19 @@ type snapRecord struct {
 	Transient   bool      `json:"transient"`
 	MaxSize     int64     `json:"max_size"`
 	Created     time.Time `json:"created"`
+	// Invalid: the snapshot turned invalid, for Reason; never served
+	// again. See the comment at the top.
+	Invalid bool   `json:"invalid,omitempty"`
+	Reason  string `json:"reason,omitempty"`
 }
 
-type stateDir struct{ dir string }
+type stateDir struct {
+	dir string
+	// mu serialises the changes of snapshot records: markInvalid (called
+	// by snapshot writers) reads, changes and rewrites a record, which put
+	// and remove must not interleave with.
+	mu sync.Mutex
+}
 
 const (
 	originFile = "origin.json"
@@ -108,16 +129,9 @@ func (s *stateDir) records() ([]snapRecord, error) {
 		if !strings.HasPrefix(n, snapPrefix) || !strings.HasSuffix(n, snapSuffix) {
 			continue
 		}
-		b, err := os.ReadFile(filepath.Join(s.dir, n))
+		r, err := s.read(n)
 		if err != nil {
-			return nil, fmt.Errorf("state dir: %w", err)
-		}
-		var r snapRecord
-		if err := json.Unmarshal(b, &r); err != nil {
-			return nil, fmt.Errorf("state dir: %s: %w", filepath.Join(s.dir, n), err)
-		}
-		if r.Version != stateVersion || snapFile(r.Name) != n {
-			return nil, fmt.Errorf("state dir: %s: unexpected version %d or name %q", filepath.Join(s.dir, n), r.Version, r.Name)
+			return nil, err
 		}
 		recs = append(recs, r)
 	}
@@ -125,13 +139,57 @@ func (s *stateDir) records() ([]snapRecord, error) {
 	return recs, nil
 }
 
+// read reads and checks the snapshot record in file.
+func (s *stateDir) read(file string) (snapRecord, error) {
+	b, err := os.ReadFile(filepath.Join(s.dir, file))
+	if err != nil {
+		return snapRecord{}, fmt.Errorf("state dir: %w", err)
+	}
+	var r snapRecord
+	if err := json.Unmarshal(b, &r); err != nil {
+		return snapRecord{}, fmt.Errorf("state dir: %s: %w", filepath.Join(s.dir, file), err)
+	}
+	if r.Version != stateVersion || snapFile(r.Name) != file {
+		return snapRecord{}, fmt.Errorf("state dir: %s: unexpected version %d or name %q", filepath.Join(s.dir, file), r.Version, r.Name)
+	}
+	return r, nil
+}
+
+// put writes a snapshot's record. A record on disk marked invalid keeps its
+// mark and reason: Create rewrites the record after the engine created the
+// snapshot, which may already have turned invalid and been marked.
 func (s *stateDir) put(r snapRecord) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	r.Version = stateVersion
+	if old, err := s.read(snapFile(r.Name)); err == nil && old.Invalid {
+		r.Invalid, r.Reason = true, old.Reason
+	}
 	return s.write(snapFile(r.Name), r)
+}
+
+// markInvalid marks a snapshot's record invalid, durably; a record already
+// marked keeps its first reason. It fails if there is no record: a
+// snapshot's record exists from before its store until after its writer
+// stopped (Create, Clear).
+func (s *stateDir) markInvalid(name, reason string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	r, err := s.read(snapFile(name))
+	if err != nil {
+		return err
+	}
+	if r.Invalid {
+		return nil
+	}
+	r.Invalid, r.Reason = true, reason
+	return s.write(snapFile(name), r)
 }
 
 // remove deletes a snapshot's record durably; a missing record is fine.
 func (s *stateDir) remove(name string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	if err := os.Remove(filepath.Join(s.dir, snapFile(name))); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("state dir: %w", err)
 	}
