@@ -74,7 +74,9 @@
 //     before closing the store.
 //   - In persistent mode a snapshot that failed keeps holding origin
 //     modifications back until its invalidation was (tried to be) recorded
-//     in the store, so a store that reopens as valid never lies.
+//     in the store and in the owner's record (EngineOptions.RecordInvalid),
+//     so a snapshot whose owner reopens it as valid never lies unless both
+//     records failed.
 //
 // # Failure (fss_error)
 //
@@ -93,10 +95,10 @@
 //   - Snapshots of different cluster sizes each read the origin for
 //     themselves.
 //   - Reopen assumes the origin was not modified while no engine ran.
-//   - If the invalidation of a persistent snapshot cannot be written (the
-//     store's device is dead), a reopen after a crash would serve stale
-//     data; the engine logs this at error level and the daemon must not
-//     reopen such a snapshot.
+//   - If the invalidation of a persistent snapshot can be written neither
+//     to the store (its device is dead) nor by EngineOptions.RecordInvalid,
+//     a reopen after a crash would serve stale data; the engine logs this at
+//     error level.
 //   - On a shared-memory file system a first write costs about three times
 //     a plain write: the old cluster is read and written to the store
 //     besides the new data (see the benchmarks).
