@@ -1,7 +1,6 @@
 package nbdsrv
 
 import (
-	"bufio"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -25,7 +24,7 @@ type conn struct {
 	nc  net.Conn
 	id  uint64
 	log *slog.Logger
-	br  *bufio.Reader
+	br  *connReader
 
 	// ctx is cancelled when the connection dies (client gone, forced
 	// removal, Shutdown deadline); every backend call gets it.
@@ -68,7 +67,7 @@ type conn struct {
 // pipelined requests (4 KiB writes at queue depth 32: a read per 10
 // requests instead of one per 3.5, a fifth less server CPU per request).
 // Payloads larger than the buffer are read directly into their pooled
-// buffers by bufio.
+// buffers.
 const (
 	connReadBuf = 16 << 10
 	busyReadBuf = 128 << 10
@@ -111,7 +110,7 @@ func (c *conn) serve() {
 	if c.draining.Load() {
 		return
 	}
-	c.br = bufio.NewReaderSize(c.nc, connReadBuf)
+	c.br = newConnReader(c.nc, connReadBuf)
 	if err := c.negotiate(); err != nil {
 		c.logEnd("negotiation", err)
 		return

@@ -137,7 +137,11 @@ func (c *conn) tick() {
 	t := c.turn.Load()
 	n := t.started.Load()
 	if t == d.seenTurn && n == d.seenN && t.state.CompareAndSwap(turnInline, turnOver) {
-		// The request running at the last tick still is: read on.
+		// The request running at the last tick still is: read on, in
+		// new memory, as the request may be writing its payload from
+		// the old (connReader.Next). The old turn no longer touches
+		// c.br, and wrote it before it set turnInline.
+		c.br.Resize(len(c.br.buf))
 		t = new(readTurn)
 		c.turn.Store(t)
 		c.inflight.Add(1)

@@ -7,9 +7,12 @@ import "encoding/binary"
 // pooled; a request belongs to exactly one goroutine at a time.
 type request struct {
 	reqInfo
-	cookie   uint64
-	buf      *[]byte // pooled: WRITE payload, READ data or BLOCK_STATUS chunks
-	cost     int64   // bytes held in the connection's budget
+	cookie uint64
+	buf    *[]byte // pooled: WRITE payload, READ data or BLOCK_STATUS chunks
+	// data is a WRITE's payload: *buf, or bytes of the connection's read
+	// buffer for a write run on the reader.
+	data     []byte
+	cost     int64 // bytes held in the connection's budget
 	errno    Errno
 	reason   string // why errno; sent as the structured error message
 	hole     bool   // READ data was all zeros: send OFFSET_HOLE

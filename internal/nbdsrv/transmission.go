@@ -1,7 +1,6 @@
 package nbdsrv
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/binary"
@@ -120,11 +119,9 @@ func (c *conn) readLoop(t *readTurn) error {
 			c.flushHeld()
 		}
 		if c.requests < busyAfter {
-			c.requests++
-		} else if c.requests == busyAfter && c.br.Buffered() == 0 {
-			// Nothing is buffered, so nothing is lost with the old buffer.
-			c.br = bufio.NewReaderSize(c.nc, busyReadBuf)
-			c.requests++
+			if c.requests++; c.requests == busyAfter {
+				c.br.Resize(busyReadBuf)
+			}
 		}
 		if c.draining.Load() {
 			return errDrain
@@ -195,10 +192,20 @@ func (c *conn) readLoop(t *readTurn) error {
 			return errQuiet
 		}
 		if ri.cmd == CmdWrite {
-			if c.br.Buffered() < int(ri.length) {
+			n := int(ri.length)
+			if inlineCandidate(ri) && c.service.fast() && c.br.Buffered() >= n {
+				// Run it here, writing the payload from the read buffer
+				// (see connReader.Next and tick).
+				r.data = c.br.Next(n)
+				if !c.runInline(t, r) {
+					return errHandedOver
+				}
+				continue
+			}
+			if c.br.Buffered() < n {
 				c.flushHeld()
 			}
-			r.buf = c.s.pool.get(int(ri.length))
+			r.buf = c.s.pool.get(n)
 			if _, err := io.ReadFull(c.br, *r.buf); err != nil {
 				c.release(r)
 				if c.draining.Load() {
@@ -206,6 +213,7 @@ func (c *conn) readLoop(t *readTurn) error {
 				}
 				return err
 			}
+			r.data = *r.buf
 		}
 		if inlineCandidate(ri) && c.service.fast() {
 			if !c.runInline(t, r) {
@@ -335,7 +343,7 @@ func (c *conn) do(r *request) error {
 		return nil
 	case CmdWrite:
 		// validate admitted the write, so the export is writable.
-		if err := b.(Writer).WriteAt(ctx, *r.buf, off, fua); err != nil {
+		if err := b.(Writer).WriteAt(ctx, r.data, off, fua); err != nil {
 			return fmt.Errorf("write: %w", err)
 		}
 		return nil
