@@ -16,8 +16,8 @@ import (
 // one socket read and one writev.
 //
 // A request run on the reader delays every request behind it, which is
-// wrong for a slow backend (a disk, a network, a snapshot whose first
-// write waits for a sync): there, parallel workers are the point. So the
+// wrong for a slow backend (a disk, a network, writes that wait for a
+// sync): there, parallel workers are the point. So the
 // connection keeps a moving average of how long the backend takes for
 // such short requests, wherever they run, and the reader runs them only
 // while that average is under inlineSlow. Samples are clipped, so that a
@@ -38,7 +38,7 @@ const (
 )
 
 // inlineCandidate reports whether a request may run on the reader: a short
-// read or origin modification that does not ask for durability (FLUSH and
+// read, write, trim or zeroing that does not ask for durability (FLUSH and
 // FUA wait for a sync).
 func inlineCandidate(ri reqInfo) bool {
 	switch ri.cmd {
@@ -71,14 +71,14 @@ func (s *serviceTime) fast() bool { return s.ns.Load() < int64(inlineSlow) }
 // new goroutine that reads on; the old one, once its request is done,
 // sends the reply and ends its turn. (A timer armed per request would do
 // it too, but arming one wakes the runtime's network poller thread: a
-// context switch per request, measured at a fifth of the throughput.)
+// context switch per request, which cost a fifth of the throughput.)
 //
 // The hand-over: each turn of reading has a readTurn whose state the
 // reader sets to turnInline for the duration of a request; the watchdog
 // takes over only by moving it from turnInline to turnOver, and the
 // reader keeps reading only by moving it back from turnInline to
 // turnReading. Exactly one of the two succeeds, so exactly one goroutine
-// reads, and the reader's state (the bufio.Reader, the held replies)
+// reads, and the reader's state (the connReader, the held replies)
 // passes from one to the other through that atomic state. A turn taken
 // over never comes back.
 const inlineRescue = time.Millisecond
