@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nbdsnap/nbdsnap/internal/testenv"
 	"github.com/nbdsnap/nbdsnap/internal/vfs"
 	"github.com/nbdsnap/nbdsnap/internal/vfs/vfstest"
 )
@@ -23,24 +24,6 @@ type headerFailStore struct {
 }
 
 func (h *headerFailStore) invalidate(string) error { return h.err }
-
-// lockedBuffer collects log output written by the writer goroutine.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
 
 // TestRecordInvalid: when a persistent snapshot turns invalid, the owner's
 // RecordInvalid is called with the reason before any origin write goes on
@@ -66,7 +49,7 @@ func TestRecordInvalid(t *testing.T) {
 			ctx := context.Background()
 			const cs, size = 4096, 64 << 10
 			e, origin, data := testEngine(t, vfstest.NewMemFS(), size, 3, false)
-			logs := &lockedBuffer{}
+			logs := &testenv.SyncBuffer{}
 			e.log = slog.New(slog.NewTextHandler(logs, nil))
 			var store *memStore
 			e.newStore = func(_ vfs.File, o storeOptions) (clusterStore, error) {

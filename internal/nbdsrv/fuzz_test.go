@@ -7,6 +7,8 @@ import (
 	"runtime"
 	"testing"
 	"time"
+
+	"github.com/nbdsnap/nbdsnap/internal/testenv"
 )
 
 // The fuzz targets feed arbitrary bytes through net.Pipe into a server with
@@ -45,7 +47,7 @@ func cat(parts ...[]byte) []byte {
 
 // fuzzServe runs one connection over the given client bytes.
 func fuzzServe(t *testing.T, input []byte) {
-	logs := &logBuffer{}
+	logs := &testenv.SyncBuffer{}
 	s := NewServer(Config{
 		Logger:             newTestLogger(logs),
 		MaxRequestsPerConn: 8,

@@ -2,7 +2,6 @@ package nbdsrv
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -15,6 +14,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/nbdsnap/nbdsnap/internal/testenv"
 )
 
 // memBackend is an in-memory backend with every capability. Hooks let a
@@ -178,28 +179,10 @@ func (s staticContext) Extents(ctx context.Context, off, length int64) ([]Extent
 	return m.Extents(ctx, off, length)
 }
 
-// logBuffer collects slog output for assertions.
-type logBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 type testServer struct {
 	*Server
 	addr string
-	logs *logBuffer
+	logs *testenv.SyncBuffer
 	done chan error
 }
 
@@ -221,7 +204,7 @@ func shortTempDir(t testing.TB) string {
 // when the test ends.
 func startServer(t testing.TB, cfg Config, exps ...Export) *testServer {
 	t.Helper()
-	logs := &logBuffer{}
+	logs := &testenv.SyncBuffer{}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}

@@ -14,6 +14,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/nbdsnap/nbdsnap/internal/testenv"
 )
 
 // Hostile clients against the server running as a process of its own
@@ -61,7 +63,7 @@ func TestHostileClients(t *testing.T) {
 	}
 	sock := filepath.Join(dir, "h.sock")
 	cmd := exec.Command(bin, "-file", img, "-unix", sock, "-name", "disk", "-max-conns", "2000", "-handshake-timeout", "2s")
-	serverLog := &logBuffer{}
+	serverLog := &testenv.SyncBuffer{}
 	cmd.Stderr = serverLog
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

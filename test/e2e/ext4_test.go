@@ -42,7 +42,7 @@ func fuseAttach(t *testing.T, uri string, readonly bool) (string, func()) {
 	}
 	args = append(args, filepath.Join(mnt, "disk"), uri)
 	cmd := exec.Command("nbdfuse", args...)
-	var errb syncBuffer
+	var errb testenv.SyncBuffer
 	cmd.Stderr = &errb
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -95,7 +95,7 @@ func startWriter(t *testing.T, dir, uri string, nblocks, bs, nthreads int, secon
 	logPath := filepath.Join(dir, "writes.log")
 	cmd := exec.Command(py, script, uri, strconv.Itoa(nblocks), strconv.Itoa(bs), strconv.Itoa(nthreads),
 		strconv.FormatFloat(seconds, 'f', -1, 64), logPath)
-	errs := &syncBuffer{}
+	errs := &testenv.SyncBuffer{}
 	cmd.Stderr = errs
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {

@@ -14,7 +14,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -60,30 +59,12 @@ func e2e(t *testing.T) {
 	}
 }
 
-// syncBuffer is a bytes.Buffer safe for a process writing and a test reading.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // daemon is one `nbdsnap serve` process.
 type daemon struct {
 	t                             *testing.T
 	dir, origin, sock, ctl, state string
 	cmd                           *exec.Cmd
-	log                           *syncBuffer
+	log                           *testenv.SyncBuffer
 	done                          chan struct{}
 	waitErr                       error
 }
@@ -99,7 +80,7 @@ func startDaemon(t *testing.T, dir, origin string, extra ...string) *daemon {
 func startDaemonAt(t *testing.T, dir, origin, name, sock, ctl string, extra ...string) *daemon {
 	t.Helper()
 	d := &daemon{t: t, dir: dir, origin: origin, sock: sock, ctl: ctl, state: filepath.Join(dir, "state"),
-		log: &syncBuffer{}, done: make(chan struct{})}
+		log: &testenv.SyncBuffer{}, done: make(chan struct{})}
 	args := append([]string{"serve", origin, "--name", name, "--listen", "unix:" + d.sock,
 		"--control", d.ctl, "--state-dir", d.state}, extra...)
 	d.cmd = exec.Command(nbdsnapBin, args...)

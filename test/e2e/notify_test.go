@@ -9,6 +9,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/nbdsnap/nbdsnap/internal/testenv"
 )
 
 // TestSdNotify: under a NOTIFY_SOCKET (what systemd gives a Type=notify
@@ -38,7 +40,7 @@ func TestSdNotify(t *testing.T) {
 	cmd := exec.Command(nbdsnapBin, "serve", origin, "--name", "data", "--listen", "unix:"+filepath.Join(dir, "data.sock"),
 		"--control", ctl, "--log-level", "error")
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+nsock)
-	var logs syncBuffer
+	var logs testenv.SyncBuffer
 	cmd.Stderr = &logs
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
