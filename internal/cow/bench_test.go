@@ -189,3 +189,59 @@ func processCPU(b *testing.B) time.Duration {
 	}
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
+
+// BenchmarkCopyBound measures, on /dev/shm, the three copies a first write
+// cannot avoid under fss's design: reading the old cluster into the cache,
+// writing the new data over the origin, writing the old cluster to a fresh
+// part of the store (a new file each 256 MiB, as a new snapshot's store).
+// Their CPU times summed and divided by the cores give a lower bound for a
+// first write's time, to compare with BenchmarkFirstWrite's "none" (one
+// overwrite per write, serialised by the file's lock).
+func BenchmarkCopyBound(b *testing.B) {
+	dir, err := os.MkdirTemp("/dev/shm", "nbdsnap-bench-")
+	if err != nil {
+		b.Skipf("no /dev/shm: %v", err)
+	}
+	b.Cleanup(func() { os.RemoveAll(dir) })
+	const cs = 64 << 10
+	const size = 256 << 20
+	origin := benchOrigin(b, dir, size)
+	buf := make([]byte, cs)
+	for _, op := range []string{"read", "overwrite", "fresh-write"} {
+		b.Run(op, func(b *testing.B) {
+			b.SetBytes(cs)
+			var cpu time.Duration
+			for done := 0; done < b.N; {
+				b.StopTimer()
+				f := origin
+				if op == "fresh-write" {
+					path := filepath.Join(dir, "store")
+					os.Remove(path)
+					if f, err = (vfs.OS{}).OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644); err != nil {
+						b.Fatal(err)
+					}
+				}
+				round := min(b.N-done, size/cs)
+				cpu0 := processCPU(b)
+				b.StartTimer()
+				for i := range round {
+					if op == "read" {
+						_, err = f.ReadAt(buf, int64(i)*cs)
+					} else {
+						_, err = f.WriteAt(buf, int64(i)*cs)
+					}
+					if err != nil {
+						b.Fatal(err)
+					}
+				}
+				b.StopTimer()
+				cpu += processCPU(b) - cpu0
+				if f != origin {
+					f.Close()
+				}
+				done += round
+			}
+			b.ReportMetric(float64(cpu.Nanoseconds())/float64(b.N), "cpu-ns/op")
+		})
+	}
+}
