@@ -191,31 +191,29 @@ func (c *conn) readLoop(t *readTurn) error {
 			c.s.putRequest(r)
 			return errQuiet
 		}
+		inline := inlineCandidate(ri) && c.service.fast()
 		if ri.cmd == CmdWrite {
 			n := int(ri.length)
-			if inlineCandidate(ri) && c.service.fast() && c.br.Buffered() >= n {
-				// Run it here, writing the payload from the read buffer
-				// (see connReader.Next and tick).
+			if inline && c.br.Buffered() >= n {
+				// Written from the read buffer in place (see
+				// connReader.Next and tick).
 				r.data = c.br.Next(n)
-				if !c.runInline(t, r) {
-					return errHandedOver
+			} else {
+				if c.br.Buffered() < n {
+					c.flushHeld()
 				}
-				continue
-			}
-			if c.br.Buffered() < n {
-				c.flushHeld()
-			}
-			r.buf = c.s.pool.get(n)
-			if _, err := io.ReadFull(c.br, *r.buf); err != nil {
-				c.release(r)
-				if c.draining.Load() {
-					return errDrain
+				r.buf = c.s.pool.get(n)
+				if _, err := io.ReadFull(c.br, *r.buf); err != nil {
+					c.release(r)
+					if c.draining.Load() {
+						return errDrain
+					}
+					return err
 				}
-				return err
+				r.data = *r.buf
 			}
-			r.data = *r.buf
 		}
-		if inlineCandidate(ri) && c.service.fast() {
+		if inline {
 			if !c.runInline(t, r) {
 				return errHandedOver
 			}
@@ -459,6 +457,7 @@ type replyQueue struct {
 	writing bool // a goroutine is in send's write loop
 	broken  bool // a write failed: replies are dropped from now on
 	vec     [][]byte
+	bufs    net.Buffers // vec, as writeBatch hands it to the socket
 }
 
 // send queues the replies of rs and, unless another goroutine is writing,
@@ -506,8 +505,10 @@ func (c *conn) writeBatch(batch []*request) bool {
 		}
 	}
 	c.wq.vec = vec
-	bufs := net.Buffers(vec)
-	if _, err := bufs.WriteTo(c.nc); err != nil {
+	// WriteTo consumes the slice it is called on: a field, so that no
+	// slice header is allocated per batch.
+	c.wq.bufs = vec
+	if _, err := c.wq.bufs.WriteTo(c.nc); err != nil {
 		if c.ctx.Err() == nil {
 			c.log.Debug("nbd: reply write failed", "err", err)
 		}
