@@ -172,6 +172,13 @@ func (g *guest) nbdsnap(ctx context.Context, args ...string) (string, error) {
 	return g.run(ctx, "nbdsnap", append(args, "--control", controlSock)...)
 }
 
+// createSnap1 takes the scenarios' snapshot, snap1, into /work/snap1.cow,
+// with further create flags.
+func (g *guest) createSnap1(ctx context.Context, flags ...string) error {
+	_, err := g.nbdsnap(ctx, append([]string{"create", "snap1", "--backing", "/work/snap1.cow"}, flags...)...)
+	return err
+}
+
 // snapStatus is the part of `nbdsnap status --json` the scenarios check.
 type snapStatus struct {
 	Name           string `json:"name"`

@@ -143,10 +143,7 @@ func scenarioFreeze(ctx context.Context, g *guest) error {
 	if err != nil {
 		return err
 	}
-	if err := g.step("create --freeze", func() error {
-		_, err := g.nbdsnap(ctx, "create", "snap1", "--backing", "/work/snap1.cow", "--freeze", originMnt)
-		return err
-	}); err != nil {
+	if err := g.step("create --freeze", func() error { return g.createSnap1(ctx, "--freeze", originMnt) }); err != nil {
 		return err
 	}
 	origin, err := g.setB(ctx, a)
@@ -245,8 +242,7 @@ func scenarioNoFreeze(ctx context.Context, g *guest) error {
 	}
 	if err := g.step("sync + create (no freeze)", func() error {
 		syscall.Sync()
-		_, err := g.nbdsnap(ctx, "create", "snap1", "--backing", "/work/snap1.cow")
-		return err
+		return g.createSnap1(ctx)
 	}); err != nil {
 		return err
 	}
@@ -578,7 +574,7 @@ func scenarioCrash(ctx context.Context, g *guest) error {
 		if err := copySparse(originImage, ref); err != nil {
 			return err
 		}
-		if _, err := g.nbdsnap(ctx, "create", "snap1", "--backing", "/work/snap1.cow"); err != nil {
+		if err := g.createSnap1(ctx); err != nil {
 			return err
 		}
 		return g.mount(ctx, nbd0, originMnt, "rw")
@@ -644,7 +640,7 @@ func scenarioFull(ctx context.Context, g *guest) error {
 		if _, err := g.run(ctx, "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", "/work/tiny"); err != nil {
 			return err
 		}
-		if _, err := g.nbdsnap(ctx, "create", "snap1", "--backing", "/work/snap1.cow", "--max-size", "1M"); err != nil {
+		if err := g.createSnap1(ctx, "--max-size", "1M"); err != nil {
 			return err
 		}
 		_, err := g.nbdsnap(ctx, "create", "snap2", "--backing", "/work/tiny/snap2.cow")
@@ -748,10 +744,7 @@ func scenarioReadOnly(ctx context.Context, g *guest) error {
 	if err != nil {
 		return err
 	}
-	if err := g.step("create --freeze", func() error {
-		_, err := g.nbdsnap(ctx, "create", "snap1", "--backing", "/work/snap1.cow", "--freeze", originMnt)
-		return err
-	}); err != nil {
+	if err := g.step("create --freeze", func() error { return g.createSnap1(ctx, "--freeze", originMnt) }); err != nil {
 		return err
 	}
 	// Attached without -readonly: the read-only flag must come from the
