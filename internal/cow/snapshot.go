@@ -283,7 +283,12 @@ func (s *Snapshot) commitLocked() {
 	defer func() {
 		s.committing = false
 		s.durCond.Broadcast()
-		s.workCond.Signal()
+		if len(s.pending) > 0 || s.stopping || s.persistReason {
+			// The writer may be waiting for this commit to end (run);
+			// it has nothing to do otherwise, and waking it after every
+			// commit a request led costs a futex wake-up per first write.
+			s.workCond.Signal()
+		}
 	}()
 	if s.persistent {
 		s.linger()
