@@ -4,28 +4,43 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync/atomic"
+	"time"
 
 	"github.com/nbdsnap/nbdsnap/internal/backstore"
 	"github.com/nbdsnap/nbdsnap/internal/vfs"
 )
 
 // bstore adapts *backstore.Store to clusterStore. The Store is given the
-// file behind a wrapper whose Close does nothing, so that a store the engine
-// refuses (Reopen of another origin) can be released while the caller keeps
-// its file, as Create's and Reopen's contracts say.
+// file behind a storeFile, whose Close does nothing, so that a store the
+// engine refuses (Reopen of another origin) can be released while the
+// caller keeps its file, as Create's and Reopen's contracts say.
 type bstore struct {
 	s     *backstore.Store
 	f     vfs.File
+	sf    *storeFile
 	batch []backstore.Cluster // reused: commit runs on one goroutine at a time
 }
 
-// keepOpen hides a file's Close from the backing store.
-type keepOpen struct{ vfs.File }
+// storeFile is the file as the backing store sees it: Close does nothing,
+// and Sync records how long it took (for commit).
+type storeFile struct {
+	vfs.File
+	lastSync atomic.Int64 // nanoseconds
+}
 
-func (keepOpen) Close() error { return nil }
+func (*storeFile) Close() error { return nil }
+
+func (f *storeFile) Sync() error {
+	start := time.Now()
+	err := f.File.Sync()
+	f.lastSync.Store(int64(time.Since(start)))
+	return err
+}
 
 func createBackstore(f vfs.File, o storeOptions) (clusterStore, error) {
-	s, err := backstore.Create(keepOpen{f}, backstore.Options{
+	sf := &storeFile{File: f}
+	s, err := backstore.Create(sf, backstore.Options{
 		Name:        o.Name,
 		ClusterSize: o.ClusterSize,
 		OriginSize:  o.OriginSize,
@@ -37,11 +52,12 @@ func createBackstore(f vfs.File, o storeOptions) (clusterStore, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &bstore{s: s, f: f}, nil
+	return &bstore{s: s, f: f, sf: sf}, nil
 }
 
 func openBackstore(f vfs.File, log *slog.Logger) (clusterStore, error) {
-	s, err := backstore.Open(keepOpen{f})
+	sf := &storeFile{File: f}
+	s, err := backstore.Open(sf)
 	if err != nil {
 		if errors.Is(err, backstore.ErrTransient) {
 			return nil, fmt.Errorf("%w: %w", err, ErrBadOption)
@@ -59,17 +75,18 @@ func openBackstore(f vfs.File, log *slog.Logger) (clusterStore, error) {
 				"store", s.Header().Name, "batch", d.Batch, "entries", fmt.Sprintf("%d…%d", d.First, d.Total-1), "why", d.Why)
 		}
 	}
-	return &bstore{s: s, f: f}, nil
+	return &bstore{s: s, f: f, sf: sf}, nil
 }
 
-func (b *bstore) commit(batch []storeCluster) error {
+func (b *bstore) commit(batch []storeCluster) (time.Duration, error) {
 	b.batch = b.batch[:0]
 	for _, c := range batch {
 		b.batch = append(b.batch, backstore.Cluster{Index: c.index, Data: c.data})
 	}
+	b.sf.lastSync.Store(0)
 	err := b.s.Commit(b.batch)
 	clear(b.batch)
-	return err
+	return time.Duration(b.sf.lastSync.Load()), err
 }
 
 func (b *bstore) readCluster(index uint32, p []byte, off int) (bool, error) {

@@ -145,7 +145,7 @@ func BenchmarkFirstWrite(b *testing.B) {
 	}
 	b.Cleanup(func() { os.RemoveAll(dir) })
 	for _, cs := range []int{4 << 10, 64 << 10, 1 << 20} {
-		for _, writers := range []int{1, 4} {
+		for _, writers := range []int{1, 4, 16} {
 			for _, mode := range []string{"none", "transient-nullstore", "transient", "persistent"} {
 				b.Run(fmt.Sprintf("cs=%dK/writers=%d/%s", cs>>10, writers, mode), func(b *testing.B) {
 					firstWriteBench(b, dir, 256<<20, cs, mode, writers)
@@ -170,7 +170,7 @@ func BenchmarkFirstWriteDisk(b *testing.B) {
 // nullStore takes batches and forgets them (benchmarks of the engine alone).
 type nullStore struct{ o storeOptions }
 
-func (nullStore) commit([]storeCluster) error                   { return nil }
+func (nullStore) commit([]storeCluster) (time.Duration, error)  { return 0, nil }
 func (nullStore) readCluster(uint32, []byte, int) (bool, error) { return false, nil }
 func (nullStore) forEachCopied(func(uint32))                    {}
 func (n nullStore) header() storeHeader {

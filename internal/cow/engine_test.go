@@ -456,6 +456,30 @@ func TestGroupCommitSlowStore(t *testing.T) {
 	}
 }
 
+// TestLingerFor: a commit waits for more clusters only after an expensive
+// sync, only when more are expected, and never long.
+func TestLingerFor(t *testing.T) {
+	for _, tc := range []struct {
+		sync            time.Duration
+		pending, expect int
+		want            time.Duration
+	}{
+		{0, 1, 8, 0},                                   // tmpfs: syncs are free
+		{lingerThreshold - 1, 1, 8, 0},                 // a fast device
+		{lingerThreshold, 1, 8, lingerThreshold / 2},   // half the sync
+		{4 * time.Millisecond, 1, 8, maxLinger},        // never longer than maxLinger
+		{4 * time.Millisecond, 8, 8, 0},                // everything expected is there
+		{4 * time.Millisecond, 9, 8, 0},                // more than expected
+		{4 * time.Millisecond, 1, 1, 0},                // a lone writer
+		{4 * time.Millisecond, 0, 0, 0},                // nothing expected
+		{time.Millisecond, 3, 4, time.Millisecond / 2}, // a disk
+	} {
+		if got := lingerFor(tc.sync, tc.pending, tc.expect); got != tc.want {
+			t.Errorf("lingerFor(%v, %d, %d) = %v, want %v", tc.sync, tc.pending, tc.expect, got, tc.want)
+		}
+	}
+}
+
 // TestReopen: a persistent snapshot survives an engine restart (a clean
 // one here; TestCrash covers crashes); Reopen refuses a transient store and
 // another origin.

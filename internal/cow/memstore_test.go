@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 )
 
 // memStore is an in-memory clusterStore for tests that exercise the engine
@@ -14,7 +15,7 @@ type memStore struct {
 	data    map[uint32][]byte
 	commits int
 	// fail, if set, is asked before every commit (numbered from 1)
-	// whether to fail it.
+	// whether to fail it; the time it takes counts as the commit's sync.
 	fail   func(n int) error
 	closed bool
 }
@@ -30,28 +31,32 @@ func newMemStore(o storeOptions) *memStore {
 	}
 }
 
-func (m *memStore) commit(batch []storeCluster) error {
+func (m *memStore) commit(batch []storeCluster) (time.Duration, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
-		return errors.New("memstore: closed")
+		return 0, errors.New("memstore: closed")
 	}
 	m.commits++
+	var sync time.Duration
 	if m.fail != nil {
-		if err := m.fail(m.commits); err != nil {
-			return err
+		start := time.Now()
+		err := m.fail(m.commits)
+		sync = time.Since(start)
+		if err != nil {
+			return sync, err
 		}
 	}
 	for _, c := range batch {
 		if len(c.data) != m.hdr.ClusterSize {
-			return fmt.Errorf("memstore: cluster %d has %d bytes", c.index, len(c.data))
+			return sync, fmt.Errorf("memstore: cluster %d has %d bytes", c.index, len(c.data))
 		}
 		if _, dup := m.data[c.index]; dup {
-			return fmt.Errorf("memstore: cluster %d committed twice", c.index)
+			return sync, fmt.Errorf("memstore: cluster %d committed twice", c.index)
 		}
 		m.data[c.index] = append([]byte(nil), c.data...)
 	}
-	return nil
+	return sync, nil
 }
 
 func (m *memStore) readCluster(index uint32, p []byte, off int) (bool, error) {

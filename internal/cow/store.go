@@ -12,7 +12,8 @@ type clusterStore interface {
 	// commit stores a batch of clusters. Persistent stores: when it
 	// returns nil every cluster of the batch is durable and findable
 	// after a crash (one sync). Transient stores: findable, not durable.
-	commit(batch []storeCluster) error
+	// sync is how long the batch's sync took (0 if there was none).
+	commit(batch []storeCluster) (sync time.Duration, err error)
 	// readCluster copies bytes [off, off+len(p)) of a committed cluster
 	// into p; ok is false if the cluster is not in the store.
 	readCluster(index uint32, p []byte, off int) (ok bool, err error)
