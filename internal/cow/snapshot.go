@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -156,16 +157,28 @@ func (s *Snapshot) waitDurable(seq uint64) {
 		return
 	}
 	s.mu.Lock()
+	led := false
 	for s.durableSeq.Load() < seq && !s.released.Load() && !s.stopping {
 		if s.persistent && !s.committing && !s.persistReason && len(s.pending) > 0 {
 			// Lead: commit what is pending (ours included) here
 			// rather than wake the writer and wait to be woken.
 			s.commitLocked()
+			led = true
 			continue
 		}
 		s.durCond.Wait()
 	}
+	handOver := led && len(s.pending) > 0
 	s.mu.Unlock()
+	if handOver {
+		// Requests are waiting to commit the next batch, and the end of
+		// our commit made them runnable on this P, behind us. Without
+		// yielding, one of them runs only once we block (our origin
+		// write and next read are short syscalls that keep the P), and
+		// the store sat idle for a median 33 us after such commits
+		// (measured with 4 writers on /dev/shm; 1 us with the yield).
+		runtime.Gosched()
+	}
 }
 
 // failLocked is fss_error: the snapshot becomes invalid with a reason.
