@@ -3,7 +3,7 @@ GO       ?= go
 PREFIX   ?= /usr/local
 FUZZTIME ?= 10s
 
-.PHONY: all build deps test unit fuzz-smoke demo bench install clean
+.PHONY: all build deps test unit fuzz-smoke demo bench bench-engine install clean
 
 all: build
 
@@ -38,6 +38,11 @@ demo: deps build
 # Benchmarks against peers (nbdkit, qemu-storage-daemon); not part of `make test`.
 bench: deps build
 	./test/bench/run.sh
+
+# The copy-on-write engine alone (Go benchmarks on /dev/shm), with the CPU
+# floor of a first write; not part of `make test`.
+bench-engine:
+	./test/bench/engine.sh
 
 install: build
 	install -D -m 0755 bin/nbdsnap $(DESTDIR)$(PREFIX)/bin/nbdsnap
