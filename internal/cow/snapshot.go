@@ -326,13 +326,13 @@ func (s *Snapshot) commitLocked() {
 	for _, sl := range batch {
 		clusters = append(clusters, storeCluster{index: sl.cluster, data: sl.buf.data})
 	}
-	sync, err := s.st.commit(clusters)
+	syncTime, err := s.st.commit(clusters)
 	clear(clusters)
 
 	s.mu.Lock()
 	// The requests this commit releases will likely come back with their
 	// next clusters, while those that arrived during it wait (see linger).
-	s.expect, s.lastSync = len(batch)+len(s.pending), sync
+	s.expect, s.lastSync = len(batch)+len(s.pending), syncTime
 	if err != nil {
 		s.failLocked(fmt.Sprintf("write backing store: %v", err))
 	} else {
