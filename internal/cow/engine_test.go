@@ -480,6 +480,55 @@ func TestLingerFor(t *testing.T) {
 	}
 }
 
+// slowFile delays its writes or its syncs.
+type slowFile struct {
+	vfs.File
+	write, sync time.Duration
+}
+
+func (f slowFile) WriteAt(p []byte, off int64) (int, error) {
+	time.Sleep(f.write)
+	return f.File.WriteAt(p, off)
+}
+
+func (f slowFile) Sync() error {
+	time.Sleep(f.sync)
+	return f.File.Sync()
+}
+
+// TestCommitReportsSyncTime: the store adapter reports how long a commit's
+// sync took, not the whole commit, which is what lingerFor needs (a commit
+// that is long because it writes much data must not make the next one wait).
+func TestCommitReportsSyncTime(t *testing.T) {
+	const slow = 3 * time.Millisecond
+	for _, tc := range []struct {
+		name        string
+		write, sync time.Duration
+		slowSync    bool
+	}{
+		{"slow writes", slow, 0, false},
+		{"slow sync", 0, slow, true},
+	} {
+		fs := vfstest.NewMemFS()
+		st, err := createBackstore(slowFile{mustOpen(t, fs, "store"), tc.write, tc.sync}, storeOptions{
+			Name: "s", ClusterSize: 4096, OriginSize: 1 << 20, Persistent: true,
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		syncTime, err := st.commit([]storeCluster{{index: 1, data: make([]byte, 4096)}, {index: 2, data: make([]byte, 4096)}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := syncTime >= slow; got != tc.slowSync {
+			t.Errorf("%s: commit reported a sync of %v", tc.name, syncTime)
+		}
+		if err := st.close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 // TestReopen: a persistent snapshot survives an engine restart (a clean
 // one here; TestCrash covers crashes); Reopen refuses a transient store and
 // another origin.
