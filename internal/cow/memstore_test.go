@@ -38,25 +38,25 @@ func (m *memStore) commit(batch []storeCluster) (time.Duration, error) {
 		return 0, errors.New("memstore: closed")
 	}
 	m.commits++
-	var sync time.Duration
+	var syncTime time.Duration
 	if m.fail != nil {
 		start := time.Now()
 		err := m.fail(m.commits)
-		sync = time.Since(start)
+		syncTime = time.Since(start)
 		if err != nil {
-			return sync, err
+			return syncTime, err
 		}
 	}
 	for _, c := range batch {
 		if len(c.data) != m.hdr.ClusterSize {
-			return sync, fmt.Errorf("memstore: cluster %d has %d bytes", c.index, len(c.data))
+			return syncTime, fmt.Errorf("memstore: cluster %d has %d bytes", c.index, len(c.data))
 		}
 		if _, dup := m.data[c.index]; dup {
-			return sync, fmt.Errorf("memstore: cluster %d committed twice", c.index)
+			return syncTime, fmt.Errorf("memstore: cluster %d committed twice", c.index)
 		}
 		m.data[c.index] = append([]byte(nil), c.data...)
 	}
-	return sync, nil
+	return syncTime, nil
 }
 
 func (m *memStore) readCluster(index uint32, p []byte, off int) (bool, error) {
