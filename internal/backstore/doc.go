@@ -24,12 +24,21 @@
 // (ReadCluster, Copied, ForEachCopied) run concurrently with it and see a
 // cluster only once its Commit has completed.
 //
+// Reads are verified: the CRC32C of every committed cluster is kept in
+// memory (in a transient store too, which has no metadata on disk), and
+// ReadCluster checks the whole cluster against it on every read, so a store
+// damaged under a live snapshot fails with ErrChecksum rather than serving
+// wrong bytes. [Identify], [MarkInvalid] and [Wipe] act on a store file that
+// is not open, only after its UUID proved it is the store meant.
+//
 // Memory: the map from cluster to data slot is a bitmap plus a packed slot
 // list per 1024-cluster chunk, about 2.5 MiB for 2^24 clusters plus ~4–6
-// bytes per copied cluster (see index.go and TestIndexMemory).
+// bytes per copied cluster (see index.go and TestIndexMemory), and 4 bytes
+// per copied cluster for its checksum.
 //
 // Caveats: Open verifies the data checksums of the newest batch only;
-// corruption of older data is found by Check, not by Open. After an
+// corruption of older data is found by Check, or by the first read of
+// the damaged cluster. After an
 // unclean shutdown, damage to the newest committed batch cannot be told
 // from a batch torn in flight, and it is dropped (see "The clean mark" in
 // format.go). After a Commit

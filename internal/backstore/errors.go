@@ -32,6 +32,12 @@ var (
 	// ErrBadCluster: a batch names a cluster out of range, already copied,
 	// twice, or with data of the wrong length. Nothing is written.
 	ErrBadCluster = errors.New("backstore: bad cluster in batch")
+	// ErrChecksum: a cluster read from the store does not match the
+	// checksum recorded when it was committed: the store was damaged.
+	ErrChecksum = errors.New("backstore: cluster fails its checksum")
+	// ErrOtherStore: the file holds a store, but not the one asked for
+	// (its UUID differs).
+	ErrOtherStore = errors.New("backstore: another store")
 	// ErrOptions: Create was given options it cannot honour.
 	ErrOptions = errors.New("backstore: bad options")
 )

@@ -187,7 +187,7 @@ func goldenStore(t *testing.T) []byte {
 	h := goldenHeader()
 	s, err := Create(openMem(t, fs, "store"), Options{
 		Name: h.Name, OriginID: h.OriginID, OriginSize: h.OriginSize, ClusterSize: h.ClusterSize,
-		Persistent: true, Created: h.Created, uuid: goldenUUID,
+		Persistent: true, Created: h.Created, UUID: goldenUUID,
 	})
 	if err != nil {
 		t.Fatal(err)

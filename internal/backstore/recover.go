@@ -41,7 +41,7 @@ func Open(f vfs.File) (*Store, error) {
 	}
 	rec := r.recovery(h)
 	s := newStore(f, r.geo, h)
-	s.idx = r.idx
+	s.idx, s.crcs = r.idx, r.crcs
 	s.count = r.total
 	s.lastBatch = r.committed
 	s.tail, s.tailSlot = r.tail, r.tailSlot
@@ -241,6 +241,7 @@ type recovered struct {
 	unreadable []string
 	total      uint32 // committed entries
 	idx        index
+	crcs       []uint32 // crcs[slot]: the checksum of each committed data slot
 	tail       []entry
 	tailSlot   int
 	// Only when recoverMap is asked to keep them (for Check): the cluster
@@ -353,6 +354,7 @@ scan:
 	// below the committed batch; every block but the last must be full and
 	// the last must hold exactly the committed count.
 	r.idx = newIndex(g.maxClusters)
+	r.crcs = make([]uint32, 0, r.total)
 	keep := len(keepSlots) > 0 && keepSlots[0]
 	if keep {
 		r.slots = make([]uint32, 0, r.total)
@@ -382,6 +384,7 @@ scan:
 			if !r.idx.insert(e.cluster, slot) {
 				return nil, fmt.Errorf("%w: cluster %d claimed twice (again by data slot %d)", ErrCorrupt, e.cluster, slot)
 			}
+			r.crcs = append(r.crcs, e.crc)
 			if keep {
 				r.slots = append(r.slots, e.cluster)
 			}

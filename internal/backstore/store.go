@@ -22,8 +22,10 @@ type Options struct {
 	Persistent  bool   // crash-consistent, reopenable; otherwise transient
 	MaxSize     int64  // limit on the store's size in bytes; 0: none
 	Created     time.Time
-
-	uuid uuid.UUID // tests only: a fixed UUID instead of a random one
+	// UUID names the store; zero means a random one. An owner that must
+	// recognise its store before Create returns (a record written ahead
+	// of the store) chooses it.
+	UUID uuid.UUID
 }
 
 // Cluster is one cluster's copied contents. Data holds the whole cluster:
@@ -42,6 +44,11 @@ type Cluster struct {
 // cluster becomes visible to them only after its Commit has written (and,
 // when persistent, synced) its data, and a data slot is never rewritten
 // once visible, so a reader never sees a half-written cluster.
+//
+// Every cluster's CRC32C is kept in memory, in transient stores too, and
+// ReadCluster checks it on every read: a store damaged under the running
+// snapshot (a bad sector, a truncated file, a stray write) fails the read
+// with ErrChecksum instead of returning wrong bytes as the frozen image.
 type Store struct {
 	f          vfs.File
 	geo        geometry
@@ -69,9 +76,14 @@ type Store struct {
 	// that every later Open and Check still sees the damage. Immutable.
 	damagedMark *[2]uint64
 
-	// mu guards the index, the header and closed.
+	// scratch holds cluster-sized buffers for reads of part of a cluster,
+	// which must read (and check) the whole cluster.
+	scratch sync.Pool
+
+	// mu guards the index, the checksums, the header and closed.
 	mu     sync.RWMutex
 	idx    index
+	crcs   []uint32 // crcs[slot]: CRC32C of data slot slot's cluster
 	hdr    Header
 	closed bool
 }
@@ -99,7 +111,7 @@ func Create(f vfs.File, opts Options) (*Store, error) {
 	if created.IsZero() {
 		created = time.Now()
 	}
-	id := opts.uuid
+	id := opts.UUID
 	if id == (uuid.UUID{}) {
 		var err error
 		if id, err = uuid.NewRandom(); err != nil {
@@ -148,10 +160,12 @@ func Create(f vfs.File, opts Options) (*Store, error) {
 }
 
 func newStore(f vfs.File, g geometry, h Header) *Store {
-	return &Store{
+	s := &Store{
 		f: f, geo: g, persistent: h.Persistent, id: h.UUID, hdr: h,
 		nextBatch: h.BatchBase, idx: newIndex(g.maxClusters), blockBuf: make([]byte, blockSize),
 	}
+	s.scratch.New = func() any { b := make([]byte, g.clusterSize); return &b }
+	return s
 }
 
 // setLimit computes how far the store may grow.
@@ -213,10 +227,7 @@ func (s *Store) Commit(batch []Cluster) error {
 	entries := make([]entry, len(batch))
 	for i, c := range batch {
 		data := c.Data[:s.geo.clusterLen(c.Index)]
-		entries[i].cluster = c.Index
-		if s.persistent { // a transient store records no metadata to check
-			entries[i].crc = checksum(data)
-		}
+		entries[i] = entry{cluster: c.Index, crc: checksum(data)}
 		slot := first + uint32(i)
 		if _, err := s.f.WriteAt(data, s.geo.slotOff(slot)); err != nil {
 			return s.fail(fmt.Errorf("backstore: write data slot %d (cluster %d): %w", slot, c.Index, ioErr(err)))
@@ -241,6 +252,7 @@ func (s *Store) Commit(batch []Cluster) error {
 	s.mu.Lock()
 	for i, e := range entries {
 		s.idx.insert(e.cluster, first+uint32(i))
+		s.crcs = append(s.crcs, e.crc)
 	}
 	s.mu.Unlock()
 	s.count = total
@@ -327,12 +339,22 @@ func ioErr(err error) error {
 // ReadCluster reads len(p) bytes at offset off of the stored copy of
 // cluster index. ok reports whether the store holds the cluster; when it
 // does not, p is untouched. Safe concurrently with Commit.
+//
+// The whole cluster is read and checked against its CRC32C, also when p
+// asks for part of it: a mismatch returns an error wrapping ErrChecksum
+// (p's contents are then unspecified). A slot past the end of the file
+// reads as zeros and is checked like any other: recovery checks data the
+// same way, so it keeps a batch of zero clusters whose writes were lost in
+// a crash (the file never grew), and zeros are their contents; a store
+// truncated under a snapshot fails the check for every other cluster.
 func (s *Store) ReadCluster(index uint32, p []byte, off int) (ok bool, err error) {
 	s.mu.RLock()
 	closed := s.closed
-	var slot uint32
+	var slot, want uint32
 	if index < s.geo.maxClusters {
-		slot, ok = s.idx.lookup(index)
+		if slot, ok = s.idx.lookup(index); ok {
+			want = s.crcs[slot]
+		}
 	}
 	s.mu.RUnlock()
 	if closed {
@@ -341,15 +363,25 @@ func (s *Store) ReadCluster(index uint32, p []byte, off int) (ok bool, err error
 	if !ok {
 		return false, nil
 	}
-	if off < 0 || int64(off)+int64(len(p)) > s.geo.clusterLen(index) {
-		return true, fmt.Errorf("backstore: read cluster %d bytes %d…%d: outside its %d bytes", index, off, off+len(p), s.geo.clusterLen(index))
+	n := s.geo.clusterLen(index)
+	if off < 0 || int64(off)+int64(len(p)) > n {
+		return true, fmt.Errorf("backstore: read cluster %d bytes %d…%d: outside its %d bytes", index, off, off+len(p), n)
 	}
-	// A slot past the end of the file reads as zeros: recovery checks
-	// data the same way, so it keeps a batch of zero clusters whose writes
-	// were lost in a crash (the file never grew), and zeros are their
-	// contents.
-	if err := readFull(s.f, p, s.geo.slotOff(slot)+int64(off)); err != nil {
+	buf := p
+	if int64(len(p)) != n {
+		b := s.scratch.Get().(*[]byte)
+		defer s.scratch.Put(b)
+		buf = (*b)[:n]
+	}
+	if err := readFull(s.f, buf, s.geo.slotOff(slot)); err != nil {
 		return true, fmt.Errorf("backstore: read cluster %d from slot %d: %w", index, slot, err)
+	}
+	if got := checksum(buf); got != want {
+		return true, fmt.Errorf("%w: cluster %d (data slot %d at offset %d) has checksum %08x, recorded %08x",
+			ErrChecksum, index, slot, s.geo.slotOff(slot), got, want)
+	}
+	if int64(len(p)) != n {
+		copy(p, buf[off:])
 	}
 	return true, nil
 }
@@ -448,14 +480,8 @@ func (s *Store) Invalidate(reason string) error {
 // The caller holds hdrMu.
 func (s *Store) writeHeader(h *Header) error {
 	h.Generation = s.Header().Generation + 1
-	buf := make([]byte, headerSize)
-	encodeHeader(h, buf)
-	slot := int64(h.Generation % 2)
-	if _, err := s.f.WriteAt(buf, slot*headerSize); err != nil {
-		return fmt.Errorf("write header slot %d: %w", slot, err)
-	}
-	if err := s.f.Sync(); err != nil {
-		return fmt.Errorf("sync header: %w", err)
+	if err := writeHeaderSlot(s.f, h); err != nil {
+		return err
 	}
 	s.mu.Lock()
 	s.hdr = *h

@@ -48,6 +48,7 @@ func createBackstore(f vfs.File, o storeOptions) (clusterStore, error) {
 		Persistent:  o.Persistent,
 		MaxSize:     o.MaxSize,
 		Created:     o.Created,
+		UUID:        o.UUID,
 	})
 	if err != nil {
 		return nil, err

@@ -307,7 +307,7 @@ func checkRecovery(t *testing.T, ctx context.Context, st *crashState, workers []
 			}
 			continue
 		}
-		s, err := e.Reopen(ctx, f, "crash")
+		s, err := e.Reopen(ctx, f, ReopenOptions{OriginID: "crash"})
 		if !cs.persistent {
 			if err == nil {
 				t.Fatalf("recovery: transient %s reopened", cs.name)

@@ -9,6 +9,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/google/uuid"
+
 	"github.com/nbdsnap/nbdsnap/internal/vfs"
 )
 
@@ -48,6 +50,19 @@ type SnapshotOptions struct {
 	// OriginID identifies the origin; Reopen refuses a store whose
 	// OriginID differs.
 	OriginID string
+	// UUID names the new store; zero means a random one. An owner that
+	// records the store before creating it chooses it, so that it can
+	// tell its store from any other file found at the same path later.
+	UUID uuid.UUID
+}
+
+// ReopenOptions configure a reopened snapshot.
+type ReopenOptions struct {
+	// OriginID must equal the OriginID the store was created with.
+	OriginID string
+	// CacheBytes is the cache budget (0 = DefaultCacheBytes), as in
+	// SnapshotOptions.
+	CacheBytes int64
 }
 
 // DefaultCacheBytes is the default cache budget per snapshot.
@@ -268,6 +283,14 @@ func (e *Engine) admit(ctx context.Context, off, n int64) error {
 // durable leaves no snapshot; a crash after it leaves a snapshot whose
 // origin has not been modified since the instant.
 //
+// ctx bounds everything before copy-on-write is established: if it ends
+// while Create waits for requests in flight, syncs the origin or writes the
+// store header, Create gives up and returns ctx's error, and no snapshot
+// exists (the store may hold a header, which the caller discards). Once
+// copy-on-write is established (the instant) Create succeeds whatever ctx
+// does. So a caller whose client gave up before the instant never leaves a
+// snapshot behind, and one that saw success knows the instant happened.
+//
 // On error the caller keeps store and closes it.
 func (e *Engine) Create(ctx context.Context, store vfs.File, opts SnapshotOptions) (*Snapshot, error) {
 	if err := ctx.Err(); err != nil {
@@ -288,7 +311,9 @@ func (e *Engine) Create(ctx context.Context, store vfs.File, opts SnapshotOption
 		cache = DefaultCacheBytes
 	}
 
-	e.gate.Lock()
+	if err := e.lockGate(ctx); err != nil {
+		return nil, fmt.Errorf("cow: create %q: waiting for origin writes in flight: %w", opts.Name, err)
+	}
 	defer e.gate.Unlock()
 	start := time.Now()
 	if e.closed {
@@ -311,9 +336,17 @@ func (e *Engine) Create(ctx context.Context, store vfs.File, opts SnapshotOption
 		Persistent:  !opts.Transient,
 		MaxSize:     opts.MaxSize,
 		Created:     time.Now(),
+		UUID:        opts.UUID,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("cow: create %q: %w", opts.Name, err)
+	}
+	// The last moment to give up: nothing has been established yet.
+	if err := ctx.Err(); err != nil {
+		if rerr := st.release(); rerr != nil {
+			e.log.Warn("close abandoned store", "snapshot", opts.Name, "err", rerr)
+		}
+		return nil, fmt.Errorf("cow: create %q abandoned before the create instant: %w", opts.Name, err)
 	}
 	s := e.newSnapshot(opts.Name, st, geo, !opts.Transient, cacheSlots(geo.csize, cache))
 	e.register(s)
@@ -324,6 +357,33 @@ func (e *Engine) Create(ctx context.Context, store vfs.File, opts SnapshotOption
 	return s, nil
 }
 
+// lockGate takes the gate exclusively, or gives up when ctx ends first. A
+// sync.RWMutex cannot be abandoned while waiting, so the wait runs on its
+// own goroutine; if ctx wins, that goroutine releases the gate as soon as
+// it gets it. (While it waits, new requests wait behind it, as they would
+// behind the create itself: that is the cost of a create instant.)
+func (e *Engine) lockGate(ctx context.Context) error {
+	if ctx.Done() == nil {
+		e.gate.Lock()
+		return nil
+	}
+	locked := make(chan struct{})
+	go func() {
+		e.gate.Lock()
+		close(locked)
+	}()
+	select {
+	case <-locked:
+		return nil
+	case <-ctx.Done():
+		go func() {
+			<-locked
+			e.gate.Unlock()
+		}()
+		return ctx.Err()
+	}
+}
+
 // Reopen resumes a persistent snapshot after a restart: it rebuilds the
 // copied bitmap from the store and establishes copy-on-write again. The
 // origin must not have been modified since the daemon stopped (nothing
@@ -331,15 +391,18 @@ func (e *Engine) Create(ctx context.Context, store vfs.File, opts SnapshotOption
 // store of another origin (size or originID). On error the caller keeps
 // store. store must not be the store of a live snapshot: opening a store
 // writes to its header.
-func (e *Engine) Reopen(ctx context.Context, store vfs.File, originID string) (*Snapshot, error) {
+func (e *Engine) Reopen(ctx context.Context, store vfs.File, opts ReopenOptions) (*Snapshot, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
+	}
+	if opts.CacheBytes < 0 {
+		return nil, fmt.Errorf("cow: negative cache size: %w", ErrBadOption)
 	}
 	st, err := e.openStore(store, e.log)
 	if err != nil {
 		return nil, fmt.Errorf("cow: reopen: %w", err)
 	}
-	s, err := e.reopen(st, originID)
+	s, err := e.reopen(st, opts)
 	if err != nil {
 		if cerr := st.release(); cerr != nil {
 			e.log.Warn("close refused store", "err", cerr)
@@ -349,7 +412,8 @@ func (e *Engine) Reopen(ctx context.Context, store vfs.File, originID string) (*
 	return s, nil
 }
 
-func (e *Engine) reopen(st clusterStore, originID string) (*Snapshot, error) {
+func (e *Engine) reopen(st clusterStore, opts ReopenOptions) (*Snapshot, error) {
+	originID := opts.OriginID
 	h := st.header()
 	if !h.Persistent {
 		return nil, fmt.Errorf("cow: reopen %q: store is transient: %w", h.Name, ErrBadOption)
@@ -376,7 +440,11 @@ func (e *Engine) reopen(st clusterStore, originID string) (*Snapshot, error) {
 	if exists {
 		return nil, fmt.Errorf("%w: %q", ErrExists, h.Name)
 	}
-	s := e.newSnapshot(h.Name, st, geo, true, cacheSlots(cs, DefaultCacheBytes))
+	cache := opts.CacheBytes
+	if cache == 0 {
+		cache = DefaultCacheBytes
+	}
+	s := e.newSnapshot(h.Name, st, geo, true, cacheSlots(cs, cache))
 	var bad error
 	st.forEachCopied(func(c uint32) {
 		if c >= geo.count {

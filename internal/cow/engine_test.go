@@ -568,18 +568,18 @@ func TestReopen(t *testing.T) {
 	}
 	defer e2.Close()
 	f, _ := fs.OpenFile("p", os.O_RDWR, 0)
-	if _, err := e2.Reopen(ctx, f, "other"); !errors.Is(err, ErrOriginMismatch) {
+	if _, err := e2.Reopen(ctx, f, ReopenOptions{OriginID: "other"}); !errors.Is(err, ErrOriginMismatch) {
 		t.Errorf("reopen with another origin id: %v", err)
 	}
 	if _, err := f.ReadAt(make([]byte, 1), 0); err != nil {
 		t.Errorf("a refused store's file is no longer the caller's: %v", err)
 	}
 	f, _ = fs.OpenFile("t", os.O_RDWR, 0)
-	if _, err := e2.Reopen(ctx, f, "o1"); err == nil {
+	if _, err := e2.Reopen(ctx, f, ReopenOptions{OriginID: "o1"}); err == nil {
 		t.Errorf("a transient store reopened")
 	}
 	f, _ = fs.OpenFile("p", os.O_RDWR, 0)
-	s, err := e2.Reopen(ctx, f, "o1")
+	s, err := e2.Reopen(ctx, f, ReopenOptions{OriginID: "o1"})
 	if err != nil {
 		t.Fatal(err)
 	}

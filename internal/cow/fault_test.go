@@ -212,7 +212,7 @@ func runFault(t *testing.T, seed uint64) (invalidated, reopenedInvalid bool) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		s, err := e2.Reopen(ctx, f, "o")
+		s, err := e2.Reopen(ctx, f, ReopenOptions{OriginID: "o"})
 		if err != nil {
 			log.add("reopen bad: %v", err)
 			t.Logf("seed %d: reopen of the invalidated store refused: %v", seed, err)

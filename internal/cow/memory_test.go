@@ -162,7 +162,7 @@ func TestMemoryAndReopen1TiB(t *testing.T) {
 	}
 	ctx := context.Background()
 	start = time.Now()
-	s, err := e.Reopen(ctx, mf, "big")
+	s, err := e.Reopen(ctx, mf, ReopenOptions{OriginID: "big"})
 	reopen := time.Since(start)
 	if err != nil {
 		t.Fatal(err)

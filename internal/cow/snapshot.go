@@ -2,6 +2,7 @@ package cow
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"runtime"
@@ -9,6 +10,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/nbdsnap/nbdsnap/internal/backstore"
 )
 
 // slotState is a cache slot's state (fss: FSS_CACHE_FREE / BUSY / VALID).
@@ -547,6 +550,13 @@ func (s *Snapshot) overlay(c uint32, p []byte, off, end int64) error {
 	}
 	s.stats.mapReads.Add(1)
 	ok, err := s.st.readCluster(c, dst, coff)
+	if errors.Is(err, backstore.ErrChecksum) {
+		// The store was damaged since the commit: the copy is lost, and
+		// the snapshot with it. Say so for good rather than once per read.
+		s.mu.Lock()
+		s.failLocked(fmt.Sprintf("backing store damaged: %v", err))
+		s.mu.Unlock()
+	}
 	if err != nil {
 		if s.invalid.Load() {
 			return s.readable()

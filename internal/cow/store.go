@@ -1,6 +1,10 @@
 package cow
 
-import "time"
+import (
+	"time"
+
+	"github.com/google/uuid"
+)
 
 // clusterStore is what the engine needs from a backing store. The
 // production implementation wraps *backstore.Store (backstore.go); tests can
@@ -56,4 +60,5 @@ type storeOptions struct {
 	Persistent  bool
 	MaxSize     int64
 	Created     time.Time
+	UUID        uuid.UUID // zero: random
 }

@@ -365,7 +365,7 @@ func (d *Daemon) reopen(ctx context.Context, r snapRecord) (*cow.Snapshot, error
 	if err != nil {
 		return nil, err
 	}
-	snap, err := d.engine.Reopen(ctx, f, d.originID)
+	snap, err := d.engine.Reopen(ctx, f, cow.ReopenOptions{OriginID: d.originID, CacheBytes: d.cfg.CacheBytes})
 	if err != nil {
 		f.Close()
 		return nil, err

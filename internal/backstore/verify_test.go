@@ -1,0 +1,207 @@
+package backstore
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"testing"
+
+	"github.com/google/uuid"
+
+	"github.com/nbdsnap/nbdsnap/internal/vfs/vfstest"
+)
+
+// TestReadClusterVerifies: every read of a cluster, whole or part, is
+// checked against the checksum recorded at its commit, in transient and
+// persistent stores and after a reopen: a flipped byte or a truncated file
+// fails with ErrChecksum instead of returning wrong data. A zero cluster
+// whose slot lies past the end of the file reads as zeros, which is right.
+func TestReadClusterVerifies(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		persistent bool
+		reopen     bool
+	}{
+		{"transient", false, false},
+		{"persistent", true, false},
+		{"persistent reopened", true, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fs := vfstest.NewMemFS()
+			f := openMem(t, fs, "store")
+			opts := testOptions()
+			opts.Persistent = tc.persistent
+			s, err := Create(f, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			const seed = 5
+			commitClusters(t, s, seed, 3, 9, 11)
+			if tc.reopen {
+				if err := s.Close(); err != nil {
+					t.Fatal(err)
+				}
+				if s, err = Open(openMem(t, fs, "store")); err != nil {
+					t.Fatal(err)
+				}
+			}
+			verifyStore(t, s, seed, map[uint32]bool{3: true, 9: true, 11: true})
+
+			// Flip one byte of cluster 9's slot (slot 1).
+			f2 := openMem(t, fs, "store")
+			off := s.geo.slotOff(1) + 100
+			b := make([]byte, 1)
+			f2.ReadAt(b, off)
+			b[0] ^= 0x40
+			f2.WriteAt(b, off)
+			p := make([]byte, s.geo.clusterSize)
+			for _, r := range []struct{ off, n int }{{0, len(p)}, {0, 10}, {200, 50}} {
+				ok, err := s.ReadCluster(9, p[:r.n], r.off)
+				if !ok || !errors.Is(err, ErrChecksum) {
+					t.Fatalf("read of cluster 9 bytes %d+%d after a flipped byte: ok=%v err=%v, want ErrChecksum", r.off, r.n, ok, err)
+				}
+			}
+			// The other clusters are intact and still read.
+			if ok, err := s.ReadCluster(3, p[:10], 5); !ok || err != nil {
+				t.Fatalf("read of intact cluster 3: %v %v", ok, err)
+			}
+			if !bytes.Equal(p[:10], clusterData(seed, 3, s.geo.clusterLen(3))[5:15]) {
+				t.Fatal("partial read of cluster 3: wrong bytes")
+			}
+
+			// Truncated under the store: the cut clusters fail too.
+			if err := f2.Truncate(s.geo.slotOff(0) + 10); err != nil {
+				t.Fatal(err)
+			}
+			if ok, err := s.ReadCluster(11, p, 0); !ok || !errors.Is(err, ErrChecksum) {
+				t.Fatalf("read of cluster 11 past the end of a truncated store: ok=%v err=%v, want ErrChecksum", ok, err)
+			}
+			s.Close()
+		})
+	}
+}
+
+// TestOffline: Identify, MarkInvalid and Wipe act only on the store whose
+// UUID they are given, and leave any other file exactly as it was.
+func TestOffline(t *testing.T) {
+	fs := vfstest.NewMemFS()
+	opts := testOptions()
+	opts.UUID = uuid.MustParse("6e627364-6e61-7073-8000-0000000000aa")
+	s, err := Create(openMem(t, fs, "store"), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	commitClusters(t, s, 1, 4)
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	f := openMem(t, fs, "store")
+	h, err := Identify(f)
+	if err != nil || h.UUID != opts.UUID || h.Name != "snap" || h.State != StateValid {
+		t.Fatalf("Identify = %+v, %v", h, err)
+	}
+	other := uuid.MustParse("6e627364-6e61-7073-8000-0000000000bb")
+	before := fileBytes(t, fs, "store")
+	if err := MarkInvalid(f, other, "x"); !errors.Is(err, ErrOtherStore) {
+		t.Fatalf("MarkInvalid with another UUID: %v, want ErrOtherStore", err)
+	}
+	if err := Wipe(f, other); !errors.Is(err, ErrOtherStore) {
+		t.Fatalf("Wipe with another UUID: %v, want ErrOtherStore", err)
+	}
+	if !bytes.Equal(before, fileBytes(t, fs, "store")) {
+		t.Fatal("MarkInvalid or Wipe of another UUID changed the file")
+	}
+
+	if err := MarkInvalid(f, opts.UUID, "origin served without it"); err != nil {
+		t.Fatal(err)
+	}
+	if err := MarkInvalid(f, opts.UUID, "second reason"); err != nil {
+		t.Fatal(err)
+	}
+	s2, err := Open(openMem(t, fs, "store"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h := s2.Header(); h.State != StateInvalid || h.Reason != "origin served without it" {
+		t.Fatalf("after MarkInvalid, Open sees %v %q", h.State, h.Reason)
+	}
+	if err := s2.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	if err := Wipe(f, opts.UUID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Identify(f); !errors.Is(err, ErrNotStore) {
+		t.Fatalf("Identify after Wipe: %v, want ErrNotStore", err)
+	}
+	if _, err := Open(openMem(t, fs, "store")); !errors.Is(err, ErrNotStore) {
+		t.Fatalf("Open after Wipe: %v, want ErrNotStore", err)
+	}
+	if err := Wipe(f, opts.UUID); !errors.Is(err, ErrNotStore) {
+		t.Fatalf("second Wipe: %v, want ErrNotStore", err)
+	}
+
+	// A file that is no store at all is left alone.
+	plain := openMem(t, fs, "plain")
+	plain.WriteAt(bytes.Repeat([]byte("user data "), 1000), 0)
+	before = fileBytes(t, fs, "plain")
+	if err := Wipe(plain, opts.UUID); !errors.Is(err, ErrNotStore) {
+		t.Fatalf("Wipe of a plain file: %v, want ErrNotStore", err)
+	}
+	if err := MarkInvalid(plain, opts.UUID, "x"); !errors.Is(err, ErrNotStore) {
+		t.Fatalf("MarkInvalid of a plain file: %v, want ErrNotStore", err)
+	}
+	if !bytes.Equal(before, fileBytes(t, fs, "plain")) {
+		t.Fatal("Wipe or MarkInvalid changed a plain file")
+	}
+}
+
+// TestWipeTornCreate: a Create torn by a crash after its first header slot
+// leaves our header in slot 0 and the device's previous store in slot 1;
+// Wipe (given our UUID) retires both.
+func TestWipeTornCreate(t *testing.T) {
+	fs := vfstest.NewMemFS()
+	old := testOptions()
+	old.UUID = uuid.MustParse("6e627364-6e61-7073-8000-0000000000cc")
+	s, err := Create(openMem(t, fs, "dev"), old)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	mine := testOptions()
+	mine.UUID = uuid.MustParse("6e627364-6e61-7073-8000-0000000000dd")
+	s2, err := Create(openMem(t, fs, "mine"), mine)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s2.Close()
+	// Slot 0 of "dev" from "mine": the torn state.
+	slot := make([]byte, headerSize)
+	openMem(t, fs, "mine").ReadAt(slot, 0)
+	openMem(t, fs, "dev").WriteAt(slot, 0)
+	f := openMem(t, fs, "dev")
+	if _, err := Identify(f); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("Identify of a torn create: %v, want ErrCorrupt", err)
+	}
+	if err := Wipe(f, mine.UUID); err != nil {
+		t.Fatalf("Wipe of a torn create: %v", err)
+	}
+	if _, err := Identify(f); !errors.Is(err, ErrNotStore) {
+		t.Fatalf("after Wipe: %v, want ErrNotStore", err)
+	}
+}
+
+func fileBytes(t *testing.T, fs *vfstest.MemFS, name string) []byte {
+	t.Helper()
+	f := openMem(t, fs, name)
+	size, err := f.Size()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, size)
+	if _, err := f.ReadAt(b, 0); err != nil && size > 0 {
+		t.Fatal(fmt.Errorf("read %s: %w", name, err))
+	}
+	return b
+}
