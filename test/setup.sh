@@ -15,7 +15,8 @@ pkgs=(
 	e2fsprogs       # mkfs.ext4, e2fsck
 	nbd-client      # the kernel client the systemd units call
 	systemd         # systemd-analyze verify
-	util-linux      # mount, losetup
+	util-linux      # mount, losetup, wipefs (the daemon checks backing devices with it)
+	fdisk           # sfdisk: partition tables on loop devices in the lifecycle tests
 	kmod            # modinfo for the VM tests
 	qemu-system-x86     # test/vm: boots a Debian kernel that has the NBD driver (TCG)
 	qemu-system-common  # test/vm: firmware and keymaps qemu-system-x86 loads

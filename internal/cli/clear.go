@@ -17,16 +17,26 @@ func newClearCommand(runDir string) *cobra.Command {
 		Use:   "clear SNAP",
 		Short: "Delete a snapshot and its backing store",
 		Long: `Delete snapshot SNAP: drop its NBD export, stop its copy-on-write and remove its
-backing store file. Refused while an NBD client has the snapshot open (fss
-answers EBUSY), unless --force, which disconnects such clients first.`,
+backing store. Refused while an NBD client has the snapshot open (fss
+answers EBUSY), unless --force, which disconnects such clients first.
+
+Only the snapshot's own store is touched, as its header proves: a backing
+file is deleted, a backing block device has its header wiped (the device
+itself stays). Anything else found at the backing path is left in place,
+and the output says so.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := o.client()
 			if err != nil {
 				return err
 			}
-			if err := c.Clear(cmd.Context(), args[0], o.force); err != nil {
+			res, err := c.Clear(cmd.Context(), args[0], o.force)
+			if err != nil {
 				return err
+			}
+			if res.Kept != "" {
+				fmt.Fprintf(cmd.OutOrStdout(), "%s: cleared; %s\n", args[0], res.Kept)
+				return nil
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "%s: cleared\n", args[0])
 			return nil

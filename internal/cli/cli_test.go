@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
+
 	"github.com/nbdsnap/nbdsnap/internal/control"
 )
 
@@ -25,6 +27,14 @@ type fakeDaemon struct {
 	busy    map[string]bool
 	creates []control.CreateRequest
 	clears  []string
+	kept    string // what Clear reports it left in place
+	// ops is held by Create, as the daemon's ops lock is: a settled
+	// Snapshot waits for it.
+	ops sync.Mutex
+	// slowCreate: Create waits for the client to give up, then this long,
+	// then succeeds if pastInstant, else abandons the create.
+	slowCreate  time.Duration
+	pastInstant bool
 }
 
 func (f *fakeDaemon) Status(context.Context) (control.Status, error) {
@@ -35,7 +45,11 @@ func (f *fakeDaemon) Status(context.Context) (control.Status, error) {
 		Snapshots: append([]control.SnapshotInfo{}, f.snaps...)}, nil
 }
 
-func (f *fakeDaemon) Snapshot(_ context.Context, name string) (control.SnapshotInfo, error) {
+func (f *fakeDaemon) Snapshot(_ context.Context, name string, settled bool) (control.SnapshotInfo, error) {
+	if settled { // after any create under way
+		f.ops.Lock()
+		defer f.ops.Unlock()
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for _, s := range f.snaps {
@@ -46,7 +60,18 @@ func (f *fakeDaemon) Snapshot(_ context.Context, name string) (control.SnapshotI
 	return control.SnapshotInfo{}, fmt.Errorf("snapshot %q: %w", name, control.ErrNotFound)
 }
 
-func (f *fakeDaemon) Create(_ context.Context, req control.CreateRequest) (control.SnapshotInfo, error) {
+func (f *fakeDaemon) Create(ctx context.Context, req control.CreateRequest) (control.SnapshotInfo, error) {
+	f.ops.Lock()
+	defer f.ops.Unlock()
+	if f.slowCreate > 0 {
+		// A create held up before its instant: the client gives up (its
+		// request context ends), then the daemon decides.
+		<-ctx.Done()
+		time.Sleep(f.slowCreate)
+		if !f.pastInstant {
+			return control.SnapshotInfo{}, ctx.Err()
+		}
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.creates = append(f.creates, req)
@@ -59,14 +84,14 @@ func (f *fakeDaemon) Create(_ context.Context, req control.CreateRequest) (contr
 	if cs == 0 {
 		cs = 64 << 10
 	}
-	s := control.SnapshotInfo{Name: req.Name, Origin: "data", State: control.StateValid,
+	s := control.SnapshotInfo{Name: req.Name, Origin: "data", State: control.StateValid, UUID: req.UUID,
 		Created: time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC), Persistent: !req.Transient,
 		ClusterSize: cs, ClustersTotal: 16384, BackingPath: req.BackingPath}
 	f.snaps = append(f.snaps, s)
 	return s, nil
 }
 
-func (f *fakeDaemon) Clear(_ context.Context, name string, force bool) error {
+func (f *fakeDaemon) Clear(_ context.Context, name string, force bool) (control.ClearResult, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for i, s := range f.snaps {
@@ -74,13 +99,13 @@ func (f *fakeDaemon) Clear(_ context.Context, name string, force bool) error {
 			continue
 		}
 		if f.busy[name] && !force {
-			return fmt.Errorf("snapshot %q is open by 1 NBD client(s); disconnect them or use --force: %w", name, control.ErrBusy)
+			return control.ClearResult{}, fmt.Errorf("snapshot %q is open by 1 NBD client(s); disconnect them or use --force: %w", name, control.ErrBusy)
 		}
 		f.snaps = append(f.snaps[:i], f.snaps[i+1:]...)
 		f.clears = append(f.clears, name)
-		return nil
+		return control.ClearResult{Kept: f.kept}, nil
 	}
-	return fmt.Errorf("snapshot %q: %w", name, control.ErrNotFound)
+	return control.ClearResult{}, fmt.Errorf("snapshot %q: %w", name, control.ErrNotFound)
 }
 
 // startFake serves a fake daemon at DIR/data.ctl and returns it and DIR.
@@ -159,7 +184,7 @@ func TestCommands(t *testing.T) {
 		{"create", []string{"create", "s1", "--name", "data", "--backing", "/b/s1.cow", "--cluster-size", "16K", "--max-size", "1.5G"}, 0,
 			[]string{"s1: origin data, taken 2026-11-21 12:00:00 UTC, persistent, 16 KiB clusters, 0/16384 copied, 0 B backing, valid"}, "", 1},
 		{"create exists", []string{"create", "snap0", "--name", "data", "--backing", "/b/x"}, 1, nil, `nbdsnap: snapshot "snap0" already exists`, 2},
-		{"clear", []string{"clear", "s1", "--name", "data"}, 0, []string{"s1: cleared"}, "", 2},
+		{"clear", []string{"clear", "s1", "--name", "data"}, 0, []string{"s1: cleared\n"}, "", 2},
 		{"clear missing", []string{"clear", "s1", "--name", "data"}, 1, nil, `snapshot "s1": not found`, 2},
 		{"version", []string{"version"}, 0, []string{"nbdsnap v-cli ("}, "", 2},
 		{"version with daemon", []string{"version", "--name", "data"}, 0, []string{"nbdsnap v-cli (", "daemon at " + ctl + ": nbdsnap v-test"}, "", 2},
@@ -191,10 +216,49 @@ func TestCommands(t *testing.T) {
 			}
 		})
 	}
-	// The create above sent parsed sizes and an absolute backing path.
-	want := control.CreateRequest{Name: "s1", BackingPath: "/b/s1.cow", ClusterSize: 16 << 10, MaxSize: 3 << 29}
-	if f.creates[0] != want {
-		t.Errorf("create request %+v, want %+v", f.creates[0], want)
+	// The create above sent parsed sizes, an absolute backing path, its
+	// timeout, and a fresh store UUID to recognise its snapshot by.
+	want := control.CreateRequest{Name: "s1", BackingPath: "/b/s1.cow", ClusterSize: 16 << 10, MaxSize: 3 << 29, TimeoutMillis: 60000}
+	got := f.creates[0]
+	if _, err := uuid.Parse(got.UUID); err != nil {
+		t.Errorf("create request UUID %q: %v", got.UUID, err)
+	}
+	got.UUID = ""
+	if got != want {
+		t.Errorf("create request %+v, want %+v", got, want)
+	}
+}
+
+// TestCreateAnswerLost: when the client gives up waiting (its timeout, an
+// interrupt), the create's outcome is still the daemon's: the CLI asks the
+// daemon, once the create has finished, whether the snapshot with its UUID
+// exists, and reports that — success if the daemon got past the instant,
+// "nothing was created" if it abandoned the create.
+func TestCreateAnswerLost(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		pastInstant bool
+		code        int
+		stdout      string
+		stderr      string
+	}{
+		{"daemon took it", true, 0, "late: origin data", "the daemon had passed the create instant: the snapshot exists"},
+		{"daemon abandoned it", false, 1, "", "create of late abandoned before its instant"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f, dir := startFake(t)
+			f.slowCreate = time.Second
+			f.pastInstant = tc.pastInstant
+			start := time.Now()
+			out, errs, code := run(t, dir, "create", "late", "--name", "data", "--backing", "/b/late.cow", "--timeout", "1ms")
+			if code != tc.code || !strings.Contains(out, tc.stdout) || !strings.Contains(errs, tc.stderr) {
+				t.Fatalf("exit %d, stdout %q, stderr %q; want exit %d, %q, %q", code, out, errs, tc.code, tc.stdout, tc.stderr)
+			}
+			// The answer came after the daemon finished, not at the client's deadline.
+			if d := time.Since(start); d < f.slowCreate {
+				t.Fatalf("the CLI reported after %v, before the daemon decided (%v)", d, f.slowCreate)
+			}
+		})
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/spf13/cobra"
 
 	"github.com/nbdsnap/nbdsnap/internal/control"
@@ -22,7 +23,19 @@ type createOptions struct {
 	maxSize     int64
 	freeze      string
 	timeout     time.Duration
+	force       bool
 }
+
+// The daemon abandons a create whose instant it has not reached within
+// --timeout. The client waits answerGrace longer for the daemon's answer;
+// if none came (or the answer was lost: interrupt, broken connection), it
+// asks the daemon what became of the create, waiting up to settleTimeout
+// for any create under way to finish. Either way it reports the daemon's
+// decision, never a guess.
+const (
+	answerGrace   = time.Second
+	settleTimeout = 30 * time.Second
+)
 
 func newCreateCommand(runDir string) *cobra.Command {
 	o := &createOptions{}
@@ -37,7 +50,16 @@ the read-only NBD export SNAP.
 
 --freeze MOUNTPOINT freezes the filesystem mounted there (FIFREEZE) around the
 create instant so that the snapshot holds a clean filesystem, and thaws it
-afterwards, also when the create fails.`,
+once the daemon has answered, also when the create fails.
+
+A block device named as --backing is used whole and refused if it holds
+anything (a file system, a partition table, a RAID or LVM member, swap,
+LUKS, another snapshot's store), unless --force.
+
+The outcome printed is the daemon's: if the create instant is not reached
+within --timeout (origin writes in flight, a slow origin sync), the daemon
+abandons the create and nothing is created; once past the instant the
+snapshot exists, even if the client was interrupted, and is reported.`,
 		Example: `  nbdsnap create snap1 --name data --backing /var/lib/nbdsnap/snap1.cow
   nbdsnap create snap1 --name data --backing /srv/snap1.cow --cluster-size 16K --freeze /mnt/data`,
 		Args: cobra.ExactArgs(1),
@@ -52,7 +74,8 @@ afterwards, also when the create fails.`,
 	f.BoolVar(&o.transient, "transient", false, "never sync the backing store; the snapshot does not survive a daemon restart (faster)")
 	f.Var(sizeFlag{&o.maxSize}, "max-size", "largest the backing store may grow; the snapshot turns invalid beyond it (default: no limit)")
 	f.StringVar(&o.freeze, "freeze", "", "freeze the filesystem mounted at MOUNTPOINT around the create instant")
-	f.DurationVar(&o.timeout, "timeout", 60*time.Second, "give up (and thaw) if the daemon has not answered by then")
+	f.DurationVar(&o.timeout, "timeout", 60*time.Second, "abandon the create if its instant is not reached by then (nothing is created)")
+	f.BoolVar(&o.force, "force", false, "use a block device as --backing even if it holds data, destroying it")
 	return cmd
 }
 
@@ -85,20 +108,21 @@ func (o *createOptions) run(cmd *cobra.Command, name string) error {
 		return err
 	}
 	req := control.CreateRequest{
-		Name:        name,
-		BackingPath: backing,
-		ClusterSize: int(o.clusterSize),
-		Transient:   o.transient,
-		MaxSize:     o.maxSize,
+		Name:          name,
+		BackingPath:   backing,
+		ClusterSize:   int(o.clusterSize),
+		Transient:     o.transient,
+		MaxSize:       o.maxSize,
+		Force:         o.force,
+		UUID:          uuid.NewString(),
+		TimeoutMillis: o.timeout.Milliseconds(),
 	}
-	ctx, cancel := context.WithTimeout(cmd.Context(), o.timeout)
-	defer cancel()
-
+	ctx := cmd.Context()
 	var info control.SnapshotInfo
 	if o.freeze != "" {
-		info, err = o.createFrozen(ctx, c, req)
+		info, err = o.createFrozen(ctx, cmd, c, req)
 	} else {
-		info, err = c.Create(ctx, req)
+		info, err = o.create(ctx, cmd, c, req)
 	}
 	if err != nil {
 		return err
@@ -107,10 +131,45 @@ func (o *createOptions) run(cmd *cobra.Command, name string) error {
 	return nil
 }
 
-// createFrozen freezes, creates, and thaws whatever happened; a thaw error
-// is reported even when the create succeeded, because a frozen filesystem is
-// the more urgent problem.
-func (o *createOptions) createFrozen(ctx context.Context, c *control.Client, req control.CreateRequest) (control.SnapshotInfo, error) {
+// create asks the daemon for the snapshot and returns the daemon's outcome.
+// If the answer is lost (the user interrupted, the connection broke), it
+// asks the daemon, once any create under way has finished, whether a
+// snapshot with this request's UUID exists: the create was either past its
+// instant (done) or abandoned (nothing created), and says which.
+func (o *createOptions) create(ctx context.Context, cmd *cobra.Command, c *control.Client, req control.CreateRequest) (control.SnapshotInfo, error) {
+	rctx, cancel := context.WithTimeout(ctx, o.timeout+answerGrace)
+	defer cancel()
+	info, err := c.Create(rctx, req)
+	if err == nil || !answerLost(err) {
+		return info, err
+	}
+	qctx, qcancel := context.WithTimeout(context.WithoutCancel(ctx), settleTimeout)
+	defer qcancel()
+	got, qerr := c.SettledSnapshot(qctx, req.Name)
+	switch {
+	case qerr == nil && got.UUID == req.UUID:
+		fmt.Fprintf(cmd.ErrOrStderr(), "nbdsnap: the answer to the create was lost (%v), but the daemon had passed the create instant: the snapshot exists\n", err)
+		return got, nil
+	case qerr == nil || errors.Is(qerr, control.ErrNotFound):
+		return control.SnapshotInfo{}, fmt.Errorf("create of %s abandoned before its instant (%w): nothing was created", req.Name, err)
+	}
+	return control.SnapshotInfo{}, fmt.Errorf("create of %s: %w; asking the daemon what became of it failed too (%v): `nbdsnap list` tells whether the snapshot exists", req.Name, err, qerr)
+}
+
+// answerLost reports whether err leaves the outcome of a request open: the
+// request may have reached the daemon, whose answer did not come back. An
+// answer from the daemon, or a daemon that could not be reached at all, is
+// final.
+func answerLost(err error) bool {
+	var ce *control.Error
+	return !errors.As(err, &ce) && !errors.Is(err, control.ErrNoDaemon) && !errors.Is(err, control.ErrProtocol)
+}
+
+// createFrozen freezes, creates, and thaws once the daemon's outcome is
+// known (create waits for it), so the create instant, if any, fell while
+// the filesystem was frozen. A thaw error is reported even when the create
+// succeeded, because a frozen filesystem is the more urgent problem.
+func (o *createOptions) createFrozen(ctx context.Context, cmd *cobra.Command, c *control.Client, req control.CreateRequest) (control.SnapshotInfo, error) {
 	st, err := c.Status(ctx)
 	if err != nil {
 		return control.SnapshotInfo{}, err
@@ -131,7 +190,7 @@ func (o *createOptions) createFrozen(ctx context.Context, c *control.Client, req
 	if err != nil {
 		return control.SnapshotInfo{}, err
 	}
-	info, cerr := c.Create(ctx, req)
+	info, cerr := o.create(ctx, cmd, c, req)
 	if terr := thaw(); terr != nil {
 		return control.SnapshotInfo{}, errors.Join(terr, cerr)
 	}

@@ -13,7 +13,11 @@ import (
 //	snap1: origin data, taken 2026-11-21 12:00:00 UTC, persistent, 64 KiB clusters, 1234/16384 copied, 77 MiB backing, valid
 func snapshotLine(s control.SnapshotInfo) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "%s: origin %s, taken %s, ", s.Name, s.Origin, s.Created.UTC().Format("2006-01-02 15:04:05 MST"))
+	taken := "at an unknown time" // a damaged record
+	if !s.Created.IsZero() {
+		taken = s.Created.UTC().Format("2006-01-02 15:04:05 MST")
+	}
+	fmt.Fprintf(&b, "%s: origin %s, taken %s, ", s.Name, s.Origin, taken)
 	if s.Persistent {
 		b.WriteString("persistent, ")
 	} else {

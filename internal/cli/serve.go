@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -21,7 +23,18 @@ type serveOptions struct {
 	logLevel    string
 	logFormat   string
 	stopTimeout time.Duration
+	waitStores  time.Duration
+	movedOrigin bool
 }
+
+// DefaultStateRoot holds each daemon's state directory, NAME under it,
+// when --state-dir is not given.
+const DefaultStateRoot = "/var/lib/nbdsnap"
+
+// crashPointEnv names the environment variable through which tests make
+// the daemon kill itself at a step of create or clear (daemon.Config's
+// CrashPoint).
+const crashPointEnv = "NBDSNAP_CRASHPOINT"
 
 func newServeCommand(version string) *cobra.Command {
 	o := &serveOptions{}
@@ -32,10 +45,20 @@ func newServeCommand(version string) *cobra.Command {
 snapshot as a read-only export named after the snapshot. A block device is
 opened exclusively (O_EXCL), so it cannot be mounted behind the daemon's back.
 
+Snapshots are recorded in the state directory (default ` + DefaultStateRoot + `/NAME). At
+start every recorded snapshot is settled before the origin takes a write:
+reopened and served, or marked invalid for good if the origin would be
+served without copy-on-write for it (its backing store missing or not its
+own). A snapshot taken of another disk than the one now at ORIGIN's path is
+not served; --accept-moved-origin says the origin moved (same data,
+another device or path). --wait-stores waits for backing stores on file
+systems mounted late.
+
 SIGTERM or SIGINT: stop accepting, finish requests in flight, make every
 snapshot durable, exit 0. Readiness is reported to systemd (Type=notify).`,
-		Example: `  nbdsnap serve /dev/vdb --name data --state-dir /var/lib/nbdsnap/data
-  nbdsnap serve disk.img --name data --listen unix:/tmp/data.sock --listen tcp::10809`,
+		Example: `  nbdsnap serve /dev/disk/by-id/virtio-data --name data
+  nbdsnap serve disk.img --name data --state-dir /srv/nbdsnap/data --listen unix:/tmp/data.sock --listen tcp::10809
+  nbdsnap serve /dev/vdb --name data --wait-stores 2m`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return o.run(cmd, args[0], version)
@@ -45,7 +68,9 @@ snapshot durable, exit 0. Readiness is reported to systemd (Type=notify).`,
 	f.StringVar(&o.name, "name", "", "name of the daemon and of the origin's export (required)")
 	f.StringArrayVar(&o.listen, "listen", nil, "NBD listen address, unix:PATH or tcp:HOST:PORT (repeatable; default unix:"+daemon.RunDir+"/NAME.sock; tcp without HOST is 127.0.0.1)")
 	f.StringVar(&o.control, "control", "", "control socket path (default "+daemon.RunDir+"/NAME.ctl)")
-	f.StringVar(&o.stateDir, "state-dir", "", "directory recording persistent snapshots, reopened after a restart")
+	f.StringVar(&o.stateDir, "state-dir", "", "directory recording the snapshots (default "+DefaultStateRoot+"/NAME)")
+	f.DurationVar(&o.waitStores, "wait-stores", 0, "at start, wait up to this long for missing backing stores to appear before serving the origin without them")
+	f.BoolVar(&o.movedOrigin, "accept-moved-origin", false, "the origin moved to this path or device: serve snapshots whose recorded origin path or identity differs")
 	f.Var(sizeFlag{&o.cacheSize}, "cache-size", "copy-on-write cache per snapshot (default "+formatSize(cow.DefaultCacheBytes)+")")
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&o.logFormat, "log-format", "text", "text or json")
@@ -79,16 +104,26 @@ func (o *serveOptions) run(cmd *cobra.Command, origin, version string) error {
 	if err != nil {
 		return err
 	}
+	if o.waitStores < 0 {
+		return usagef("--wait-stores must not be negative")
+	}
+	stateDir := o.stateDir
+	if stateDir == "" {
+		stateDir = filepath.Join(DefaultStateRoot, o.name)
+	}
 	ctx := cmd.Context()
 	d, err := daemon.Start(ctx, daemon.Config{
-		Name:       o.name,
-		Origin:     origin,
-		Listen:     o.listen,
-		Control:    o.control,
-		StateDir:   o.stateDir,
-		CacheBytes: o.cacheSize,
-		Version:    version,
-		Logger:     log,
+		Name:              o.name,
+		Origin:            origin,
+		Listen:            o.listen,
+		Control:           o.control,
+		StateDir:          stateDir,
+		CacheBytes:        o.cacheSize,
+		WaitStores:        o.waitStores,
+		AcceptMovedOrigin: o.movedOrigin,
+		CrashPoint:        os.Getenv(crashPointEnv),
+		Version:           version,
+		Logger:            log,
 	})
 	if err != nil {
 		return err

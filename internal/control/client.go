@@ -57,6 +57,15 @@ func (c *Client) Snapshot(ctx context.Context, name string) (SnapshotInfo, error
 	return s, err
 }
 
+// SettledSnapshot describes one snapshot once no create or clear is under
+// way in the daemon: the answer a client needs after it lost the answer to
+// its own create.
+func (c *Client) SettledSnapshot(ctx context.Context, name string) (SnapshotInfo, error) {
+	var s SnapshotInfo
+	_, err := c.do(ctx, http.MethodGet, PathSnapshots+"/"+url.PathEscape(name)+"?settled=1", nil, &s)
+	return s, err
+}
+
 // Create takes a snapshot.
 func (c *Client) Create(ctx context.Context, req CreateRequest) (SnapshotInfo, error) {
 	var s SnapshotInfo
@@ -66,13 +75,14 @@ func (c *Client) Create(ctx context.Context, req CreateRequest) (SnapshotInfo, e
 
 // Clear removes a snapshot. Without force it fails with an error wrapping
 // ErrBusy while a client has the snapshot's export open.
-func (c *Client) Clear(ctx context.Context, name string, force bool) error {
+func (c *Client) Clear(ctx context.Context, name string, force bool) (ClearResult, error) {
 	p := PathSnapshots + "/" + url.PathEscape(name)
 	if force {
 		p += "?force=1"
 	}
-	_, err := c.do(ctx, http.MethodDelete, p, nil, nil)
-	return err
+	var res ClearResult
+	_, err := c.do(ctx, http.MethodDelete, p, nil, &res)
+	return res, err
 }
 
 // DaemonVersion asks the daemon for its build version.

@@ -33,7 +33,7 @@ func (f *fakeService) Status(context.Context) (Status, error) {
 	return st, nil
 }
 
-func (f *fakeService) Snapshot(_ context.Context, name string) (SnapshotInfo, error) {
+func (f *fakeService) Snapshot(_ context.Context, name string, _ bool) (SnapshotInfo, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	s, ok := f.snaps[name]
@@ -58,18 +58,18 @@ func (f *fakeService) Create(_ context.Context, req CreateRequest) (SnapshotInfo
 	return s, nil
 }
 
-func (f *fakeService) Clear(_ context.Context, name string, force bool) error {
+func (f *fakeService) Clear(_ context.Context, name string, force bool) (ClearResult, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if _, ok := f.snaps[name]; !ok {
-		return fmt.Errorf("snapshot %q: %w", name, ErrNotFound)
+		return ClearResult{}, fmt.Errorf("snapshot %q: %w", name, ErrNotFound)
 	}
 	if f.busy[name] && !force {
-		return fmt.Errorf("snapshot %q is open by a client: %w", name, ErrBusy)
+		return ClearResult{}, fmt.Errorf("snapshot %q is open by a client: %w", name, ErrBusy)
 	}
 	delete(f.snaps, name)
 	f.cleared = append(f.cleared, name)
-	return nil
+	return ClearResult{Kept: "kept " + name + ".cow"}, nil
 }
 
 // serve runs h on a fresh unix socket and returns its path.
@@ -117,12 +117,12 @@ func TestRoundTrip(t *testing.T) {
 	}
 
 	f.busy["s1"] = true
-	err = c.Clear(ctx, "s1", false)
+	_, err = c.Clear(ctx, "s1", false)
 	if !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), "open by a client") {
 		t.Fatalf("clear busy: %v", err)
 	}
-	if err := c.Clear(ctx, "s1", true); err != nil {
-		t.Fatalf("clear --force: %v", err)
+	if res, err := c.Clear(ctx, "s1", true); err != nil || res.Kept != "kept s1.cow" {
+		t.Fatalf("clear --force: %+v, %v", res, err)
 	}
 	if len(f.cleared) != 1 {
 		t.Fatalf("cleared %v", f.cleared)
@@ -161,7 +161,7 @@ func TestErrors(t *testing.T) {
 		{"not found", func() error { _, err := c.Snapshot(ctx, "nope"); return err }, ErrNotFound, 404, `snapshot "nope": not found`},
 		{"exists", func() error { _, err := c.Create(ctx, CreateRequest{Name: "old"}); return err }, ErrExists, 409, `snapshot "old" already exists`},
 		{"internal", func() error { _, err := c.Create(ctx, CreateRequest{Name: "boom"}); return err }, nil, 500, "disk on fire"},
-		{"clear missing", func() error { return c.Clear(ctx, "nope", false) }, ErrNotFound, 404, "not found"},
+		{"clear missing", func() error { _, err := c.Clear(ctx, "nope", false); return err }, ErrNotFound, 404, "not found"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

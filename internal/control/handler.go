@@ -14,9 +14,11 @@ import (
 // the sentinels in errors.go so the Handler can choose a status code.
 type Service interface {
 	Status(ctx context.Context) (Status, error)
-	Snapshot(ctx context.Context, name string) (SnapshotInfo, error)
+	// Snapshot describes one snapshot; settled waits first until no
+	// create or clear is under way.
+	Snapshot(ctx context.Context, name string, settled bool) (SnapshotInfo, error)
 	Create(ctx context.Context, req CreateRequest) (SnapshotInfo, error)
-	Clear(ctx context.Context, name string, force bool) error
+	Clear(ctx context.Context, name string, force bool) (ClearResult, error)
 }
 
 // maxBody caps request bodies: a CreateRequest is a few hundred bytes.
@@ -74,7 +76,12 @@ func (h *handler) list(w http.ResponseWriter, r *http.Request) {
 }
 
 func (h *handler) get(w http.ResponseWriter, r *http.Request) {
-	info, err := h.svc.Snapshot(r.Context(), r.PathValue("name"))
+	settled, err := boolParam(r, "settled")
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	info, err := h.svc.Snapshot(r.Context(), r.PathValue("name"), settled)
 	if err != nil {
 		h.fail(w, r, err)
 		return
@@ -99,20 +106,30 @@ func (h *handler) create(w http.ResponseWriter, r *http.Request) {
 }
 
 func (h *handler) clear(w http.ResponseWriter, r *http.Request) {
-	force := false
-	if v := r.URL.Query().Get("force"); v != "" {
-		b, err := strconv.ParseBool(v)
-		if err != nil {
-			h.fail(w, r, fmt.Errorf("%w: force=%q is not a boolean", ErrInvalid, v))
-			return
-		}
-		force = b
-	}
-	if err := h.svc.Clear(r.Context(), r.PathValue("name"), force); err != nil {
+	force, err := boolParam(r, "force")
+	if err != nil {
 		h.fail(w, r, err)
 		return
 	}
-	w.WriteHeader(http.StatusNoContent)
+	res, err := h.svc.Clear(r.Context(), r.PathValue("name"), force)
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	h.reply(w, http.StatusOK, res)
+}
+
+// boolParam reads an optional boolean query parameter.
+func boolParam(r *http.Request, name string) (bool, error) {
+	v := r.URL.Query().Get(name)
+	if v == "" {
+		return false, nil
+	}
+	b, err := strconv.ParseBool(v)
+	if err != nil {
+		return false, fmt.Errorf("%w: %s=%q is not a boolean", ErrInvalid, name, v)
+	}
+	return b, nil
 }
 
 func (h *handler) reply(w http.ResponseWriter, status int, v any) {

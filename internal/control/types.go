@@ -16,7 +16,9 @@ const (
 const (
 	PathStatus    = "/v1/status"    // GET: Status
 	PathSnapshots = "/v1/snapshots" // GET: []SnapshotInfo; POST CreateRequest: SnapshotInfo
-	// PathSnapshots + "/" + name: GET SnapshotInfo; DELETE (?force=1) clears it.
+	// PathSnapshots + "/" + name: GET SnapshotInfo (?settled=1: after any
+	// create or clear under way has finished); DELETE (?force=1) clears it,
+	// answering ClearResult.
 )
 
 // Snapshot states.
@@ -27,16 +29,20 @@ const (
 
 // Status describes a daemon and all its snapshots.
 type Status struct {
-	Name       string         `json:"name"`        // the daemon's name, also the origin export's name
-	Origin     string         `json:"origin"`      // path of the origin file or block device
-	OriginSize int64          `json:"origin_size"` // bytes
-	Version    string         `json:"version"`     // the daemon's build version
-	PID        int            `json:"pid"`
-	Listen     []string       `json:"listen"`              // NBD listeners, unix:PATH or tcp:HOST:PORT
-	StateDir   string         `json:"state_dir,omitempty"` // where persistent snapshots are recorded
-	Started    time.Time      `json:"started"`
-	Conns      int            `json:"open_connections"` // NBD connections to the origin export
-	Snapshots  []SnapshotInfo `json:"snapshots"`
+	Name       string   `json:"name"`        // the daemon's name, also the origin export's name
+	Origin     string   `json:"origin"`      // path of the origin file or block device
+	OriginSize int64    `json:"origin_size"` // bytes
+	Version    string   `json:"version"`     // the daemon's build version
+	PID        int      `json:"pid"`
+	Listen     []string `json:"listen"`              // NBD listeners, unix:PATH or tcp:HOST:PORT
+	StateDir   string   `json:"state_dir,omitempty"` // where snapshots are recorded
+	// OriginIdentity is the origin's stable identity (kernel identifiers
+	// and size of a block device; file system, inode, birth time and size
+	// of a file): what a restart checks before it serves a snapshot.
+	OriginIdentity string         `json:"origin_identity"`
+	Started        time.Time      `json:"started"`
+	Conns          int            `json:"open_connections"` // NBD connections to the origin export
+	Snapshots      []SnapshotInfo `json:"snapshots"`
 }
 
 // SnapshotInfo describes one snapshot.
@@ -55,8 +61,9 @@ type SnapshotInfo struct {
 	ClustersCopied int64     `json:"clusters_copied"`
 	BackingPath    string    `json:"backing_path"`
 	BackingBytes   int64     `json:"backing_bytes"`
-	MaxSize        int64     `json:"max_size,omitempty"` // 0 = unlimited
-	Conns          int       `json:"open_connections"`   // NBD connections to this snapshot's export
+	CacheBytes     int64     `json:"cache_bytes,omitempty"` // the copy-on-write cache (0 when not open)
+	MaxSize        int64     `json:"max_size,omitempty"`    // 0 = unlimited
+	Conns          int       `json:"open_connections"`      // NBD connections to this snapshot's export
 	// CreatePauseMicros is how long the create instant held origin writes
 	// (0 for a snapshot reopened after a restart).
 	CreatePauseMicros int64 `json:"create_pause_us"`
@@ -78,10 +85,31 @@ type Stats struct {
 // CreateRequest asks for a snapshot.
 type CreateRequest struct {
 	Name        string `json:"name"`
-	BackingPath string `json:"backing_path"`           // absolute; must not exist yet
+	BackingPath string `json:"backing_path"`           // absolute: a file that must not exist yet, or a block device
 	ClusterSize int    `json:"cluster_size,omitempty"` // bytes; 0 = engine default (64 KiB)
 	Transient   bool   `json:"transient,omitempty"`    // not kept across a daemon restart
 	MaxSize     int64  `json:"max_size,omitempty"`     // backing store limit in bytes; 0 = none
+	// Force uses a block device as the backing store even though it holds
+	// a file system, a partition table or other data (which is destroyed).
+	Force bool `json:"force,omitempty"`
+	// UUID, if set, names the new store; a client that may lose the answer
+	// asks for the snapshot afterwards (settled) and knows by the UUID
+	// whether its create is the one that happened.
+	UUID string `json:"uuid,omitempty"`
+	// TimeoutMillis bounds the wait for the create instant (origin writes
+	// in flight, the origin sync, the store header): if it is not reached
+	// in time, the create is abandoned and nothing is created. Once the
+	// instant is past, the create completes. 0: no bound but the
+	// request's own (the connection closing abandons it the same way).
+	TimeoutMillis int64 `json:"timeout_ms,omitempty"`
+}
+
+// ClearResult is the answer to a clear.
+type ClearResult struct {
+	// Kept, when not empty, says what was found at the backing path and
+	// left in place because it is not the snapshot's store (or a block
+	// device that could not be wiped).
+	Kept string `json:"kept,omitempty"`
 }
 
 // ErrorBody is the JSON body of every non-2xx response.

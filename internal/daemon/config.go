@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"path/filepath"
 	"regexp"
+	"time"
 
 	"github.com/nbdsnap/nbdsnap/internal/control"
 )
@@ -23,9 +24,22 @@ type Config struct {
 	// Control is the control socket's path; empty means
 	// control.DefaultPath(Name).
 	Control string
-	// StateDir, when set, records persistent snapshots so that a restarted
-	// daemon reopens them. Empty means nothing survives a restart.
+	// StateDir records the snapshots (state.go), so that a restarted
+	// daemon reopens them and never serves one it must not. Required.
 	StateDir string
+	// WaitStores, if positive, is how long a starting daemon waits for
+	// missing backing stores to appear (a file system mounted late) before
+	// it serves the origin without them, which invalidates their snapshots.
+	WaitStores time.Duration
+	// AcceptMovedOrigin: the user says the origin moved (another path,
+	// another device holding the same data): snapshots whose recorded
+	// origin identity differs are reopened and take the new identity.
+	AcceptMovedOrigin bool
+	// CrashPoint, for tests: the daemon kills itself with SIGKILL when it
+	// reaches this named step of a create or clear ("create:record",
+	// "create:store", "create:instant", "create:placed", "create:ready",
+	// "clear:marked", "clear:stopped", "clear:retired").
+	CrashPoint string
 	// CacheBytes is the copy-on-write cache budget per snapshot; 0 means
 	// the engine's default.
 	CacheBytes int64

@@ -45,7 +45,7 @@ func TestCreateStatusClear(t *testing.T) {
 
 	// An NBD client holding the snapshot export open makes clear refuse.
 	conn := nbdConnect(t, e.sock, "unix", "s1")
-	err = c.Clear(ctx, "s1", false)
+	_, err = c.Clear(ctx, "s1", false)
 	if !errors.Is(err, control.ErrBusy) || !strings.Contains(err.Error(), `snapshot "s1" is open by 1 NBD client(s)`) {
 		t.Fatalf("clear while open: %v", err)
 	}
@@ -55,7 +55,7 @@ func TestCreateStatusClear(t *testing.T) {
 	if _, err := c.Snapshot(ctx, "s1"); err != nil {
 		t.Fatalf("refused clear dropped the snapshot: %v", err)
 	}
-	if err := c.Clear(ctx, "s1", true); err != nil {
+	if _, err := c.Clear(ctx, "s1", true); err != nil {
 		t.Fatalf("clear --force: %v", err)
 	}
 	conn.Close()
@@ -207,7 +207,7 @@ func TestRestartReopens(t *testing.T) {
 		t.Fatal("transient snapshot reopened")
 	}
 	// Clearing the gone one removes its record and store.
-	if err := c.Clear(ctx, "temp", false); err != nil {
+	if _, err := c.Clear(ctx, "temp", false); err != nil {
 		t.Fatal(err)
 	}
 	for _, p := range []string{filepath.Join(e.dir, "temp.cow"), filepath.Join(e.state, "snap-temp.json")} {
@@ -245,7 +245,7 @@ func TestStatusDuringCreateClear(t *testing.T) {
 		if _, err := c.Create(ctx, control.CreateRequest{Name: "s", BackingPath: backing, Transient: i%2 == 0}); err != nil {
 			t.Fatal(err)
 		}
-		if err := c.Clear(ctx, "s", false); err != nil {
+		if _, err := c.Clear(ctx, "s", false); err != nil {
 			t.Fatal(err)
 		}
 	}

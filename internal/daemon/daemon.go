@@ -10,27 +10,32 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"time"
 
 	sdaemon "github.com/coreos/go-systemd/v22/daemon"
-	"github.com/google/uuid"
 
 	"github.com/nbdsnap/nbdsnap/internal/control"
 	"github.com/nbdsnap/nbdsnap/internal/cow"
+	"github.com/nbdsnap/nbdsnap/internal/devinfo"
 	"github.com/nbdsnap/nbdsnap/internal/nbdsrv"
 )
 
 // Daemon serves one origin and its snapshots. Start it with [Start], stop
 // it with [Daemon.Shutdown].
 type Daemon struct {
-	cfg      Config
-	log      *slog.Logger
-	origin   *os.File // holds the O_EXCL open or the flock
-	engine   *cow.Engine
-	srv      *nbdsrv.Server
-	state    *stateDir // nil without --state-dir
-	originID string
-	started  time.Time
+	cfg     Config
+	log     *slog.Logger
+	originF *os.File // holds the O_EXCL open or the flock
+	ident   devinfo.Identity
+	engine  *cow.Engine
+	srv     *nbdsrv.Server
+	state   *stateDir
+	started time.Time
+	// origin's record in the state directory; its Session is the last
+	// session that served the origin once reopenAll ran.
+	origin  originRecord
+	session uint64 // this daemon's session number (state.go)
 
 	listeners []net.Listener
 	addrs     []string     // what Status reports, one per listener
@@ -41,10 +46,12 @@ type Daemon struct {
 
 	failed chan error // a listener died; buffered, first error wins
 
-	// opMu serialises Create and Clear with each other (and with the
-	// startup reopen), so that the check "name is free" and the act of
-	// taking it cannot interleave with another operation on the same name.
-	opMu sync.Mutex
+	// ops (a lock of one token, lockOps/unlockOps) serialises Create and
+	// Clear with each other, so that the check "name is free" and the act
+	// of taking it cannot interleave with another operation on the same
+	// name. A channel rather than a mutex, so that a create whose client
+	// gives up stops waiting for it.
+	ops chan struct{}
 	// mu guards snaps; it is held only briefly, never across I/O, so that
 	// Status answers while a Create is under way.
 	mu    sync.Mutex
@@ -62,6 +69,32 @@ type entry struct {
 	served bool
 	// gone explains why snap is nil.
 	gone string
+	// damaged: the record file (file) could not be read; rec holds only
+	// the name.
+	damaged error
+	file    string
+}
+
+func (d *Daemon) lockOps(ctx context.Context) error {
+	select {
+	case d.ops <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (d *Daemon) unlockOps() { <-d.ops }
+
+// crashpoint kills the daemon with SIGKILL when Config.CrashPoint names
+// point: the tests' way to crash it at each step of create and clear.
+func (d *Daemon) crashpoint(point string) {
+	if d.cfg.CrashPoint != point {
+		return
+	}
+	d.log.Warn("crash point reached: killing the daemon", "point", point)
+	syscall.Kill(os.Getpid(), syscall.SIGKILL)
+	select {}
 }
 
 // Start opens the origin, reopens the snapshots recorded in the state
@@ -81,10 +114,11 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		return nil, fmt.Errorf("origin: %w", err)
 	}
 	cfg.Origin = origin
-	if cfg.StateDir != "" {
-		if cfg.StateDir, err = filepath.Abs(cfg.StateDir); err != nil {
-			return nil, fmt.Errorf("state dir: %w", err)
-		}
+	if cfg.StateDir == "" {
+		return nil, errors.New("daemon: a state directory is required: it is what lets a restart tell a snapshot it may serve from one it may not")
+	}
+	if cfg.StateDir, err = filepath.Abs(cfg.StateDir); err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
 	}
 	if len(cfg.Listen) == 0 {
 		cfg.Listen = []string{"unix:" + DefaultSocketPath(cfg.Name)}
@@ -106,6 +140,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		log:     log,
 		ctlPath: cfg.Control,
 		snaps:   make(map[string]*entry),
+		ops:     make(chan struct{}, 1),
 		failed:  make(chan error, 1),
 		started: time.Now(),
 	}
@@ -120,7 +155,10 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	if err != nil {
 		return nil, err
 	}
-	d.origin = f
+	d.originF = f
+	if d.ident, err = devinfo.Of(f); err != nil {
+		return nil, fmt.Errorf("origin %s: %w", cfg.Origin, err)
+	}
 	// Bind every socket before the state directory is touched, so that a
 	// daemon refused for a taken address leaves no trace. Nothing is served
 	// until the engine and the exports exist.
@@ -142,20 +180,11 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		return nil, fmt.Errorf("control socket: %w", err)
 	}
 	d.unixPaths = append(d.unixPaths, cfg.Control)
-	if cfg.StateDir != "" {
-		d.state, d.originID, err = openState(cfg.StateDir, cfg.Origin)
-		if err != nil {
-			return nil, err
-		}
-	} else {
-		// Without a state directory nothing is reopened, so any ID will do.
-		d.originID = uuid.NewString()
+	d.state, d.origin, err = openState(cfg.StateDir, cfg.Origin, cfg.AcceptMovedOrigin)
+	if err != nil {
+		return nil, err
 	}
-	eopts := cow.EngineOptions{Logger: log}
-	if d.state != nil {
-		eopts.RecordInvalid = d.recordInvalid
-	}
-	d.engine, err = cow.NewEngine(vf, eopts)
+	d.engine, err = cow.NewEngine(vf, cow.EngineOptions{Logger: log, RecordInvalid: d.recordInvalid})
 	if err != nil {
 		return nil, fmt.Errorf("origin %s: %w", cfg.Origin, err)
 	}
@@ -172,10 +201,10 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		return nil, fmt.Errorf("export origin: %w", err)
 	}
 	d.srv.SetDefaultExport(cfg.Name)
-	if d.state != nil {
-		if err := d.reopenAll(ctx); err != nil {
-			return nil, err
-		}
+	// Every snapshot is settled (reopened, or durably invalid) before the
+	// origin takes its first write.
+	if err := d.reopenAll(ctx); err != nil {
+		return nil, err
 	}
 
 	d.ctl = &http.Server{
@@ -198,7 +227,12 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		}
 	}()
 	log.Info("serving", "name", cfg.Name, "origin", cfg.Origin, "size", d.engine.Size(),
+		"origin_identity", d.ident.String(), "session", d.session,
 		"listen", d.addrs, "control", cfg.Control, "state_dir", cfg.StateDir)
+	if d.ident.Weak() {
+		log.Warn("the origin has no stable identifier (no serial, WWID or other kernel name): a restart cannot tell another device of the same size at its path from it",
+			"origin", cfg.Origin)
+	}
 	notify(log, sdaemon.SdNotifyReady)
 	return d, nil
 }
@@ -265,8 +299,8 @@ func (d *Daemon) closeAll() error {
 			errs = append(errs, fmt.Errorf("engine: %w", err))
 		}
 	}
-	if d.origin != nil {
-		if err := d.origin.Close(); err != nil && !errors.Is(err, os.ErrClosed) {
+	if d.originF != nil {
+		if err := d.originF.Close(); err != nil && !errors.Is(err, os.ErrClosed) {
 			errs = append(errs, fmt.Errorf("origin: %w", err))
 		}
 	}

@@ -78,7 +78,7 @@ func TestRestartKeepsInvalid(t *testing.T) {
 		t.Fatalf("status after restart: %+v, %v", st, err)
 	}
 
-	if err := c.Clear(ctx, "s", false); err != nil {
+	if _, err := c.Clear(ctx, "s", false); err != nil {
 		t.Fatal(err)
 	}
 	for _, p := range []string{backing, filepath.Join(e.state, snapFile("s"))} {
@@ -92,7 +92,7 @@ func TestRestartKeepsInvalid(t *testing.T) {
 // written before it existed.
 func TestStateRecordInvalid(t *testing.T) {
 	dir := t.TempDir()
-	s, _, err := openState(dir, "/dev/x")
+	s, _, err := openState(dir, "/dev/x", false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -104,8 +104,8 @@ func TestStateRecordInvalid(t *testing.T) {
 	check := func(step string, invalid bool, reason string) {
 		t.Helper()
 		recs, err := s.records()
-		if err != nil || len(recs) != 1 || recs[0].Invalid != invalid || recs[0].Reason != reason ||
-			recs[0].BackingPath != "/var/lib/nbdsnap/snap1.cow" {
+		if err != nil || len(recs) != 1 || recs[0].damaged != nil || recs[0].rec.Invalid != invalid || recs[0].rec.Reason != reason ||
+			recs[0].rec.BackingPath != "/var/lib/nbdsnap/snap1.cow" || recs[0].rec.Phase != phaseReady {
 			t.Fatalf("%s: records %+v, %v; want invalid=%v reason %q", step, recs, err, invalid, reason)
 		}
 	}
@@ -122,7 +122,7 @@ func TestStateRecordInvalid(t *testing.T) {
 	}
 	check("marked twice", true, "store full")
 	recs, _ := s.records()
-	r := recs[0]
+	r := recs[0].rec
 	r.Invalid, r.Reason, r.ClusterSize = false, "", 1<<20
 	if err := s.put(r); err != nil {
 		t.Fatal(err)

@@ -7,13 +7,14 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
-	"syscall"
+	"strings"
 	"time"
+
+	"github.com/google/uuid"
 
 	"github.com/nbdsnap/nbdsnap/internal/control"
 	"github.com/nbdsnap/nbdsnap/internal/cow"
 	"github.com/nbdsnap/nbdsnap/internal/nbdsrv"
-	"github.com/nbdsnap/nbdsnap/internal/vfs"
 )
 
 // The Daemon is the control.Service of its control socket.
@@ -21,211 +22,203 @@ var _ control.Service = (*Daemon)(nil)
 
 // Create takes a snapshot. Either it succeeds completely (store created,
 // copy-on-write established, record durable in the state directory, export
-// served) or it changes nothing: every step done is undone before the error
-// is returned.
+// served) or it leaves nothing behind: every step done is undone before the
+// error is returned, and a crash at any step is undone by the next start.
 //
-// The record is written before the store exists: a crash between the two
-// leaves a record whose store cannot be reopened, which the restarted
-// daemon reports as an invalid snapshot, rather than a store file nobody
-// knows about.
+// The steps, each durable before the next (see state.go and backing.go):
+//
+//  1. the record, phase "creating", with the store's UUID chosen now;
+//  2. the store: a new file under its staging name, or the device after
+//     checking it holds no data;
+//  3. the create instant (engine.Create): header durable, copy-on-write
+//     established. Until then the create may be abandoned (the request's
+//     timeout, the client gone): ctx ends it;
+//  4. the store file renamed to the backing path, without replacing
+//     anything;
+//  5. the record, phase "ready"; then the export.
+//
+// A crash before step 5 leaves a creating record, which the restart rolls
+// back (the client was never told of success); after it, a snapshot the
+// restart serves.
 func (d *Daemon) Create(ctx context.Context, req control.CreateRequest) (control.SnapshotInfo, error) {
-	d.opMu.Lock()
-	defer d.opMu.Unlock()
-	if err := d.checkCreate(req); err != nil {
-		return control.SnapshotInfo{}, err
+	if req.TimeoutMillis < 0 {
+		return control.SnapshotInfo{}, fmt.Errorf("%w: timeout %d ms is negative", control.ErrInvalid, req.TimeoutMillis)
 	}
-	rec := snapRecord{
-		Name:        req.Name,
-		BackingPath: req.BackingPath,
-		ClusterSize: req.ClusterSize,
-		Transient:   req.Transient,
-		MaxSize:     req.MaxSize,
-		Created:     time.Now().UTC(),
+	if req.TimeoutMillis > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, time.Duration(req.TimeoutMillis)*time.Millisecond)
+		defer cancel()
+	}
+	if err := d.lockOps(ctx); err != nil {
+		return control.SnapshotInfo{}, fmt.Errorf("create abandoned while another create or clear ran (%w): nothing was created", err)
+	}
+	defer d.unlockOps()
+	rec, err := d.checkCreate(req)
+	if err != nil {
+		d.log.Warn("create refused", "snapshot", req.Name, "err", err)
+		return control.SnapshotInfo{}, err
 	}
 	var undo []func()
 	fail := func(err error) (control.SnapshotInfo, error) {
 		for i := len(undo) - 1; i >= 0; i-- {
 			undo[i]()
 		}
-		d.log.Warn("create refused", "snapshot", req.Name, "err", err)
+		d.log.Warn("create failed", "snapshot", req.Name, "err", err)
 		return control.SnapshotInfo{}, err
 	}
 
-	if d.state != nil {
-		if err := d.state.put(rec); err != nil {
-			return fail(err)
-		}
-		undo = append(undo, func() {
-			if err := d.state.remove(req.Name); err != nil {
-				d.log.Error("undo create: remove state record", "snapshot", req.Name, "err", err)
-			}
-		})
+	if err := d.state.put(rec); err != nil {
+		return fail(err)
 	}
-	b, err := createBacking(req.BackingPath)
-	if err != nil {
-		return fail(backingError(req.BackingPath, err))
-	}
-	store := b.f
 	undo = append(undo, func() {
-		store.Close()
-		if err := removeBacking(req.BackingPath); err != nil {
-			d.log.Error("undo create: remove backing file", "path", req.BackingPath, "err", err)
+		if err := d.state.remove(rec.Name); err != nil {
+			d.log.Error("undo create: remove state record", "snapshot", rec.Name, "err", err)
 		}
 	})
+	d.crashpoint("create:record")
+	store, err := createBacking(ctx, rec, req.Force)
+	if err != nil {
+		return fail(backingError(rec.BackingPath, err))
+	}
+	retire := func() {
+		kept, err := retireBacking(rec, d.origin.OriginID)
+		if err != nil {
+			d.log.Error("undo create: remove the new store", "snapshot", rec.Name, "err", err)
+		} else if kept != "" {
+			d.log.Debug("undo create: nothing of ours at the backing path", "snapshot", rec.Name, "kept", kept)
+		}
+	}
+	undo = append(undo, func() { store.Close(); retire() })
+	d.crashpoint("create:store")
 	snap, err := d.engine.Create(ctx, store, cow.SnapshotOptions{
-		Name:        req.Name,
-		ClusterSize: req.ClusterSize,
-		Transient:   req.Transient,
-		MaxSize:     req.MaxSize,
+		Name:        rec.Name,
+		ClusterSize: rec.ClusterSize,
+		Transient:   rec.Transient,
+		MaxSize:     rec.MaxSize,
 		CacheBytes:  d.cfg.CacheBytes,
-		OriginID:    d.originID,
+		OriginID:    d.origin.OriginID,
+		UUID:        rec.storeUUID(),
 	})
 	if err != nil {
-		return fail(backingError(req.BackingPath, err))
+		return fail(backingError(rec.BackingPath, err))
 	}
+	// Past the instant: the create completes whatever the client does
+	// (nothing below takes ctx).
+	//
 	// From here the engine owns the store and closes it in Clear.
 	undo[len(undo)-1] = func() {
-		if err := d.engine.Clear(req.Name); err != nil {
-			d.log.Error("undo create: clear", "snapshot", req.Name, "err", err)
+		if err := d.engine.Clear(rec.Name); err != nil {
+			d.log.Error("undo create: clear", "snapshot", rec.Name, "err", err)
 		}
-		if err := removeBacking(req.BackingPath); err != nil {
-			d.log.Error("undo create: remove backing file", "path", req.BackingPath, "err", err)
-		}
+		retire()
 	}
+	d.crashpoint("create:instant")
+	if err := placeBacking(rec); err != nil {
+		return fail(err)
+	}
+	d.crashpoint("create:placed")
 	// Record what the engine chose (the cluster size may have been raised
 	// for a large origin) and the store's creation time, so that a snapshot
 	// that is gone after a restart is still described right.
-	if i := snap.Info(); d.state != nil && (rec.ClusterSize != i.ClusterSize || !rec.Created.Equal(i.Created)) {
-		rec.ClusterSize, rec.Created = i.ClusterSize, i.Created.UTC()
-		if err := d.state.put(rec); err != nil {
-			return fail(err)
-		}
+	i := snap.Info()
+	rec.Phase, rec.ClusterSize, rec.Created = phaseReady, i.ClusterSize, i.Created.UTC()
+	if err := d.state.put(rec); err != nil {
+		return fail(err)
 	}
+	d.crashpoint("create:ready")
 	if err := d.export(snap); err != nil {
 		return fail(err)
 	}
 	e := &entry{rec: rec, snap: snap, served: true}
 	info := d.info(e)
 	d.mu.Lock()
-	d.snaps[req.Name] = e
+	d.snaps[rec.Name] = e
 	d.mu.Unlock()
-	d.log.Info("snapshot ready", "snapshot", req.Name, "backing", req.BackingPath,
-		"persistent", !req.Transient, "cluster_size", info.ClusterSize)
-	if d.state == nil && !req.Transient {
-		d.log.Warn("no --state-dir: this persistent snapshot will not be reopened after a daemon restart",
-			"snapshot", req.Name)
+	d.log.Info("snapshot ready", "snapshot", rec.Name, "backing", rec.BackingPath, "store", rec.UUID,
+		"persistent", !rec.Transient, "cluster_size", info.ClusterSize)
+	if d.ident.Weak() && !rec.Transient {
+		d.log.Warn("the origin has no stable identifier (no serial, WWID or other kernel name): a restart cannot tell another device of the same size at its path from it",
+			"snapshot", rec.Name, "origin_identity", d.ident.String())
 	}
 	return info, nil
 }
 
-// checkCreate validates a request before anything is touched.
-func (d *Daemon) checkCreate(req control.CreateRequest) error {
+// checkCreate validates a request before anything is touched and returns
+// the record the create starts with.
+func (d *Daemon) checkCreate(req control.CreateRequest) (snapRecord, error) {
 	if err := ValidName(req.Name); err != nil {
-		return fmt.Errorf("%w: snapshot %w", control.ErrInvalid, err)
+		return snapRecord{}, fmt.Errorf("%w: snapshot %w", control.ErrInvalid, err)
 	}
 	if req.Name == d.cfg.Name {
-		return fmt.Errorf("%w: %q is the origin export's name", control.ErrExists, req.Name)
+		return snapRecord{}, fmt.Errorf("%w: %q is the origin export's name", control.ErrExists, req.Name)
 	}
 	d.mu.Lock()
 	_, exists := d.snaps[req.Name]
 	d.mu.Unlock()
 	if exists {
-		return fmt.Errorf("snapshot %q %w", req.Name, control.ErrExists)
+		return snapRecord{}, fmt.Errorf("snapshot %q %w", req.Name, control.ErrExists)
 	}
 	if !filepath.IsAbs(req.BackingPath) {
-		return fmt.Errorf("%w: backing path %q is not absolute", control.ErrInvalid, req.BackingPath)
+		return snapRecord{}, fmt.Errorf("%w: backing path %q is not absolute", control.ErrInvalid, req.BackingPath)
 	}
 	if cs := req.ClusterSize; cs != 0 && (cs < cow.MinClusterSize || cs > cow.MaxClusterSize || cs&(cs-1) != 0) {
-		return fmt.Errorf("%w: cluster size %d is not a power of two between %d and %d",
+		return snapRecord{}, fmt.Errorf("%w: cluster size %d is not a power of two between %d and %d",
 			control.ErrInvalid, cs, cow.MinClusterSize, cow.MaxClusterSize)
 	}
 	if req.MaxSize < 0 {
-		return fmt.Errorf("%w: max size %d is negative", control.ErrInvalid, req.MaxSize)
+		return snapRecord{}, fmt.Errorf("%w: max size %d is negative", control.ErrInvalid, req.MaxSize)
 	}
-	if fi, err := os.Stat(req.BackingPath); err == nil && !isBlockDevice(fi) {
-		return fmt.Errorf("backing file %s %w", req.BackingPath, control.ErrExists)
+	id := uuid.New()
+	if req.UUID != "" {
+		var err error
+		if id, err = uuid.Parse(req.UUID); err != nil || id == (uuid.UUID{}) {
+			return snapRecord{}, fmt.Errorf("%w: store UUID %q", control.ErrInvalid, req.UUID)
+		}
 	}
-	return nil
-}
-
-func isBlockDevice(fi os.FileInfo) bool {
-	return fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice == 0
-}
-
-// backing is an open backing store and how to undo its creation.
-type backing struct {
-	f      vfs.File
-	device bool // a block device: it was there before and stays
-}
-
-// createBacking opens the backing store of a new snapshot: a new regular
-// file (O_EXCL, so that nothing existing is overwritten), or an existing
-// block device that the user named explicitly, opened O_EXCL so that it is
-// not mounted or used by another snapshot.
-func createBacking(path string) (backing, error) {
-	if fi, err := os.Stat(path); err == nil && isBlockDevice(fi) {
-		f, err := openDevice(path)
-		return backing{f: f, device: true}, err
+	if err := d.checkBackingPath(req.BackingPath); err != nil {
+		return snapRecord{}, err
 	}
-	f, err := vfs.OS{}.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
-	return backing{f: f}, err
-}
-
-// openBacking opens an existing backing store (a restart's reopen).
-func openBacking(path string) (vfs.File, error) {
-	if fi, err := os.Stat(path); err == nil && isBlockDevice(fi) {
-		return openDevice(path)
+	rec := snapRecord{
+		Name:        req.Name,
+		Phase:       phaseCreating,
+		UUID:        id.String(),
+		BackingPath: filepath.Clean(req.BackingPath),
+		ClusterSize: req.ClusterSize,
+		Transient:   req.Transient,
+		MaxSize:     req.MaxSize,
+		Created:     time.Now().UTC(),
+		Origin:      &d.ident,
+		Session:     d.session,
 	}
-	return vfs.OS{}.OpenFile(path, os.O_RDWR, 0)
-}
-
-func openDevice(path string) (vfs.File, error) {
-	f, err := os.OpenFile(path, os.O_RDWR|syscall.O_EXCL|syscall.O_CLOEXEC, 0)
-	if err != nil {
-		return nil, err
-	}
-	vf, err := vfs.NewOSFile(f)
-	if err != nil {
-		f.Close()
-		return nil, err
-	}
-	return vf, nil
-}
-
-// removeBacking deletes a snapshot's backing file. A block device is left
-// alone: it belongs to the user, who named it.
-func removeBacking(path string) error {
-	if fi, err := os.Stat(path); err == nil && isBlockDevice(fi) {
-		return nil
-	}
-	if err := (vfs.OS{}).Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return err
-	}
-	return nil
-}
-
-// backingError turns a failure to create the backing store into the line a
-// user needs.
-func backingError(path string, err error) error {
+	fi, err := os.Stat(rec.BackingPath)
 	switch {
-	case errors.Is(err, syscall.EROFS):
-		return fmt.Errorf("backing path %s is on a read-only filesystem", path)
-	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
-		return fmt.Errorf("no space for backing store %s: filesystem full", path)
-	case errors.Is(err, syscall.EBUSY):
-		return fmt.Errorf("backing device %s is in use (mounted, or opened exclusively by another program)", path)
-	case errors.Is(err, syscall.EEXIST):
-		return fmt.Errorf("backing file %s %w", path, control.ErrExists)
-	case errors.Is(err, syscall.ENOENT):
-		return fmt.Errorf("%w: directory of backing path %s does not exist", control.ErrInvalid, path)
-	case errors.Is(err, syscall.EACCES), errors.Is(err, syscall.EPERM):
-		return fmt.Errorf("backing path %s: permission denied", path)
-	case errors.Is(err, cow.ErrBadOption):
-		return fmt.Errorf("%w: %w", control.ErrInvalid, err)
-	case errors.Is(err, cow.ErrExists):
-		return fmt.Errorf("%w: %w", control.ErrExists, err)
+	case err == nil && isBlockDevice(fi):
+		rec.Device = true
+	case err == nil:
+		return snapRecord{}, fmt.Errorf("backing file %s %w", req.BackingPath, control.ErrExists)
+	case !errors.Is(err, os.ErrNotExist):
+		return snapRecord{}, backingError(req.BackingPath, err)
 	}
-	return fmt.Errorf("create backing store %s: %w", path, err)
+	return rec, nil
+}
+
+// checkBackingPath refuses a backing path inside the state directory,
+// where it would be clobbered, or read as a record, by the daemon's own
+// bookkeeping.
+func (d *Daemon) checkBackingPath(path string) error {
+	dir, err := filepath.EvalSymlinks(filepath.Dir(path))
+	if err != nil {
+		return backingError(path, err)
+	}
+	state, err := filepath.EvalSymlinks(d.cfg.StateDir)
+	if err != nil {
+		return fmt.Errorf("state dir: %w", err)
+	}
+	if rel, err := filepath.Rel(state, filepath.Join(dir, filepath.Base(path))); err == nil && rel != ".." && !strings.HasPrefix(rel, "../") {
+		return fmt.Errorf("%w: backing path %s is inside the daemon's state directory %s; put it elsewhere",
+			control.ErrInvalid, path, d.cfg.StateDir)
+	}
+	return nil
 }
 
 // export serves a snapshot read-only under its own name.
@@ -249,32 +242,57 @@ func (d *Daemon) export(snap *cow.Snapshot) error {
 }
 
 // Clear removes a snapshot: its export (refused with ErrBusy while a client
-// has it open, unless force), its copy-on-write, its store file and its
-// record. The store goes before the record, so that a crash in between
-// leaves a record the restarted daemon reports as gone, not a store file
-// nobody knows about.
-func (d *Daemon) Clear(ctx context.Context, name string, force bool) error {
-	d.opMu.Lock()
-	defer d.opMu.Unlock()
+// has it open, unless force), its copy-on-write, its store and its record.
+//
+// The first durable step marks the record "clearing": from then on no
+// restart serves the snapshot, and a restart finishes the clear. The store
+// is then retired only if it proves to be the snapshot's (retireBacking): a
+// file deleted, a device's header wiped; anything else at the backing path
+// is kept, and the result says so.
+func (d *Daemon) Clear(ctx context.Context, name string, force bool) (control.ClearResult, error) {
+	if err := d.lockOps(ctx); err != nil {
+		return control.ClearResult{}, err
+	}
+	defer d.unlockOps()
 	d.mu.Lock()
 	e, ok := d.snaps[name]
 	d.mu.Unlock()
 	if !ok {
-		return fmt.Errorf("snapshot %q: %w", name, control.ErrNotFound)
+		return control.ClearResult{}, fmt.Errorf("snapshot %q: %w", name, control.ErrNotFound)
 	}
 	if e.served {
 		err := d.srv.RemoveExport(name, force)
 		if errors.Is(err, nbdsrv.ErrExportBusy) {
-			return fmt.Errorf("snapshot %q is open by %d NBD client(s); disconnect them or use --force: %w",
+			return control.ClearResult{}, fmt.Errorf("snapshot %q is open by %d NBD client(s); disconnect them or use --force: %w",
 				name, d.srv.OpenConns(name), control.ErrBusy)
 		}
 		if err != nil && !errors.Is(err, nbdsrv.ErrNoExport) {
-			return fmt.Errorf("clear %q: remove export: %w", name, err)
+			return control.ClearResult{}, fmt.Errorf("clear %q: remove export: %w", name, err)
 		}
 		d.mu.Lock()
 		e.served = false
 		d.mu.Unlock()
 	}
+	if e.damaged != nil {
+		// Nothing says which store the record meant: only the record goes.
+		if err := d.state.removeFile(e.file); err != nil {
+			return control.ClearResult{}, fmt.Errorf("clear %q: %w", name, err)
+		}
+		d.mu.Lock()
+		delete(d.snaps, name)
+		d.mu.Unlock()
+		d.log.Info("damaged record cleared", "snapshot", name, "file", e.file)
+		return control.ClearResult{Kept: "the record was damaged, so any backing store it named was left in place"}, nil
+	}
+	rec := e.rec
+	rec.Phase = phaseClearing
+	if err := d.state.put(rec); err != nil {
+		return control.ClearResult{}, fmt.Errorf("clear %q: %w", name, err)
+	}
+	d.mu.Lock()
+	e.rec.Phase = phaseClearing
+	d.mu.Unlock()
+	d.crashpoint("clear:marked")
 	if e.snap != nil {
 		if err := d.engine.Clear(name); err != nil && !errors.Is(err, cow.ErrNotFound) {
 			// The writer failed to stop cleanly; the snapshot is going
@@ -286,73 +304,34 @@ func (d *Daemon) Clear(ctx context.Context, name string, force bool) error {
 		e.gone = "being cleared"
 		d.mu.Unlock()
 	}
-	if err := removeBacking(e.rec.BackingPath); err != nil {
-		return fmt.Errorf("clear %q: remove backing file: %w", name, err)
+	d.crashpoint("clear:stopped")
+	kept, err := retireBacking(rec, d.origin.OriginID)
+	if err != nil {
+		d.mu.Lock()
+		e.gone = "clear did not finish: " + err.Error()
+		d.mu.Unlock()
+		return control.ClearResult{}, fmt.Errorf("clear %q: %w (run clear again; a restart finishes it too)", name, err)
 	}
-	if d.state != nil {
-		if err := d.state.remove(name); err != nil {
-			return fmt.Errorf("clear %q: %w", name, err)
-		}
+	d.crashpoint("clear:retired")
+	if err := d.state.remove(name); err != nil {
+		return control.ClearResult{}, fmt.Errorf("clear %q: %w", name, err)
 	}
 	d.mu.Lock()
 	delete(d.snaps, name)
 	d.mu.Unlock()
-	d.log.Info("snapshot cleared", "snapshot", name, "forced", force)
-	return nil
-}
-
-// reopenAll brings back the snapshots recorded in the state directory. A
-// persistent one whose store reopens is served again; anything else (a
-// transient snapshot, whose copied data lived partly in memory; a snapshot
-// whose record says it turned invalid; a store that is missing, damaged or
-// of another origin) is kept as an invalid entry with the reason, never
-// served, until the user clears it.
-func (d *Daemon) reopenAll(ctx context.Context) error {
-	recs, err := d.state.records()
-	if err != nil {
-		return err
+	if kept != "" {
+		d.log.Warn("snapshot cleared; its backing path holds something else, left in place", "snapshot", name, "kept", kept)
+	} else {
+		d.log.Info("snapshot cleared", "snapshot", name, "forced", force)
 	}
-	for _, r := range recs {
-		e := &entry{rec: r}
-		if r.Transient {
-			e.gone = "transient snapshot: it did not survive the daemon restart"
-		} else if r.Invalid {
-			// The store is not even opened: its header may still say
-			// valid (recordInvalid), and the origin has moved on
-			// without copying for it.
-			e.gone = r.Reason
-			if e.gone == "" {
-				e.gone = "invalid"
-			}
-		} else if snap, err := d.reopen(ctx, r); err != nil {
-			e.gone = "cannot reopen after restart: " + err.Error()
-		} else {
-			e.snap = snap
-			if info := snap.Info(); !info.Valid {
-				// Served anyway: every read answers EIO, which is the
-				// truth about an invalid snapshot.
-				d.log.Warn("reopened snapshot is invalid", "snapshot", r.Name, "reason", info.Reason)
-			}
-			if err := d.export(snap); err != nil {
-				return err
-			}
-			e.served = true
-		}
-		if e.gone != "" {
-			d.log.Warn("snapshot not served", "snapshot", r.Name, "reason", e.gone)
-		} else {
-			d.log.Info("snapshot reopened", "snapshot", r.Name, "backing", r.BackingPath)
-		}
-		d.snaps[r.Name] = e
-	}
-	return nil
+	return control.ClearResult{Kept: kept}, nil
 }
 
 // recordInvalid is the engine's RecordInvalid: it marks the snapshot's
 // record invalid, so that a restart does not serve the snapshot although
 // its store's header may say valid (writing the header may have failed).
 // It runs on the snapshot's writer, which Create and Clear may be waiting
-// for with opMu held: it takes only the state directory's lock.
+// for with the ops lock held: it takes only the state directory's lock.
 func (d *Daemon) recordInvalid(name, reason string) error {
 	if err := d.state.markInvalid(name, reason); err != nil {
 		return fmt.Errorf("record invalid snapshot %q: %w", name, err)
@@ -360,36 +339,20 @@ func (d *Daemon) recordInvalid(name, reason string) error {
 	return nil
 }
 
-func (d *Daemon) reopen(ctx context.Context, r snapRecord) (*cow.Snapshot, error) {
-	f, err := openBacking(r.BackingPath)
-	if err != nil {
-		return nil, err
-	}
-	snap, err := d.engine.Reopen(ctx, f, cow.ReopenOptions{OriginID: d.originID, CacheBytes: d.cfg.CacheBytes})
-	if err != nil {
-		f.Close()
-		return nil, err
-	}
-	if snap.Name() != r.Name {
-		d.engine.Clear(snap.Name())
-		return nil, fmt.Errorf("store %s holds snapshot %q, not %q", r.BackingPath, snap.Name(), r.Name)
-	}
-	return snap, nil
-}
-
 // Status describes the daemon and every snapshot, oldest first.
 func (d *Daemon) Status(ctx context.Context) (control.Status, error) {
 	st := control.Status{
-		Name:       d.cfg.Name,
-		Origin:     d.cfg.Origin,
-		OriginSize: d.engine.Size(),
-		Version:    d.cfg.Version,
-		PID:        os.Getpid(),
-		Listen:     d.addrs,
-		StateDir:   d.cfg.StateDir,
-		Started:    d.started,
-		Conns:      d.srv.OpenConns(d.cfg.Name),
-		Snapshots:  []control.SnapshotInfo{},
+		Name:           d.cfg.Name,
+		Origin:         d.cfg.Origin,
+		OriginSize:     d.engine.Size(),
+		Version:        d.cfg.Version,
+		PID:            os.Getpid(),
+		Listen:         d.addrs,
+		StateDir:       d.cfg.StateDir,
+		OriginIdentity: d.ident.String(),
+		Started:        d.started,
+		Conns:          d.srv.OpenConns(d.cfg.Name),
+		Snapshots:      []control.SnapshotInfo{},
 	}
 	// Copies, taken under mu: Clear changes an entry's fields under mu.
 	d.mu.Lock()
@@ -410,8 +373,16 @@ func (d *Daemon) Status(ctx context.Context) (control.Status, error) {
 	return st, nil
 }
 
-// Snapshot describes one snapshot.
-func (d *Daemon) Snapshot(ctx context.Context, name string) (control.SnapshotInfo, error) {
+// Snapshot describes one snapshot; with settled, once no create or clear
+// is under way (a client that lost the answer to its create asks that way,
+// so that the answer is final).
+func (d *Daemon) Snapshot(ctx context.Context, name string, settled bool) (control.SnapshotInfo, error) {
+	if settled {
+		if err := d.lockOps(ctx); err != nil {
+			return control.SnapshotInfo{}, err
+		}
+		d.unlockOps()
+	}
 	d.mu.Lock()
 	e, ok := d.snaps[name]
 	var c entry
@@ -446,8 +417,11 @@ func (d *Daemon) info(e *entry) control.SnapshotInfo {
 	if snap == nil {
 		out.State = control.StateInvalid
 		out.Reason = e.gone
-		if fi, err := os.Stat(e.rec.BackingPath); err == nil {
-			out.BackingBytes = fi.Size()
+		out.UUID = e.rec.UUID
+		if e.rec.BackingPath != "" && !e.rec.Device {
+			if fi, err := os.Stat(e.rec.BackingPath); err == nil {
+				out.BackingBytes = fi.Size()
+			}
 		}
 		return out
 	}
@@ -459,6 +433,7 @@ func (d *Daemon) info(e *entry) control.SnapshotInfo {
 	out.ClustersTotal = i.ClustersTotal
 	out.ClustersCopied = i.ClustersCopied
 	out.BackingBytes = i.StoreBytes
+	out.CacheBytes = int64(i.CacheSlots) * int64(i.ClusterSize)
 	out.CreatePauseMicros = i.CreatePause.Microseconds()
 	out.Size = snap.Size()
 	out.State = control.StateValid

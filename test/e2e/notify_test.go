@@ -38,7 +38,7 @@ func TestSdNotify(t *testing.T) {
 	}
 	ctl := filepath.Join(dir, "data.ctl")
 	cmd := exec.Command(nbdsnapBin, "serve", origin, "--name", "data", "--listen", "unix:"+filepath.Join(dir, "data.sock"),
-		"--control", ctl, "--log-level", "error")
+		"--control", ctl, "--state-dir", filepath.Join(dir, "state"), "--log-level", "error")
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+nsock)
 	var logs testenv.SyncBuffer
 	cmd.Stderr = &logs

@@ -1,0 +1,280 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/nbdsnap/nbdsnap/internal/backstore"
+	"github.com/nbdsnap/nbdsnap/internal/cow"
+	"github.com/nbdsnap/nbdsnap/internal/devinfo"
+)
+
+// reopenAll settles every record of the state directory before the origin
+// is served: it finishes what a crash interrupted, reopens what can be
+// served, and records durably why anything else cannot be. The guarantee it
+// keeps: a persistent snapshot the origin is served without (its store
+// missing, unreadable, not its own, or its record out of date) is marked
+// invalid in its record, and in its store's header where that store is
+// reachable, before the origin takes a single write; if the record cannot be
+// written, the daemon does not start.
+//
+// Per record:
+//
+//   - damaged (does not parse, newer version): listed with the reason and
+//     what to do; never served; its store is not looked for (nothing says
+//     which it is). Its session stays old, so a record repaired by hand
+//     later is found out of date and invalid: the origin was served without
+//     copy-on-write for it meanwhile.
+//   - creating: the create never answered success: rolled back (its
+//     staging file deleted, its store retired if it proves to be ours, the
+//     record removed).
+//   - clearing: the clear is finished.
+//   - transient, or marked invalid: listed invalid, not served; an invalid
+//     one's store header is marked too, if it is reachable now.
+//   - out of date (session): marked invalid.
+//   - origin identity differs: not served, listed invalid with both
+//     identities, unless the user said the origin moved. The record is not
+//     marked: the snapshot's own origin is not being served, so nothing
+//     happens to it, and it is served again once that origin is back.
+//   - store missing, unreadable, not this snapshot's (UUID), or not
+//     reopenable: marked invalid (and its header, if the store is ours).
+//   - otherwise reopened, served, and its record stamped with this session.
+//
+// Then origin.json records this session as the last to serve the origin.
+func (d *Daemon) reopenAll(ctx context.Context) error {
+	loads, err := d.state.records()
+	if err != nil {
+		return err
+	}
+	prev := d.origin.Session
+	d.session = prev + 1
+	if d.cfg.WaitStores > 0 {
+		d.waitStores(ctx, loads)
+	}
+	for _, l := range loads {
+		e, err := d.settle(ctx, l, prev)
+		if err != nil {
+			return err
+		}
+		if e == nil {
+			continue
+		}
+		if e.snap == nil || !e.served {
+			d.log.Warn("snapshot not served", "snapshot", e.rec.Name, "reason", e.gone)
+		} else {
+			d.log.Info("snapshot reopened", "snapshot", e.rec.Name, "backing", e.rec.BackingPath)
+		}
+		d.snaps[e.rec.Name] = e
+	}
+	if err := d.state.setSession(d.origin, d.session); err != nil {
+		return err
+	}
+	d.origin.Session = d.session
+	return nil
+}
+
+// settle handles one record at startup (see reopenAll) and returns the
+// entry to list, or nil when the record is gone. An error means an
+// invalidation could not be recorded: the daemon must not start.
+func (d *Daemon) settle(ctx context.Context, l loaded, prev uint64) (*entry, error) {
+	if l.damaged != nil {
+		if ValidName(l.name) != nil {
+			d.log.Warn("state directory: ignoring a file that is not a snapshot record", "file", l.file, "err", l.damaged)
+			return nil, nil
+		}
+		d.log.Error("state record damaged; the snapshot is not served", "file", l.file, "err", l.damaged)
+		return &entry{rec: snapRecord{Name: l.name}, file: l.file, damaged: l.damaged,
+			gone: fmt.Sprintf("%v: not served; repair or remove the file, or `nbdsnap clear %s` removes the record and leaves any backing store in place", l.damaged, l.name)}, nil
+	}
+	r := l.rec
+	switch r.Phase {
+	case phaseCreating:
+		if err := d.finish(r, "create was interrupted before it completed: rolled back"); err != nil {
+			return &entry{rec: r, gone: fmt.Sprintf("a create interrupted by a crash could not be rolled back (%v); `nbdsnap clear %s` retries", err, r.Name)}, nil
+		}
+		return nil, nil
+	case phaseClearing:
+		if err := d.finish(r, "clear was interrupted: finished"); err != nil {
+			return &entry{rec: r, gone: fmt.Sprintf("clear did not finish (%v); `nbdsnap clear %s` retries", err, r.Name)}, nil
+		}
+		return nil, nil
+	}
+	e := &entry{rec: r}
+	switch {
+	case r.Transient:
+		e.gone = "transient snapshot: it did not survive the daemon restart"
+		return e, nil
+	case r.Invalid:
+		e.gone = r.Reason
+		if e.gone == "" {
+			e.gone = "invalid"
+		}
+		d.markStoreInvalid(r, e.gone)
+		return e, nil
+	case r.Session != 0 && r.Session < prev:
+		return d.invalidate(e, fmt.Sprintf("the origin was served without copy-on-write for this snapshot: its record is of daemon session %d, but session %d served the origin (the record was unreadable then, or was restored from an older copy)", r.Session, prev))
+	}
+	moved := false
+	if r.Origin != nil {
+		if err := devinfo.Match(*r.Origin, d.ident); err != nil {
+			if !d.cfg.AcceptMovedOrigin {
+				e.gone = fmt.Sprintf("the origin at %s is not the one this snapshot was taken of (%v; recorded: %s; now: %s): not served; if it is the same data on another device, restart with --accept-moved-origin",
+					d.cfg.Origin, err, r.Origin, d.ident)
+				// This session does not serve the snapshot's origin, so it
+				// misses nothing: carry the record into the session.
+				r.Session = d.session
+				if err := d.state.put(r); err != nil {
+					d.log.Warn("cannot stamp the record of a snapshot whose origin is elsewhere; the next start will take it for out of date", "snapshot", r.Name, "err", err)
+				}
+				return e, nil
+			}
+			moved = true
+			d.log.Warn("origin moved: accepting it for this snapshot, as asked", "snapshot", r.Name, "recorded", r.Origin.String(), "now", d.ident.String(), "diff", err)
+		}
+	}
+
+	f, err := openStore(r)
+	if err != nil {
+		why := fmt.Sprintf("backing store %s could not be opened when the daemon started (%v), so the origin is served without copy-on-write for it", r.BackingPath, err)
+		if errors.Is(err, os.ErrNotExist) {
+			why += " (its file system not mounted yet? --wait-stores waits for it)"
+		}
+		return d.invalidate(e, why)
+	}
+	h, err := backstore.Identify(f)
+	if err != nil || !storeMatches(r, h, d.origin.OriginID) {
+		f.Close()
+		// Not ours (or not readable as ours): never written to.
+		return d.invalidate(e, fmt.Sprintf("the file at %s is not this snapshot's store: %s", r.BackingPath, notOurs(h, err)))
+	}
+	snap, err := d.engine.Reopen(ctx, f, cow.ReopenOptions{OriginID: d.origin.OriginID, CacheBytes: d.cfg.CacheBytes})
+	if err != nil {
+		f.Close()
+		return d.invalidate(e, "cannot reopen after restart: "+err.Error())
+	}
+	if info := snap.Info(); !info.Valid {
+		if err := d.state.markInvalid(r.Name, info.Reason); err != nil {
+			return nil, fmt.Errorf("snapshot %q: cannot record that it is invalid: %w", r.Name, err)
+		}
+		r.Invalid, r.Reason = true, info.Reason
+		// Served anyway: every read answers EIO, which is the truth.
+		d.log.Warn("reopened snapshot is invalid", "snapshot", r.Name, "reason", info.Reason)
+	}
+	r.Session = d.session
+	if r.UUID == "" {
+		r.UUID = h.UUID.String()
+	}
+	if r.Origin == nil || moved {
+		r.Origin = &d.ident
+	}
+	if err := d.state.put(r); err != nil {
+		d.engine.Clear(r.Name)
+		return nil, fmt.Errorf("snapshot %q: %w", r.Name, err)
+	}
+	if err := d.export(snap); err != nil {
+		return nil, err
+	}
+	e.rec, e.snap, e.served = r, snap, true
+	return e, nil
+}
+
+// invalidate records durably that e's snapshot is invalid, for reason, in
+// its record (or fails: then the daemon must not serve the origin) and,
+// best effort, in its store's header.
+func (d *Daemon) invalidate(e *entry, reason string) (*entry, error) {
+	if err := d.state.markInvalid(e.rec.Name, reason); err != nil {
+		return nil, fmt.Errorf("snapshot %q is invalid (%s), but that cannot be recorded (%w); serving the origin now could let a later start reopen it as valid, so the daemon stops here",
+			e.rec.Name, reason, err)
+	}
+	e.rec.Invalid, e.rec.Reason = true, reason
+	e.gone = reason
+	d.markStoreInvalid(e.rec, reason)
+	return e, nil
+}
+
+// markStoreInvalid records reason in the header of r's store, if the store
+// is reachable and proves to be r's; anything else is left alone. Best
+// effort: the record is what a restart trusts.
+func (d *Daemon) markStoreInvalid(r snapRecord, reason string) {
+	f, err := openStore(r)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	h, err := backstore.Identify(f)
+	if err != nil || !storeMatches(r, h, d.origin.OriginID) || h.State == backstore.StateInvalid && h.Reason != "" {
+		return
+	}
+	if err := backstore.MarkInvalid(f, h.UUID, reason); err != nil {
+		d.log.Warn("cannot record the invalidation in the store's header; its record has it", "snapshot", r.Name, "err", err)
+		return
+	}
+	d.log.Info("invalidation recorded in the store's header", "snapshot", r.Name, "backing", r.BackingPath)
+}
+
+// finish completes a create's rollback or a clear that a crash interrupted:
+// it retires the store (if it proves to be ours) and removes the record.
+func (d *Daemon) finish(r snapRecord, what string) error {
+	kept, err := retireBacking(r, d.origin.OriginID)
+	if err != nil {
+		return err
+	}
+	if err := d.state.remove(r.Name); err != nil {
+		return err
+	}
+	d.log.Warn("snapshot "+what, "snapshot", r.Name, "backing", r.BackingPath, "kept", kept)
+	return nil
+}
+
+// waitStores waits, up to --wait-stores, for the backing stores of the
+// snapshots a restart is to reopen to appear (their file system mounted,
+// their device attached). Those still missing then are invalidated by
+// settle, as without the wait.
+func (d *Daemon) waitStores(ctx context.Context, loads []loaded) {
+	var want []string
+	for _, l := range loads {
+		r := l.rec
+		if l.damaged == nil && r.Phase == phaseReady && !r.Transient && !r.Invalid {
+			want = append(want, r.BackingPath)
+		}
+	}
+	missing := func() []string {
+		var m []string
+		for _, p := range want {
+			if _, err := os.Stat(p); errors.Is(err, os.ErrNotExist) {
+				m = append(m, p)
+			}
+		}
+		return m
+	}
+	m := missing()
+	if len(m) == 0 {
+		return
+	}
+	d.log.Warn("waiting for backing stores to appear before serving the origin", "missing", m, "wait", d.cfg.WaitStores)
+	notify(d.log, fmt.Sprintf("STATUS=waiting for backing stores: %s\n%s=%d", strings.Join(m, " "),
+		"EXTEND_TIMEOUT_USEC", (d.cfg.WaitStores+30*time.Second).Microseconds()))
+	deadline := time.NewTimer(d.cfg.WaitStores)
+	defer deadline.Stop()
+	tick := time.NewTicker(250 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-deadline.C:
+			d.log.Error("backing stores still missing; their snapshots turn invalid", "missing", missing(), "waited", d.cfg.WaitStores)
+			return
+		case <-tick.C:
+			if m := missing(); len(m) == 0 {
+				d.log.Info("every backing store is there")
+				notify(d.log, "STATUS=backing stores found")
+				return
+			}
+		}
+	}
+}
