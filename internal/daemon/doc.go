@@ -6,15 +6,21 @@
 // (internal/control) on a unix socket. Tests start it in-process with
 // [Start] and stop it with [Daemon.Shutdown]; `nbdsnap serve` does the same.
 //
-// Persistence: with a state directory every snapshot is recorded there
-// (state.go) and a restarted daemon reopens the persistent ones. A
-// transient snapshot, or one whose store cannot be reopened, is listed as
-// invalid with the reason and never served.
+// Persistence: every snapshot is recorded in the state directory
+// (state.go: phase, store UUID, origin identity, session). A restart
+// settles every record before the origin takes a write (restart.go):
+// reopens and serves what provably may be served, rolls back or finishes a
+// create or clear a crash interrupted, and records durably as invalid any
+// snapshot the origin would be served without. Backing stores are touched
+// only after their header proved, by its UUID, that they are the
+// snapshot's (backing.go). The design and its one residual case are in
+// docs/design/2026-11-24-lifecycle.md.
 //
-// Concurrency: Create and Clear are serialised by one mutex (opMu); the
-// snapshot table has its own short-held mutex so that Status answers while a
-// Create is under way. The engine and the server are safe for concurrent
-// use on their own.
+// Concurrency: Create and Clear are serialised by a one-token lock (ops),
+// which a create whose client went away stops waiting for; the snapshot
+// table has its own short-held mutex so that Status answers while a Create
+// is under way. The engine and the server are safe for concurrent use on
+// their own.
 //
 // Caveats: a regular-file origin is protected by flock only, which other
 // programs may ignore; nothing can detect an origin written while the
