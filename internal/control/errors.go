@@ -16,6 +16,9 @@ var (
 	ErrBusy = errors.New("busy")
 	// ErrInvalid: the request itself is wrong (bad name, bad cluster size).
 	ErrInvalid = errors.New("invalid request")
+	// ErrUnavailable: the daemon is starting (settling its snapshots,
+	// waiting for backing stores) and cannot answer yet.
+	ErrUnavailable = errors.New("unavailable")
 	// ErrNoDaemon: nothing listens on the control socket.
 	ErrNoDaemon = errors.New("no daemon")
 	// ErrProtocol: the peer is not an nbdsnap daemon speaking our API version.
@@ -33,6 +36,7 @@ var codes = []struct {
 	{ErrExists, "exists", http.StatusConflict},
 	{ErrBusy, "busy", http.StatusConflict},
 	{ErrInvalid, "invalid", http.StatusBadRequest},
+	{ErrUnavailable, "unavailable", http.StatusServiceUnavailable},
 }
 
 // classify returns the wire code and HTTP status for err.
@@ -58,7 +62,7 @@ func sentinel(code string) error {
 // Error is an error answered by the daemon.
 type Error struct {
 	Status  int    // HTTP status
-	Code    string // wire code: not_found, exists, busy, invalid, internal
+	Code    string // wire code: not_found, exists, busy, invalid, unavailable, internal
 	Message string // the daemon's one-line explanation
 }
 

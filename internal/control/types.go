@@ -115,7 +115,7 @@ type ClearResult struct {
 // ErrorBody is the JSON body of every non-2xx response.
 type ErrorBody struct {
 	Error string `json:"error"` // one line, for humans
-	Code  string `json:"code"`  // not_found, exists, busy, invalid, internal
+	Code  string `json:"code"`  // not_found, exists, busy, invalid, unavailable, internal
 }
 
 // RunDir is where daemons put their sockets by default.

@@ -100,17 +100,27 @@ func checkDeviceBlank(ctx context.Context, f *os.File, path string) error {
 	}
 	sigs, err := devinfo.Signatures(ctx, path)
 	if err != nil {
-		return fmt.Errorf("%w: backing device %s: cannot check it for data (%v); use --force to use it anyway", control.ErrInvalid, path, err)
+		return refusal{control.ErrInvalid, fmt.Sprintf("backing device %s: cannot check it for data (%v); use --force to use it anyway", path, err)}
 	}
 	for _, s := range sigs {
 		found = append(found, s.String())
 	}
 	if len(found) > 0 {
-		return fmt.Errorf("%w: backing device %s holds %s; it would be overwritten: wipe it first (wipefs -a), or use --force",
-			control.ErrExists, path, strings.Join(found, ", "))
+		return refusal{control.ErrExists, fmt.Sprintf("backing device %s holds %s; it would be overwritten: wipe it first (wipefs -a %s), or use --force",
+			path, strings.Join(found, ", "), path)}
 	}
 	return nil
 }
+
+// refusal is a refused request whose message stands on its own, classified
+// for the control API by kind (a control sentinel), which it does not repeat.
+type refusal struct {
+	kind error
+	msg  string
+}
+
+func (r refusal) Error() string { return r.msg }
+func (r refusal) Unwrap() error { return r.kind }
 
 // placeBacking moves a new file store from its staging name to its backing
 // path, without replacing anything there, and makes the rename durable.

@@ -56,6 +56,9 @@ type Daemon struct {
 	// Status answers while a Create is under way.
 	mu    sync.Mutex
 	snaps map[string]*entry
+	// starting, while not empty, is what the starting daemon is doing;
+	// the control API answers ErrUnavailable with it (guarded by mu).
+	starting string
 
 	shutdownOnce sync.Once
 	shutdownErr  error
@@ -85,6 +88,24 @@ func (d *Daemon) lockOps(ctx context.Context) error {
 }
 
 func (d *Daemon) unlockOps() { <-d.ops }
+
+// setStarting records what the starting daemon is doing; "" once it
+// serves.
+func (d *Daemon) setStarting(what string) {
+	d.mu.Lock()
+	d.starting = what
+	d.mu.Unlock()
+}
+
+// ready fails with ErrUnavailable while the daemon is starting.
+func (d *Daemon) ready() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.starting != "" {
+		return fmt.Errorf("%w: the daemon is starting: %s", control.ErrUnavailable, d.starting)
+	}
+	return nil
+}
 
 // crashpoint kills the daemon with SIGKILL when Config.CrashPoint names
 // point: the tests' way to crash it at each step of create and clear.
@@ -201,17 +222,27 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		return nil, fmt.Errorf("export origin: %w", err)
 	}
 	d.srv.SetDefaultExport(cfg.Name)
-	// Every snapshot is settled (reopened, or durably invalid) before the
-	// origin takes its first write.
-	if err := d.reopenAll(ctx); err != nil {
-		return nil, err
-	}
 
+	// The control socket answers from here on, "starting" until the
+	// snapshots are settled (which may wait for late stores), so that a
+	// client asking meanwhile is told why rather than left hanging.
 	d.ctl = &http.Server{
 		Handler:           control.NewHandler(d, cfg.Version, log),
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
+	d.setStarting("settling its snapshots")
+	go func() {
+		if err := d.ctl.Serve(d.ctlL); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			d.fail(fmt.Errorf("control socket %s: %w", cfg.Control, err))
+		}
+	}()
+	// Every snapshot is settled (reopened, or durably invalid) before the
+	// origin takes its first write.
+	if err := d.reopenAll(ctx); err != nil {
+		return nil, err
+	}
+	d.setStarting("")
 
 	setIOFlusher(log)
 	for _, l := range d.listeners {
@@ -221,11 +252,6 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 			}
 		}()
 	}
-	go func() {
-		if err := d.ctl.Serve(d.ctlL); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			d.fail(fmt.Errorf("control socket %s: %w", cfg.Control, err))
-		}
-	}()
 	log.Info("serving", "name", cfg.Name, "origin", cfg.Origin, "size", d.engine.Size(),
 		"origin_identity", d.ident.String(), "session", d.session,
 		"listen", d.addrs, "control", cfg.Control, "state_dir", cfg.StateDir)
@@ -290,6 +316,9 @@ func (d *Daemon) closeAll() error {
 	var errs []error
 	for _, l := range d.listeners {
 		l.Close()
+	}
+	if d.ctl != nil {
+		d.ctl.Close() // a failed Start's; after Shutdown it has nothing left to close
 	}
 	if d.ctlL != nil {
 		d.ctlL.Close() // already closed when the control server ran

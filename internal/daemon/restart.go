@@ -56,6 +56,11 @@ func (d *Daemon) reopenAll(ctx context.Context) error {
 		d.waitStores(ctx, loads)
 	}
 	for _, l := range loads {
+		// A start interrupted (SIGTERM while waiting for stores) serves
+		// nothing, so it must not record anything as missed either.
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("start interrupted before serving the origin: %w", err)
+		}
 		e, err := d.settle(ctx, l, prev)
 		if err != nil {
 			return err
@@ -154,6 +159,9 @@ func (d *Daemon) settle(ctx context.Context, l loaded, prev uint64) (*entry, err
 	snap, err := d.engine.Reopen(ctx, f, cow.ReopenOptions{OriginID: d.origin.OriginID, CacheBytes: d.cfg.CacheBytes})
 	if err != nil {
 		f.Close()
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("start interrupted before serving the origin: %w", ctx.Err())
+		}
 		return d.invalidate(e, "cannot reopen after restart: "+err.Error())
 	}
 	if info := snap.Info(); !info.Valid {
@@ -256,6 +264,8 @@ func (d *Daemon) waitStores(ctx context.Context, loads []loaded) {
 		return
 	}
 	d.log.Warn("waiting for backing stores to appear before serving the origin", "missing", m, "wait", d.cfg.WaitStores)
+	d.setStarting(fmt.Sprintf("waiting up to %v for backing stores: %s", d.cfg.WaitStores, strings.Join(m, " ")))
+	defer d.setStarting("settling its snapshots")
 	notify(d.log, fmt.Sprintf("STATUS=waiting for backing stores: %s\n%s=%d", strings.Join(m, " "),
 		"EXTEND_TIMEOUT_USEC", (d.cfg.WaitStores+30*time.Second).Microseconds()))
 	deadline := time.NewTimer(d.cfg.WaitStores)

@@ -41,6 +41,9 @@ var _ control.Service = (*Daemon)(nil)
 // back (the client was never told of success); after it, a snapshot the
 // restart serves.
 func (d *Daemon) Create(ctx context.Context, req control.CreateRequest) (control.SnapshotInfo, error) {
+	if err := d.ready(); err != nil {
+		return control.SnapshotInfo{}, err
+	}
 	if req.TimeoutMillis < 0 {
 		return control.SnapshotInfo{}, fmt.Errorf("%w: timeout %d ms is negative", control.ErrInvalid, req.TimeoutMillis)
 	}
@@ -250,6 +253,9 @@ func (d *Daemon) export(snap *cow.Snapshot) error {
 // file deleted, a device's header wiped; anything else at the backing path
 // is kept, and the result says so.
 func (d *Daemon) Clear(ctx context.Context, name string, force bool) (control.ClearResult, error) {
+	if err := d.ready(); err != nil {
+		return control.ClearResult{}, err
+	}
 	if err := d.lockOps(ctx); err != nil {
 		return control.ClearResult{}, err
 	}
@@ -341,6 +347,9 @@ func (d *Daemon) recordInvalid(name, reason string) error {
 
 // Status describes the daemon and every snapshot, oldest first.
 func (d *Daemon) Status(ctx context.Context) (control.Status, error) {
+	if err := d.ready(); err != nil {
+		return control.Status{}, err
+	}
 	st := control.Status{
 		Name:           d.cfg.Name,
 		Origin:         d.cfg.Origin,
@@ -377,6 +386,9 @@ func (d *Daemon) Status(ctx context.Context) (control.Status, error) {
 // is under way (a client that lost the answer to its create asks that way,
 // so that the answer is final).
 func (d *Daemon) Snapshot(ctx context.Context, name string, settled bool) (control.SnapshotInfo, error) {
+	if err := d.ready(); err != nil {
+		return control.SnapshotInfo{}, err
+	}
 	if settled {
 		if err := d.lockOps(ctx); err != nil {
 			return control.SnapshotInfo{}, err
