@@ -19,6 +19,7 @@ type crashSnap struct {
 	name       string
 	frozen     []byte
 	persistent bool
+	csize      int
 	created    atomic.Bool // Create returned
 	cleared    atomic.Bool // Clear was called: recovery need not find it
 }
@@ -44,21 +45,34 @@ type crashState struct {
 	cleared []bool
 }
 
-// runCrash runs one workload with a crash at mutating operation k and checks
-// the recovered state; it reports whether the crash point was reached.
-func runCrash(t *testing.T, seed uint64, k int64) bool {
+// crashClusterSizes are the cluster sizes a crash workload draws from, one
+// per snapshot, so that snapshots of different sizes (several groups, each
+// reading the origin for itself) live in one engine.
+var crashClusterSizes = []int{4 << 10, 8 << 10, 16 << 10}
+
+// crashMaxOps bounds each worker's operations: a workload goes on past its
+// 40 operations until it has reached its crash point, which takes at most a
+// few hundred (every operation of the second worker mutates the file system
+// at least once, and k is at most 220).
+const crashMaxOps = 2000
+
+// runCrash runs one workload with a crash at its k-th mutating operation and
+// checks the recovered state. The workload goes on until it has reached the
+// crash point; it fails the test if it cannot. It returns the most cluster
+// sizes that live snapshots had at once.
+func runCrash(t *testing.T, seed uint64, k int64) (groups int) {
 	t.Helper()
 	log := &opLog{}
 	defer func() {
 		if t.Failed() {
-			log.add("crash point: mutation %d", k)
+			log.add("crash point: mutation %d of the workload", k)
 			log.keep(t, seed)
 		}
 	}()
 	ctx := context.Background()
 	rng := rand.New(rand.NewPCG(seed, 11))
 	const size = 96<<10 + 1000
-	cs := []int{4 << 10, 8 << 10, 16 << 10}[rng.IntN(3)]
+	maxCS := crashClusterSizes[len(crashClusterSizes)-1]
 	fs := vfstest.NewMemFS()
 	origin := mustOpen(t, fs, "origin")
 	init := make([]byte, size)
@@ -88,8 +102,11 @@ func runCrash(t *testing.T, seed uint64, k int64) bool {
 		crashed  atomic.Bool
 	)
 	copts := vfstest.CrashOptions{Rand: rand.New(rand.NewPCG(seed, 12)), KeepProbability: rng.Float64(), TornWrites: rng.IntN(2) == 0}
+	// k counts the workload's mutations: the setup's (the origin's
+	// initial write and sync) come before the hook and would never reach it.
+	crashAt := fs.MutationCount() + k
 	fs.OnOp(func(op vfstest.Op) {
-		if op.Seq != k {
+		if op.Seq != crashAt {
 			return
 		}
 		// What must survive is read before the clone is taken, what
@@ -127,13 +144,18 @@ func runCrash(t *testing.T, seed uint64, k int64) bool {
 		stateMu.Unlock()
 	})
 
-	ones := bytes.Repeat([]byte{1}, 3*cs)
+	ones := bytes.Repeat([]byte{1}, 3*maxCS)
 	var wg sync.WaitGroup
 	for wi, w := range workers {
 		r := rand.New(rand.NewPCG(seed, uint64(wi)+20))
 		wg.Go(func() {
-			p := make([]byte, 3*cs)
-			for i := 0; i < 40; i++ {
+			p := make([]byte, 3*maxCS)
+			for i := 0; i < 40 || !crashed.Load(); i++ {
+				if i == crashMaxOps {
+					t.Errorf("seed %d: worker %d did %d operations without reaching the crash point (mutation %d of the workload)",
+						seed, wi, i, k)
+					return
+				}
 				switch op := r.IntN(100); {
 				case op < 8 && wi == 0: // create
 					snapMu.Lock()
@@ -143,7 +165,7 @@ func runCrash(t *testing.T, seed uint64, k int64) bool {
 						continue
 					}
 					name := fmt.Sprintf("s%d", i)
-					cs := &crashSnap{name: name, persistent: r.IntN(4) != 0}
+					cs := &crashSnap{name: name, persistent: r.IntN(4) != 0, csize: crashClusterSizes[r.IntN(len(crashClusterSizes))]}
 					createMu.Lock()
 					cs.frozen = make([]byte, size)
 					for _, w := range workers {
@@ -153,14 +175,23 @@ func runCrash(t *testing.T, seed uint64, k int64) bool {
 					snaps = append(snaps, cs)
 					snapMu.Unlock()
 					st := mustOpen(t, fs, name)
-					_, err := e.Create(ctx, st, SnapshotOptions{Name: name, ClusterSize: len(p) / 3, Transient: !cs.persistent, OriginID: "crash"})
+					_, err := e.Create(ctx, st, SnapshotOptions{Name: name, ClusterSize: cs.csize, Transient: !cs.persistent, OriginID: "crash"})
 					createMu.Unlock()
-					log.add("create %s persistent=%v err=%v", name, cs.persistent, err)
+					log.add("create %s persistent=%v cluster=%d err=%v", name, cs.persistent, cs.csize, err)
 					if err != nil {
 						t.Errorf("create: %v", err)
 						return
 					}
 					cs.created.Store(true)
+					live := map[int]bool{}
+					snapMu.Lock()
+					for _, s := range snaps {
+						if s.created.Load() && !s.cleared.Load() {
+							live[s.csize] = true
+						}
+					}
+					snapMu.Unlock()
+					groups = max(groups, len(live))
 				case op < 11 && wi == 0: // clear
 					snapMu.Lock()
 					var victim *crashSnap
@@ -204,7 +235,9 @@ func runCrash(t *testing.T, seed uint64, k int64) bool {
 					}
 					w.mu.Unlock()
 				default: // write, zero, trim
-					n := 1 + r.Int64N(int64(len(p)))
+					// Up to three clusters of a size drawn per request:
+					// small requests and ones spanning the largest clusters.
+					n := 1 + r.Int64N(3*int64(crashClusterSizes[r.IntN(len(crashClusterSizes))]))
 					n = min(n, w.hi-w.lo)
 					off := w.lo + r.Int64N(w.hi-w.lo-n+1)
 					kind := r.IntN(10)
@@ -248,12 +281,15 @@ func runCrash(t *testing.T, seed uint64, k int64) bool {
 	stateMu.Lock()
 	st := state
 	stateMu.Unlock()
+	if t.Failed() {
+		return groups
+	}
 	if st == nil {
-		return false
+		t.Fatalf("seed %d: the workload ended before its crash point (mutation %d)", seed, k)
 	}
 	log.add("crash state: %d snapshots", len(st.snaps))
 	checkRecovery(t, ctx, st, workers, size)
-	return true
+	return groups
 }
 
 // checkRecovery reopens what a crash left and compares it with the model.
@@ -340,7 +376,9 @@ var crashesFlag = flag.Int("crashes", 0, "crash points TestCrash checks (0: 1,00
 // TestCrash crashes random workloads at random mutating operations (with a
 // random part of the unsynced writes kept, possibly torn) and checks that
 // every persistent snapshot reopens equal to its reference and that the
-// origin holds every flushed write.
+// origin holds every flushed write. Each run draws a cluster size per
+// snapshot, so that snapshots of different sizes share an engine, and
+// reaches its crash point: every seed is a crash point checked.
 func TestCrash(t *testing.T) {
 	want := 1000
 	if testing.Short() {
@@ -356,20 +394,20 @@ func TestCrash(t *testing.T) {
 	if *seedFlag != 0 {
 		base = *seedFlag
 	}
-	crashes := 0
-	for i := uint64(0); crashes < want && i < uint64(want)*4; i++ {
+	mixed := 0 // runs in which snapshots of several cluster sizes lived at once
+	for i := uint64(0); i < uint64(want); i++ {
 		seed := base + i
 		r := rand.New(rand.NewPCG(seed, 13))
 		k := 1 + r.Int64N(220)
-		if runCrash(t, seed, k) {
-			crashes++
+		if runCrash(t, seed, k) > 1 {
+			mixed++
 		}
 		if t.Failed() {
 			return
 		}
 	}
-	if crashes < want {
-		t.Fatalf("only %d crash points reached", crashes)
+	t.Logf("%d crash points checked; %d runs had snapshots of several cluster sizes at once", want, mixed)
+	if *seedFlag == 0 && mixed == 0 {
+		t.Errorf("no run had snapshots of several cluster sizes at once")
 	}
-	t.Logf("%d crash points checked", crashes)
 }
