@@ -48,7 +48,7 @@ func crashChain(t *testing.T, seed uint64, sessions int) error {
 	everDropped := map[uint32]bool{}
 	var pending []uint32 // clusters of dropped batches, retried first
 	for session := 0; session < sessions; session++ {
-		s, err := Open(openMem(t, fs, "store"))
+		s, err := Open(openMem(t, fs, "store"), nil)
 		if err != nil {
 			return fmt.Errorf("session %d: open: %w", session, err)
 		}
@@ -118,7 +118,7 @@ func crashChain(t *testing.T, seed uint64, sessions int) error {
 		}
 		c := fs.Crashed()
 		// The interrupted batch: all or nothing, judged on the clone.
-		probe, err := Open(openMem(t, c.CrashClone(vfstest.CrashOptions{}), "store"))
+		probe, err := Open(openMem(t, c.CrashClone(vfstest.CrashOptions{}), "store"), nil)
 		if err != nil {
 			return fmt.Errorf("session %d: open after crash: %w", session, err)
 		}
@@ -197,7 +197,7 @@ func TestStrayBeyondScan(t *testing.T) {
 	write(metaOff(1, 0), make([]byte, blockSize))
 	s.crash()
 
-	s, err = Open(openMem(t, fs, "store"))
+	s, err = Open(openMem(t, fs, "store"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -214,7 +214,7 @@ func TestStrayBeyondScan(t *testing.T) {
 	if _, err := Check(openMem(t, fs, "store")); err != nil {
 		t.Fatalf("check: %v", err)
 	}
-	s, err = Open(openMem(t, fs, "store"))
+	s, err = Open(openMem(t, fs, "store"), nil)
 	if err != nil {
 		t.Fatalf("open: %v", err)
 	}

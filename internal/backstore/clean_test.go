@@ -120,7 +120,7 @@ func TestCleanCloseThenDamage(t *testing.T) {
 			}
 			contents, _ := fx.fs.Contents("store")
 
-			s, err := Open(openMem(t, fx.fs, "store"))
+			s, err := Open(openMem(t, fx.fs, "store"), nil)
 			if err != nil {
 				t.Fatalf("open: %v", err)
 			}
@@ -145,7 +145,7 @@ func TestCleanCloseThenDamage(t *testing.T) {
 			}
 
 			// The reason is persisted, and the damage is still seen.
-			s, err = Open(openMem(t, fx.fs, "store"))
+			s, err = Open(openMem(t, fx.fs, "store"), nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -214,7 +214,7 @@ func TestCrashThenTornBatch(t *testing.T) {
 			if err != nil || rep.Header.Clean || len(rep.Notices) != 1 || !strings.Contains(rep.Notices[0], tc.notice) {
 				t.Fatalf("Check: %v; notices %q", err, rep.Notices)
 			}
-			s, err := Open(openMem(t, fx.fs, "store"))
+			s, err := Open(openMem(t, fx.fs, "store"), nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -237,7 +237,7 @@ func TestCrashThenTornBatch(t *testing.T) {
 			// What the dropped batch left behind is a leftover for the next
 			// recovery, not a loss.
 			s.crash()
-			s, err = Open(openMem(t, fx.fs, "store"))
+			s, err = Open(openMem(t, fx.fs, "store"), nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -279,7 +279,7 @@ func TestCleanMarkLifecycle(t *testing.T) {
 	if h := header(); !h.Clean || h.CleanBatch != 0 || h.CleanCount != 0 {
 		t.Fatalf("empty store after close: %+v", h)
 	}
-	s, err = Open(openMem(t, fs, "store"))
+	s, err = Open(openMem(t, fs, "store"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -296,7 +296,7 @@ func TestCleanMarkLifecycle(t *testing.T) {
 	if h := header(); !h.Clean || h.CleanBatch != batch || h.CleanCount != 3 || h.State != StateInvalid || h.Reason != "origin write failed" {
 		t.Fatalf("after close: %+v", h)
 	}
-	s, err = Open(openMem(t, fs, "store"))
+	s, err = Open(openMem(t, fs, "store"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -335,7 +335,7 @@ func TestCleanMarkLifecycle(t *testing.T) {
 func TestStaleCleanMark(t *testing.T) {
 	fx := newCleanFixture(t, 20)
 	fx.s.Close()
-	s, err := Open(openMem(t, fx.fs, "store"))
+	s, err := Open(openMem(t, fx.fs, "store"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -349,7 +349,7 @@ func TestStaleCleanMark(t *testing.T) {
 	if err != nil || !rep.Header.Clean || !rep.Recovery.StaleClean || len(rep.Notices) != 1 {
 		t.Fatalf("Check: %v; %+v", err, rep)
 	}
-	s, err = Open(openMem(t, fx.fs, "store"))
+	s, err = Open(openMem(t, fx.fs, "store"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -379,7 +379,7 @@ func TestGapIsDamage(t *testing.T) {
 	s.crash()
 	fx := &cleanFixture{fs: fs}
 	fx.flip(t, metaOff(0, 0)+100)
-	if _, err := Open(openMem(t, fs, "store")); !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "block 0 has no valid version") {
+	if _, err := Open(openMem(t, fs, "store"), nil); !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "block 0 has no valid version") {
 		t.Fatalf("open: %v, want ErrCorrupt naming block 0", err)
 	}
 	if _, err := Check(openMem(t, fs, "store")); !errors.Is(err, ErrCorrupt) {

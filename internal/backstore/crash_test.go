@@ -47,7 +47,7 @@ func crashWorkload(t *testing.T, fs *vfstest.MemFS, seed uint64, atOp func(*cras
 			if err := s.Close(); err != nil {
 				t.Fatal(err)
 			}
-			if s, err = Open(openMem(t, fs, "store")); err != nil {
+			if s, err = Open(openMem(t, fs, "store"), nil); err != nil {
 				t.Fatalf("reopen: %v", err)
 			}
 			continue
@@ -92,7 +92,7 @@ func verifyCrashed(t *testing.T, c *vfstest.MemFS, seed uint64, run *crashRun, g
 		}
 		return fmt.Errorf("check before open: %w", err)
 	}
-	s, err := Open(openMem(t, c, "store"))
+	s, err := Open(openMem(t, c, "store"), nil)
 	if err != nil {
 		if !run.created && !errors.Is(err, ErrCorrupt) {
 			return nil
@@ -161,7 +161,7 @@ func verifyCrashed(t *testing.T, c *vfstest.MemFS, seed uint64, run *crashRun, g
 		}
 	}
 	s.Close()
-	s2, err := Open(openMem(t, c, "store"))
+	s2, err := Open(openMem(t, c, "store"), nil)
 	if err != nil {
 		return fmt.Errorf("second open: %w", err)
 	}

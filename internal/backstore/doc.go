@@ -37,11 +37,13 @@
 // per copied cluster for its checksum.
 //
 // Caveats: Open verifies the data checksums of the newest batch only;
-// corruption of older data is found by Check, or by the first read of
-// the damaged cluster. After an
-// unclean shutdown, damage to the newest committed batch cannot be told
-// from a batch torn in flight, and it is dropped (see "The clean mark" in
-// format.go). After a Commit
-// fails with an I/O error the store takes no more batches (ErrFailed):
-// whether that batch's writes are durable is unknown until a reopen.
+// corruption of older data is found by Check, or by the first read of the
+// damaged cluster. After an unclean shutdown, damage to the newest
+// committed batch looks like a batch torn in flight; Open given the origin
+// tells them apart (the origin no longer holds a committed batch's
+// clusters) and opens the store invalid rather than lose the batch, except
+// when none of that batch's metadata survived (see "The clean mark" in
+// format.go). After a Commit fails with an I/O error the store takes no more
+// batches (ErrFailed): whether that batch's writes are durable is unknown
+// until a reopen.
 package backstore

@@ -99,7 +99,7 @@ func faultCase(t *testing.T, kind vfstest.OpKind, errno syscall.Errno, seed uint
 		if _, err := Check(openMem(t, c, "store")); err != nil {
 			t.Fatalf("keep=%v: Check: %v", keep, err)
 		}
-		s2, err := Open(openMem(t, c, "store"))
+		s2, err := Open(openMem(t, c, "store"), nil)
 		if err != nil {
 			t.Fatalf("keep=%v: open after fault: %v", keep, err)
 		}
@@ -135,14 +135,14 @@ func TestReadFault(t *testing.T) {
 	}
 	s.Close()
 	f, _ = ff.OpenFile("store", os.O_RDWR, 0)
-	if _, err := Open(f); !errors.Is(err, syscall.EIO) {
+	if _, err := Open(f, nil); !errors.Is(err, syscall.EIO) {
 		t.Fatalf("Open with failing reads: %v, want EIO", err)
 	}
 	if _, err := Check(f); !errors.Is(err, syscall.EIO) {
 		t.Fatalf("Check with failing reads: %v, want EIO", err)
 	}
 	ff.Reset()
-	s2, err := Open(f)
+	s2, err := Open(f, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -207,7 +207,7 @@ func TestMaxSizeAndDevice(t *testing.T) {
 		}
 		commitClusters(t, s, 4, 3, 4, 5)
 		s.Close()
-		s2, err := Open(openMem(t, fs, "dev"))
+		s2, err := Open(openMem(t, fs, "dev"), nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -266,7 +266,7 @@ func TestBadBatches(t *testing.T) {
 	if err := s.Commit(makeBatch(s, 5, 4)); !errors.Is(err, ErrClosed) {
 		t.Errorf("commit after close: %v, want ErrClosed", err)
 	}
-	s2, err := Open(openMem(t, fs, "s"))
+	s2, err := Open(openMem(t, fs, "s"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -180,10 +180,13 @@ package backstore
 //     to the entries before its F (it continued the committed state), and a
 //     batch reaching past that bound is a stray, skipped unexamined. So a
 //     stray that later became "complete" — a later session rewrote its
-//     slots with the same clusters and bytes — cannot displace the true
-//     state; if nothing newer exists, accepting it is harmless, as every
-//     entry of it was verified against its CRC and a cluster's copy is the
-//     same whoever wrote it.
+//     slots with the same clusters and bytes — is not taken for the last
+//     committed batch: without the rule it would be, and the check that the
+//     committed state ends where the in-flight batch began would then fail
+//     Open with ErrCorrupt on a store a crash left consistent
+//     (TestCompleteStrayBehindIncompleteBatch). If nothing newer exists,
+//     accepting it is harmless, as every entry of it was verified against
+//     its CRC and a cluster's copy is the same whoever wrote it.
 //
 // Open fails with ErrCorrupt if the committed state does not end exactly
 // where the next (in-flight) batch began.
@@ -235,9 +238,17 @@ package backstore
 // metadata block versions reached the disk whole leaves at most torn
 // versions, which Store.Recovery and Check report as unreadable.
 //
-// The limit that remains: after an unclean shutdown, damage to the newest
-// committed batch is indistinguishable from a torn in-flight batch, and that
-// batch is dropped (listed in Store.Recovery as in flight). Damage to an
+// After an unclean shutdown, damage to the newest committed batch looks
+// like a torn in-flight batch. The origin tells them apart: its owner
+// writes an origin cluster only after the batch holding the cluster's copy
+// was committed, so the origin still holds every cluster of a batch that
+// really was in flight. Open, given the origin, holds each batch it would
+// drop as in flight against it (every entry a valid version of the batch's
+// metadata records, with its CRC); a cluster the origin no longer holds
+// proves the batch committed, and the store opens invalid ("store corrupt:
+// … was committed …") instead of losing it. The limit that remains: a
+// committed batch none of whose metadata survived cannot be checked that
+// way, and is dropped (listed in Store.Recovery as in flight). Damage to an
 // older part of the committed state is found by Open when it breaks the
 // structure (a committed block not full, or without a valid version while
 // block L+1 holds a batch that began after block L was full: gapIsDamage),

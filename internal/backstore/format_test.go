@@ -258,7 +258,7 @@ func TestGolden(t *testing.T) {
 			tc.clean && (rep.Header.CleanBatch != 2 || rep.Header.CleanCount != 3) || len(rep.Notices) != 0 {
 			t.Fatalf("%s: Check: %+v, %v", tc.name, rep, err)
 		}
-		s, err := Open(f)
+		s, err := Open(f, nil)
 		if err != nil {
 			t.Fatalf("%s: %v", tc.name, err)
 		}
@@ -282,7 +282,7 @@ func TestGolden(t *testing.T) {
 	}
 	f2 := openMem(t, fs, "v2")
 	f2.WriteAt(v2, 0)
-	if _, err := Open(f2); !errors.Is(err, ErrVersion) || !strings.Contains(err.Error(), "version 2") {
+	if _, err := Open(f2, nil); !errors.Is(err, ErrVersion) || !strings.Contains(err.Error(), "version 2") {
 		t.Fatalf("open of a version-2 store: %v, want ErrVersion naming the version", err)
 	}
 	if b, _ := fs.Contents("v2"); !bytes.Equal(b, v2) {
@@ -316,7 +316,7 @@ func TestTornHeaderWrite(t *testing.T) {
 	}
 	states := map[State]int{}
 	for i, c := range clones {
-		s2, err := Open(openMem(t, c, "s"))
+		s2, err := Open(openMem(t, c, "s"), nil)
 		if err != nil {
 			t.Fatalf("clone %d: %v", i, err)
 		}

@@ -94,7 +94,7 @@ func FuzzOpen(f *testing.F) {
 			t.Fatal(err)
 		}
 		_, checkErr := Check(openMem(t, fs, "s"))
-		s, err := Open(file)
+		s, err := Open(file, nil)
 		if err != nil {
 			return
 		}

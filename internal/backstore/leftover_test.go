@@ -73,7 +73,7 @@ func TestCompleteStrayBehindIncompleteBatch(t *testing.T) {
 	write(torn, make([]byte, 512))
 	s.crash()
 
-	s, err = Open(openMem(t, fs, "store"))
+	s, err = Open(openMem(t, fs, "store"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -113,7 +113,7 @@ func TestCompleteStrayBehindIncompleteBatch(t *testing.T) {
 		t.Fatal(err)
 	}
 	g.Close()
-	sa, err := Open(openMem(t, alone, "store"))
+	sa, err := Open(openMem(t, alone, "store"), nil)
 	if err != nil {
 		t.Fatalf("the premise: open without D: %v", err)
 	}
@@ -124,7 +124,7 @@ func TestCompleteStrayBehindIncompleteBatch(t *testing.T) {
 	sa.Close()
 
 	// The case: D, incomplete, bounds the committed state to entry 10.
-	s, err = Open(openMem(t, fs, "store"))
+	s, err = Open(openMem(t, fs, "store"), nil)
 	if err != nil {
 		t.Fatalf("open: %v", err)
 	}
@@ -160,7 +160,7 @@ func TestCompleteStrayBehindIncompleteBatch(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	s, err = Open(openMem(t, fs, "store"))
+	s, err = Open(openMem(t, fs, "store"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

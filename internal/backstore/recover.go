@@ -24,10 +24,19 @@ import (
 // in the header (an invalid store keeps the reason it already had), and
 // [Recovery].Corrupt set.
 //
+// If origin is not nil, it is the origin the store was taken of, as it is
+// now, and Open holds every batch it drops as in flight against it: a batch
+// whose clusters the origin no longer holds was committed, so what failed
+// its checks is damage, and the store opens invalid with a reason starting
+// "store corrupt:", as above. This closes, for every batch whose metadata
+// survived, the gap the clean mark leaves after an unclean shutdown (see
+// "The clean mark" in format.go). It is done before Open writes anything,
+// so a failed origin read fails Open and the next Open checks again.
+//
 // It refuses a transient store with ErrTransient, a newer format with
 // ErrVersion, a file that is no store with ErrNotStore, and metadata no
 // crash can produce with ErrCorrupt. On success the Store owns f.
-func Open(f vfs.File) (*Store, error) {
+func Open(f vfs.File, origin io.ReaderAt) (*Store, error) {
 	h, _, err := readHeader(f)
 	if err != nil {
 		return nil, fmt.Errorf("backstore: open: %w", err)
@@ -40,6 +49,11 @@ func Open(f vfs.File) (*Store, error) {
 		return nil, fmt.Errorf("backstore: open %q: %w", h.Name, err)
 	}
 	rec := r.recovery(h)
+	if origin != nil && rec.Corrupt == "" {
+		if rec.Corrupt, err = verifyDropped(origin, r.geo, rec); err != nil {
+			return nil, fmt.Errorf("backstore: open %q: %w", h.Name, err)
+		}
+	}
 	s := newStore(f, r.geo, h)
 	s.idx, s.crcs = r.idx, r.crcs
 	s.count = r.total
@@ -51,7 +65,9 @@ func Open(f vfs.File) (*Store, error) {
 	}
 	h.BatchBase = max(h.BatchBase, r.maxBatch) + 2
 	if rec.Corrupt != "" {
-		s.damagedMark = &[2]uint64{h.CleanBatch, uint64(h.CleanCount)}
+		if h.Clean {
+			s.damagedMark = &[2]uint64{h.CleanBatch, uint64(h.CleanCount)}
+		}
 		if h.State == StateValid {
 			h.State, h.Reason = StateInvalid, truncateUTF8(rec.Corrupt, maxReasonLen)
 		}
@@ -84,7 +100,8 @@ type Recovery struct {
 	Dropped []DroppedBatch
 	// Corrupt, when not empty, is why Open made the store invalid: the
 	// store was closed cleanly but the committed state its clean mark
-	// records is not on the disk whole.
+	// records is not on the disk whole, or a batch dropped as in flight
+	// proved committed against the origin (Open's origin argument).
 	Corrupt string
 	// Unreadable lists the metadata block versions, up to where the scan
 	// stopped, that are neither valid nor blank: torn by a crash (a batch
@@ -110,6 +127,20 @@ type DroppedBatch struct {
 	Leftover bool
 	// Why says what is missing or damaged.
 	Why string
+	// Entries are the clusters the batch added, with their checksums, as
+	// far as a valid version of its metadata records them (all of them
+	// when only its data is torn or damaged; none for a stray, which is
+	// not examined). An owner can hold them against the origin: the
+	// origin still holds every cluster of a batch that really was in
+	// flight (see Open).
+	Entries []DroppedEntry
+}
+
+// DroppedEntry is one cluster a dropped batch added: its index and the
+// CRC32C of the data it copied.
+type DroppedEntry struct {
+	Cluster uint32
+	CRC     uint32
 }
 
 func (d DroppedBatch) String() string {
@@ -118,6 +149,37 @@ func (d DroppedBatch) String() string {
 		kind = "left behind by an earlier recovery"
 	}
 	return fmt.Sprintf("batch %d (entries %d…%d, %s) dropped: %s", d.Batch, d.First, d.Total-1, kind, d.Why)
+}
+
+// verifyDropped holds the batches recovery dropped as in flight at a crash
+// against the origin. The store's owner writes an origin cluster only
+// after the batch holding that cluster's copy was committed (Commit
+// returned), so every cluster of a batch really in flight still holds, on
+// the origin, exactly the data the batch copied. A cluster whose origin data
+// no longer matches the checksum the batch recorded proves the batch was
+// committed: what failed its checks is damage (a bad sector, a stray write),
+// not a torn write, and dropping it would serve the origin's new data as the
+// snapshot's. verifyDropped then returns why ("store corrupt: …").
+func verifyDropped(origin io.ReaderAt, g geometry, rec Recovery) (string, error) {
+	buf := make([]byte, g.clusterSize)
+	for _, d := range rec.Dropped {
+		if d.Leftover {
+			// Dropped by an earlier recovery: the origin has been
+			// written since, legitimately.
+			continue
+		}
+		for _, e := range d.Entries {
+			p := buf[:g.clusterLen(e.Cluster)]
+			if n, err := origin.ReadAt(p, int64(e.Cluster)*g.clusterSize); n < len(p) {
+				return "", fmt.Errorf("verify dropped batch %d: read origin cluster %d: %w", d.Batch, e.Cluster, err)
+			}
+			if checksum(p) != e.CRC {
+				return fmt.Sprintf("store corrupt: batch %d (entries %d…%d) was committed (origin cluster %d no longer holds the data it copied, so the origin was written after it), but it is damaged: %s",
+					d.Batch, d.First, d.Total-1, e.Cluster, d.Why), nil
+			}
+		}
+	}
+	return "", nil
 }
 
 // DroppedClusters is how many clusters this recovery dropped: those of
@@ -332,7 +394,7 @@ scan:
 			r.dropped = append(r.dropped, droppedBatch(h, bi, "reaches past a newer incomplete batch: left behind by an earlier recovery"))
 			continue
 		}
-		why, err := batchComplete(f, g, h, stamps, bi)
+		why, known, err := batchComplete(f, g, h, stamps, bi)
 		if err != nil {
 			return nil, err
 		}
@@ -340,7 +402,11 @@ scan:
 			r.committed, r.total = bi.batch, bi.total
 			break
 		}
-		r.dropped = append(r.dropped, droppedBatch(h, bi, why))
+		d := droppedBatch(h, bi, why)
+		for _, e := range known {
+			d.Entries = append(d.Entries, DroppedEntry{Cluster: e.cluster, CRC: e.crc})
+		}
+		r.dropped = append(r.dropped, d)
 		if !bounded || bi.first < bound {
 			bound, bounded = bi.first, true
 		}
@@ -449,45 +515,56 @@ func readBlock(f vfs.File, buf []byte, l int64, phys int, h Header, g geometry) 
 
 // batchComplete reports whether every block batch bi wrote has a valid
 // version stamped with it and every entry it added has data matching its
-// CRC. When it is not complete, why says what is missing.
-func batchComplete(f vfs.File, g geometry, h Header, stamps [][2]stamp, bi batchInfo) (why string, err error) {
+// CRC. When it is not complete, why says what is missing, and known holds
+// the entries the batch added that a valid version of its blocks records
+// (all of them when only data is missing or damaged).
+func batchComplete(f vfs.File, g geometry, h Header, stamps [][2]stamp, bi batchInfo) (why string, known []entry, err error) {
 	firstL, lastL := int64(bi.first)/entriesPerBlock, int64(bi.total-1)/entriesPerBlock
-	phys := make([]int, 0, lastL-firstL+1)
+	type version struct {
+		l    int64
+		phys int
+	}
+	var found []version
 	for l := firstL; l <= lastL; l++ {
-		if l >= int64(len(stamps)) {
-			return fmt.Sprintf("metadata block %d has no valid version", l), nil
-		}
 		switch {
+		case l >= int64(len(stamps)):
+			if why == "" {
+				why = fmt.Sprintf("metadata block %d has no valid version", l)
+			}
 		case stamps[l][0].valid && stamps[l][0].batch == bi.batch:
-			phys = append(phys, 0)
+			found = append(found, version{l, 0})
 		case stamps[l][1].valid && stamps[l][1].batch == bi.batch:
-			phys = append(phys, 1)
-		default:
-			return fmt.Sprintf("metadata block %d has no valid version of it", l), nil
+			found = append(found, version{l, 1})
+		case why == "":
+			why = fmt.Sprintf("metadata block %d has no valid version of it", l)
 		}
 	}
 	block := make([]byte, blockSize)
 	data := make([]byte, g.clusterSize)
-	for i, l := 0, firstL; l <= lastL; i, l = i+1, l+1 {
-		m, err := readBlock(f, block, l, phys[i], h, g)
+	for _, v := range found {
+		m, err := readBlock(f, block, v.l, v.phys, h, g)
 		if err != nil {
-			return "", err
+			return "", nil, err
 		}
 		for j, e := range m.entries {
-			slot := uint32(l*entriesPerBlock) + uint32(j)
+			slot := uint32(v.l*entriesPerBlock) + uint32(j)
 			if slot < bi.first {
 				continue // an older batch's entry, synced before this batch began
 			}
+			known = append(known, e)
+			if why != "" {
+				continue // incomplete already: its data need not be read
+			}
 			ok, err := slotMatches(f, g, data, slot, e)
 			if err != nil {
-				return "", err
+				return "", nil, err
 			}
 			if !ok {
-				return fmt.Sprintf("data slot %d (cluster %d) fails its checksum", slot, e.cluster), nil
+				why = fmt.Sprintf("data slot %d (cluster %d) fails its checksum", slot, e.cluster)
 			}
 		}
 	}
-	return "", nil
+	return why, known, nil
 }
 
 // slotMatches reports whether data slot slot holds data with e's CRC.

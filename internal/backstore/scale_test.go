@@ -70,7 +70,7 @@ func openPath(t testing.TB, path string) *Store {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err := Open(f)
+	s, err := Open(f, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -71,7 +71,8 @@ type Store struct {
 	hdrMu sync.Mutex
 
 	recovery Recovery // what Open found; immutable
-	// damagedMark is the clean mark Open found unmet (Recovery.Corrupt):
+	// damagedMark is the clean mark Open found unmet (Recovery.Corrupt of
+	// a store closed cleanly):
 	// Close records it again rather than the smaller state recovered, so
 	// that every later Open and Check still sees the damage. Immutable.
 	damagedMark *[2]uint64

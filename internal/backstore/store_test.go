@@ -124,7 +124,7 @@ func TestCommitReopen(t *testing.T) {
 			if err := s.Close(); err != nil {
 				t.Fatal(err)
 			}
-			_, err = Open(openMem(t, fs, "s"))
+			_, err = Open(openMem(t, fs, "s"), nil)
 			if !persistent {
 				if !errors.Is(err, ErrTransient) {
 					t.Fatalf("Open of a transient store: %v, want ErrTransient", err)
@@ -134,7 +134,7 @@ func TestCommitReopen(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			s2, _ := Open(openMem(t, fs, "s"))
+			s2, _ := Open(openMem(t, fs, "s"), nil)
 			verifyStore(t, s2, 9, want)
 			h := s2.Header()
 			if h.Name != opts.Name || h.OriginID != opts.OriginID || h.OriginSize != opts.OriginSize ||
@@ -149,7 +149,7 @@ func TestCommitReopen(t *testing.T) {
 			}
 			commitClusters(t, s2, 9, more...)
 			s2.Close()
-			s3, err := Open(openMem(t, fs, "s"))
+			s3, err := Open(openMem(t, fs, "s"), nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -197,7 +197,7 @@ func TestZeroClusterPastEOF(t *testing.T) {
 	if err := f.Truncate(end); err != nil { // the zeros never reached the file
 		t.Fatal(err)
 	}
-	s, err = Open(f)
+	s, err = Open(f, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
+	"strings"
 	"testing"
 
 	"github.com/google/uuid"
@@ -41,7 +43,7 @@ func TestReadClusterVerifies(t *testing.T) {
 				if err := s.Close(); err != nil {
 					t.Fatal(err)
 				}
-				if s, err = Open(openMem(t, fs, "store")); err != nil {
+				if s, err = Open(openMem(t, fs, "store"), nil); err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -118,7 +120,7 @@ func TestOffline(t *testing.T) {
 	if err := MarkInvalid(f, opts.UUID, "second reason"); err != nil {
 		t.Fatal(err)
 	}
-	s2, err := Open(openMem(t, fs, "store"))
+	s2, err := Open(openMem(t, fs, "store"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -135,7 +137,7 @@ func TestOffline(t *testing.T) {
 	if _, err := Identify(f); !errors.Is(err, ErrNotStore) {
 		t.Fatalf("Identify after Wipe: %v, want ErrNotStore", err)
 	}
-	if _, err := Open(openMem(t, fs, "store")); !errors.Is(err, ErrNotStore) {
+	if _, err := Open(openMem(t, fs, "store"), nil); !errors.Is(err, ErrNotStore) {
 		t.Fatalf("Open after Wipe: %v, want ErrNotStore", err)
 	}
 	if err := Wipe(f, opts.UUID); !errors.Is(err, ErrNotStore) {
@@ -204,4 +206,104 @@ func fileBytes(t *testing.T, fs *vfstest.MemFS, name string) []byte {
 		t.Fatal(fmt.Errorf("read %s: %w", name, err))
 	}
 	return b
+}
+
+// TestOpenProvesDroppedBatchCommitted: after an unclean shutdown a newest
+// batch that fails its checks was either in flight (its origin writes never
+// issued) or committed and damaged since. Held against the origin, they
+// differ: the engine rewrites an origin cluster only after the batch holding
+// its copy was committed, so a dropped batch whose cluster the origin no
+// longer holds was committed, and Open makes the store invalid instead of
+// dropping it (which would serve the origin's new data as the snapshot's).
+// A batch really in flight (the origin still holds its clusters) is dropped
+// as before, and so is everything without an origin to hold it against.
+func TestOpenProvesDroppedBatchCommitted(t *testing.T) {
+	for _, tc := range []struct {
+		name           string
+		originWritten  bool // the engine rewrote cluster 9 after batch 2
+		withOrigin     bool
+		wantInvalid    bool
+		wantClusters   int
+		wantDroppedNow int
+	}{
+		{"committed then damaged", true, true, true, 2, 1},
+		{"torn in flight", false, true, false, 2, 1},
+		{"committed then damaged, no origin given", true, false, false, 2, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fs := vfstest.NewMemFS()
+			opts := testOptions()
+			s, err := Create(openMem(t, fs, "store"), opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			const seed = 9
+			// The origin holds, at each cluster, what the batches copy.
+			origin := openMem(t, fs, "origin")
+			for _, c := range []uint32{3, 4, 9} {
+				origin.WriteAt(clusterData(seed, c, s.geo.clusterLen(c)), int64(c)*s.geo.clusterSize)
+			}
+			commitClusters(t, s, seed, 3, 4) // batch 1
+			commitClusters(t, s, seed, 9)    // batch 2, the newest
+			if tc.originWritten {
+				origin.WriteAt(bytes.Repeat([]byte{0xee}, 100), 9*s.geo.clusterSize)
+			}
+			slot9, _ := s.idx.lookup(9)
+			off := s.geo.slotOff(slot9) + 7
+			s.crash()
+			// Damage (or tear) batch 2's data.
+			f := openMem(t, fs, "store")
+			b := make([]byte, 1)
+			f.ReadAt(b, off)
+			b[0] ^= 1
+			f.WriteAt(b, off)
+
+			var o io.ReaderAt
+			if tc.withOrigin {
+				o = openMem(t, fs, "origin")
+			}
+			s2, err := Open(openMem(t, fs, "store"), o)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s2.Close()
+			h, rec := s2.Header(), s2.Recovery()
+			if got := h.State == StateInvalid; got != tc.wantInvalid {
+				t.Fatalf("store invalid = %v (%q), want %v", got, h.Reason, tc.wantInvalid)
+			}
+			if tc.wantInvalid && (!strings.HasPrefix(h.Reason, "store corrupt: batch 2") || !strings.Contains(h.Reason, "origin cluster 9") || rec.Corrupt != h.Reason) {
+				t.Fatalf("reason %q, recovery %q: want it to name batch 2 and cluster 9", h.Reason, rec.Corrupt)
+			}
+			if rec.Clusters != tc.wantClusters || rec.DroppedClusters() != tc.wantDroppedNow {
+				t.Fatalf("recovered %d clusters, dropped %d; want %d, %d", rec.Clusters, rec.DroppedClusters(), tc.wantClusters, tc.wantDroppedNow)
+			}
+			if d := rec.Dropped[0]; len(d.Entries) != 1 || d.Entries[0].Cluster != 9 {
+				t.Fatalf("dropped batch entries %+v, want cluster 9", d.Entries)
+			}
+		})
+	}
+}
+
+// TestOpenOriginUnreadable: an origin that cannot be read to verify a
+// dropped batch fails Open, before anything is written, so that the next
+// Open checks again (a later Open would take the batch for a leftover).
+func TestOpenOriginUnreadable(t *testing.T) {
+	fs := vfstest.NewMemFS()
+	s, err := Create(openMem(t, fs, "store"), testOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	commitClusters(t, s, 1, 5)
+	slot, _ := s.idx.lookup(5)
+	off := s.geo.slotOff(slot)
+	s.crash()
+	f := openMem(t, fs, "store")
+	f.WriteAt([]byte{0xff, 0xfe}, off)
+	before := fileBytes(t, fs, "store")
+	if _, err := Open(openMem(t, fs, "store"), bytes.NewReader(nil)); err == nil || !strings.Contains(err.Error(), "read origin cluster 5") {
+		t.Fatalf("Open with an unreadable origin: %v", err)
+	}
+	if !bytes.Equal(before, fileBytes(t, fs, "store")) {
+		t.Fatal("a failed Open wrote to the store")
+	}
 }

@@ -3,6 +3,7 @@ package cow
 import (
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"sync/atomic"
 	"time"
@@ -56,9 +57,13 @@ func createBackstore(f vfs.File, o storeOptions) (clusterStore, error) {
 	return &bstore{s: s, f: f, sf: sf}, nil
 }
 
-func openBackstore(f vfs.File, log *slog.Logger) (clusterStore, error) {
+// openBackstore reopens a store. origin is the origin as it is now:
+// backstore.Open holds the batches a crash left in flight against it,
+// which is sound because the engine writes an origin cluster only after the
+// batch holding its copy was committed.
+func openBackstore(f vfs.File, origin io.ReaderAt, log *slog.Logger) (clusterStore, error) {
 	sf := &storeFile{File: f}
-	s, err := backstore.Open(sf)
+	s, err := backstore.Open(sf, origin)
 	if err != nil {
 		if errors.Is(err, backstore.ErrTransient) {
 			return nil, fmt.Errorf("%w: %w", err, ErrBadOption)
@@ -67,8 +72,9 @@ func openBackstore(f vfs.File, log *slog.Logger) (clusterStore, error) {
 	}
 	// A batch in flight at a crash is dropped, which is safe (its origin
 	// writes were never issued) but worth a line: it says the last
-	// shutdown was not clean. A damaged committed state turns the store
-	// invalid instead, and the engine reports that.
+	// shutdown was not clean. A damaged committed state (found by the
+	// clean mark, or by a dropped batch the origin proves committed)
+	// turns the store invalid instead, and the engine reports that.
 	rec := s.Recovery()
 	for _, d := range rec.Dropped {
 		if !d.Leftover {

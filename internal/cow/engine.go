@@ -80,7 +80,7 @@ type Engine struct {
 
 	// Store constructors; tests may replace them before the first Create.
 	newStore  func(f vfs.File, o storeOptions) (clusterStore, error)
-	openStore func(f vfs.File, log *slog.Logger) (clusterStore, error)
+	openStore func(f vfs.File, origin io.ReaderAt, log *slog.Logger) (clusterStore, error)
 
 	// gate is the create instant's barrier (fss: vfs_write_suspend).
 	// Origin-modifying requests hold it shared from before their
@@ -398,7 +398,7 @@ func (e *Engine) Reopen(ctx context.Context, store vfs.File, opts ReopenOptions)
 	if opts.CacheBytes < 0 {
 		return nil, fmt.Errorf("cow: negative cache size: %w", ErrBadOption)
 	}
-	st, err := e.openStore(store, e.log)
+	st, err := e.openStore(store, e.origin, e.log)
 	if err != nil {
 		return nil, fmt.Errorf("cow: reopen: %w", err)
 	}

@@ -241,6 +241,42 @@ func TestTruncatedStoreIsNotServed(t *testing.T) {
 	storeOriginWorks(t, d)
 }
 
+// TestDamagedStoreAfterCrash: the store damaged, then the daemon killed
+// before anything read it: after an unclean shutdown the damaged batch looks
+// like one torn in flight, which recovery drops. The origin tells them
+// apart — it no longer holds the batch's clusters, which the daemon rewrites
+// only after the batch was committed — so the restart lists the snapshot
+// invalid ("store corrupt"), rather than serving it valid with the
+// origin's new data where the damaged batch's clusters were.
+func TestDamagedStoreAfterCrash(t *testing.T) {
+	d, store, initial, _ := storeDamageSetup(t)
+	d.kill9()
+	f, err := os.OpenFile(store, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 1)
+	if _, err := f.ReadAt(b, storeDataStart+100); err != nil {
+		t.Fatal(err)
+	}
+	b[0] ^= 0xff
+	if _, err := f.WriteAt(b, storeDataStart+100); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+
+	d = startDaemon(t, d.dir, d.origin)
+	s := storeSnapshot(t, d, "s")
+	if s.State != control.StateInvalid || !strings.Contains(s.Reason, "store corrupt") || !strings.Contains(s.Reason, "was committed") {
+		t.Fatalf("snapshot after a crash with its newest batch damaged: %+v; want invalid, store corrupt", s)
+	}
+	storeNotServedAsDamaged(t, d, "s", initial)
+	if rec := storeRecord(t, d, "s"); rec["invalid"] != true {
+		t.Fatalf("record not marked invalid: %v", rec)
+	}
+	storeOriginWorks(t, d)
+}
+
 // storeFileSetup serves a random 8 MiB origin from dir and returns the
 // daemon and the origin's content.
 func storeFileSetup(t *testing.T, dir string) (*daemon, []byte) {
