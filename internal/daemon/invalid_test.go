@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/google/uuid"
+
 	"github.com/nbdsnap/nbdsnap/internal/backstore"
 	"github.com/nbdsnap/nbdsnap/internal/control"
 	"github.com/nbdsnap/nbdsnap/internal/nbdsrv"
@@ -170,10 +172,45 @@ func storeHeader(t *testing.T, path string) backstore.Header {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err := backstore.Open(f)
+	s, err := backstore.Open(f, nil)
 	if err != nil {
 		t.Fatalf("open store: %v", err)
 	}
 	defer s.Close()
 	return s.Header()
+}
+
+// FuzzStateRecord: whatever bytes a snap-*.json holds (a torn disk, a
+// hand edit, another program's file), reading it gives a record that keeps
+// the invariants the restart relies on, or an error that lists the snapshot
+// as damaged; never a panic, and never an error from records() itself.
+func FuzzStateRecord(f *testing.F) {
+	f.Add([]byte(`{"version":2,"name":"x","phase":"ready","uuid":"5b1e7c3a-1f2e-4d5c-8b9a-0a1b2c3d4e5f","backing_path":"/b/x.cow","cluster_size":65536,"created":"2026-11-24T00:00:00Z","origin":{"kind":"file","size":1,"keys":{"ino":"1"}},"session":3}`))
+	f.Add([]byte(`{"version":1,"name":"x","backing_path":"/b/x.cow","cluster_size":65536,"transient":false,"max_size":0,"created":"2026-01-02T03:04:05Z"}`))
+	f.Add([]byte(`{"version":99}`))
+	f.Add([]byte(``))
+	dir := f.TempDir()
+	s := &stateDir{dir: dir}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if err := os.WriteFile(filepath.Join(dir, snapFile("x")), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		r, err := s.read(snapFile("x"))
+		if err == nil {
+			switch {
+			case r.Name != "x", !filepath.IsAbs(r.BackingPath):
+				t.Fatalf("record accepted with name %q, backing path %q", r.Name, r.BackingPath)
+			case r.Phase != phaseCreating && r.Phase != phaseReady && r.Phase != phaseClearing:
+				t.Fatalf("record accepted with phase %q", r.Phase)
+			case r.UUID != "" && r.storeUUID() == (uuid.UUID{}):
+				t.Fatalf("record accepted with store UUID %q", r.UUID)
+			case r.Version < 1 || r.Version > recordVersion:
+				t.Fatalf("record accepted with version %d", r.Version)
+			}
+		}
+		loads, err := s.records()
+		if err != nil || len(loads) != 1 || (loads[0].damaged == nil) != (err == nil && loads[0].rec.Name == "x") {
+			t.Fatalf("records() = %+v, %v", loads, err)
+		}
+	})
 }

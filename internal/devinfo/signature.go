@@ -79,7 +79,9 @@ func Signatures(ctx context.Context, path string) ([]Signature, error) {
 // no table at all when there is nothing to list.
 func parseWipefs(out []byte) ([]Signature, error) {
 	if len(bytes.TrimSpace(out)) == 0 {
-		return nil, nil
+		// wipefs --json prints an empty list for a blank device; saying
+		// nothing is not saying the device is blank.
+		return nil, errors.New("wipefs output: empty")
 	}
 	var doc struct {
 		Signatures []struct {

@@ -15,7 +15,7 @@ func TestParseWipefs(t *testing.T) {
 		wantErr string
 	}{
 		{name: "empty list", out: "{\n   \"signatures\": [\n\n   ]\n}\n", want: nil},
-		{name: "no output", out: "", want: nil},
+		{name: "no output", out: "", wantErr: "wipefs output: empty"},
 		{
 			name: "one",
 			out: `{"signatures": [{"device": "sig.img", "offset": "0x438", "type": "ext4",
@@ -93,4 +93,24 @@ func TestSignaturesWithoutWipefs(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "wipefs (util-linux) is not installed") {
 		t.Fatalf("Signatures with no wipefs on PATH: error = %v, want one saying wipefs is not installed", err)
 	}
+}
+
+// FuzzParseWipefs: whatever wipefs prints, parseWipefs returns signatures
+// or an error, never both, never a signature without a type, and never
+// panics.
+func FuzzParseWipefs(f *testing.F) {
+	f.Add([]byte(`{"signatures": [{"device": "sig.img", "offset": "0x438", "type": "ext4", "uuid": null, "label": "x"}]}`))
+	f.Add([]byte(`{"signatures": []}`))
+	f.Add([]byte(``))
+	f.Fuzz(func(t *testing.T, out []byte) {
+		sigs, err := parseWipefs(out)
+		if err != nil && sigs != nil {
+			t.Fatalf("both signatures and an error: %v, %v", sigs, err)
+		}
+		for _, s := range sigs {
+			if s.Type == "" {
+				t.Fatalf("signature without a type: %+v", s)
+			}
+		}
+	})
 }
