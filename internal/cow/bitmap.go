@@ -1,9 +1,6 @@
 package cow
 
-import (
-	"math/bits"
-	"sync/atomic"
-)
+import "sync/atomic"
 
 // bitmap is the copied bitmap (fss sc_copied). Bits are only ever set, and
 // only under the owning snapshot's mutex; they are read without the mutex by
@@ -18,12 +15,4 @@ func (b bitmap) get(i uint32) bool { return b[i>>6].Load()&(1<<(i&63)) != 0 }
 func (b bitmap) set(i uint32) bool {
 	m := uint64(1) << (i & 63)
 	return b[i>>6].Or(m)&m == 0
-}
-
-func (b bitmap) count() int64 {
-	var n int64
-	for i := range b {
-		n += int64(bits.OnesCount64(b[i].Load()))
-	}
-	return n
 }

@@ -134,7 +134,7 @@ func TestWaitStores(t *testing.T) {
 	restartStop(t, d)
 	store.umount(t)
 
-	d = restartSpawn(t, dir, origin, "--wait-stores", "20s")
+	d = spawnDaemon(t, dir, origin, "--wait-stores", "20s")
 	time.Sleep(time.Second)
 	select {
 	case <-d.done:
@@ -146,7 +146,7 @@ func TestWaitStores(t *testing.T) {
 		t.Fatalf("daemon log does not say it waits for the backing store:\n%s", d.log.String())
 	}
 	store.mount(t)
-	restartReady(t, d, 15*time.Second)
+	d.waitReady(15 * time.Second)
 	s := restartSnap(t, d, "s")
 	if s.State != control.StateValid || !s.Served || s.ClustersCopied == 0 {
 		t.Fatalf("store mounted during the wait: %+v; want valid, served", s)
@@ -198,7 +198,7 @@ func TestWaitStoresInterrupted(t *testing.T) {
 	restartStop(t, d)
 	store.umount(t)
 
-	d = restartSpawn(t, dir, origin, "--wait-stores", "20s")
+	d = spawnDaemon(t, dir, origin, "--wait-stores", "20s")
 	waitFor(t, func() bool {
 		select {
 		case <-d.done:
@@ -446,52 +446,6 @@ func (l *restartLoop) reattach(t *testing.T, file string) {
 		if time.Now().After(deadline) {
 			t.Fatalf("losetup %s %s: %v: %s", l.dev, file, err, out)
 		}
-	}
-}
-
-// restartSpawn starts a daemon as startDaemon does but returns at once,
-// without waiting for its control socket: for a daemon that waits before
-// it serves. restartReady waits for it.
-func restartSpawn(t *testing.T, dir, origin string, extra ...string) *daemon {
-	t.Helper()
-	d := &daemon{t: t, dir: dir, origin: origin, sock: filepath.Join(dir, "data.sock"), ctl: filepath.Join(dir, "data.ctl"),
-		state: filepath.Join(dir, "state"), log: &testenv.SyncBuffer{}, done: make(chan struct{})}
-	args := append([]string{"serve", origin, "--name", "data", "--listen", "unix:" + d.sock,
-		"--control", d.ctl, "--state-dir", d.state}, extra...)
-	d.cmd = exec.Command(nbdsnapBin, args...)
-	d.cmd.Stdout, d.cmd.Stderr = d.log, d.log
-	if err := d.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { d.waitErr = d.cmd.Wait(); close(d.done) }()
-	t.Cleanup(func() {
-		d.stop()
-		if t.Failed() {
-			t.Logf("daemon log:\n%s", d.log.String())
-		}
-	})
-	return d
-}
-
-// restartReady waits until d's control socket answers.
-func restartReady(t *testing.T, d *daemon, timeout time.Duration) {
-	t.Helper()
-	for deadline := time.Now().Add(timeout); ; {
-		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
-		_, err := control.NewClient(d.ctl).Status(ctx)
-		cancel()
-		if err == nil {
-			return
-		}
-		select {
-		case <-d.done:
-			t.Fatalf("daemon exited during startup: %v\n%s", d.waitErr, d.log.String())
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("daemon not ready after %v\n%s", timeout, d.log.String())
-		}
-		time.Sleep(20 * time.Millisecond)
 	}
 }
 

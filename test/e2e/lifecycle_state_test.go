@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -210,33 +209,10 @@ func TestBackingInsideStateDirRefused(t *testing.T) {
 // the daemon picks its default, and waits until it answers.
 func stateStartDefault(t *testing.T, dir, origin, name string) *daemon {
 	t.Helper()
-	d := &daemon{t: t, dir: dir, origin: origin, sock: filepath.Join(dir, "data.sock"), ctl: filepath.Join(dir, "data.ctl"),
-		state: filepath.Join("/var/lib/nbdsnap", name), log: &testenv.SyncBuffer{}, done: make(chan struct{})}
-	d.cmd = exec.Command(nbdsnapBin, "serve", origin, "--name", name, "--listen", "unix:"+d.sock, "--control", d.ctl)
-	d.cmd.Stdout, d.cmd.Stderr = d.log, d.log
-	if err := d.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { d.waitErr = d.cmd.Wait(); close(d.done) }()
-	t.Cleanup(func() {
-		d.stop()
-		if t.Failed() {
-			t.Logf("daemon log:\n%s", d.log.String())
-		}
-	})
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		if _, err := control.NewClient(d.ctl).Status(context.Background()); err == nil {
-			return d
-		}
-		select {
-		case <-d.done:
-			t.Fatalf("daemon exited during startup: %v\n%s", d.waitErr, d.log.String())
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("daemon not ready after 10s\n%s", d.log.String())
-		}
-	}
+	d := newDaemon(t, dir, origin, filepath.Join(dir, "data.sock"), filepath.Join(dir, "data.ctl"), filepath.Join("/var/lib/nbdsnap", name))
+	d.spawn(name)
+	d.waitReady(10 * time.Second)
+	return d
 }
 
 // TestDefaultStateDir: without --state-dir the daemon records its

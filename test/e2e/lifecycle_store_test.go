@@ -193,6 +193,25 @@ func storeDamageSetup(t *testing.T) (d *daemon, store string, initial []byte, fi
 	return d, store, initial, first
 }
 
+// storeFlipByte inverts the byte at off in the file at path, as a bad
+// sector or a stray write would change it.
+func storeFlipByte(t *testing.T, path string, off int64) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	b := make([]byte, 1)
+	if _, err := f.ReadAt(b, off); err != nil {
+		t.Fatal(err)
+	}
+	b[0] ^= 0xff
+	if _, err := f.WriteAt(b, off); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestDamagedStoreIsNotServed: a byte of a copied cluster flipped in the
 // store file under the running daemon is caught by the cluster's checksum:
 // reading the snapshot fails (nothing of the damaged cluster is returned),
@@ -200,19 +219,7 @@ func storeDamageSetup(t *testing.T) (d *daemon, store string, initial []byte, fi
 // its record, `check` reports the mismatch, and the origin goes on working.
 func TestDamagedStoreIsNotServed(t *testing.T) {
 	d, store, initial, first := storeDamageSetup(t)
-	f, err := os.OpenFile(store, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := make([]byte, 1)
-	if _, err := f.ReadAt(b, storeDataStart+100); err != nil {
-		t.Fatal(err)
-	}
-	b[0] ^= 0xff
-	if _, err := f.WriteAt(b, storeDataStart+100); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
+	storeFlipByte(t, store, storeDataStart+100)
 
 	storeNotServedAsDamaged(t, d, "s", initial)
 	storeInvalidFor(t, d, "s", first)
@@ -251,19 +258,7 @@ func TestTruncatedStoreIsNotServed(t *testing.T) {
 func TestDamagedStoreAfterCrash(t *testing.T) {
 	d, store, initial, _ := storeDamageSetup(t)
 	d.kill9()
-	f, err := os.OpenFile(store, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := make([]byte, 1)
-	if _, err := f.ReadAt(b, storeDataStart+100); err != nil {
-		t.Fatal(err)
-	}
-	b[0] ^= 0xff
-	if _, err := f.WriteAt(b, storeDataStart+100); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
+	storeFlipByte(t, store, storeDataStart+100)
 
 	d = startDaemon(t, d.dir, d.origin)
 	s := storeSnapshot(t, d, "s")

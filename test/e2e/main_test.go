@@ -86,36 +86,64 @@ func startDaemon(t *testing.T, dir, origin string, extra ...string) *daemon {
 // startDaemonAt is startDaemon with the daemon's name and sockets chosen.
 func startDaemonAt(t *testing.T, dir, origin, name, sock, ctl string, extra ...string) *daemon {
 	t.Helper()
-	d := &daemon{t: t, dir: dir, origin: origin, sock: sock, ctl: ctl, state: filepath.Join(dir, "state"),
+	d := newDaemon(t, dir, origin, sock, ctl, filepath.Join(dir, "state"))
+	d.spawn(name, append([]string{"--state-dir", d.state}, extra...)...)
+	d.waitReady(10 * time.Second)
+	return d
+}
+
+// spawnDaemon is startDaemon without the wait: for a daemon that waits
+// before it serves (waitReady waits for it).
+func spawnDaemon(t *testing.T, dir, origin string, extra ...string) *daemon {
+	t.Helper()
+	d := newDaemon(t, dir, origin, filepath.Join(dir, "data.sock"), filepath.Join(dir, "data.ctl"), filepath.Join(dir, "state"))
+	d.spawn("data", append([]string{"--state-dir", d.state}, extra...)...)
+	return d
+}
+
+// newDaemon describes a daemon to be started with spawn; state is where it
+// is expected to keep its records.
+func newDaemon(t *testing.T, dir, origin, sock, ctl, state string) *daemon {
+	return &daemon{t: t, dir: dir, origin: origin, sock: sock, ctl: ctl, state: state,
 		log: &testenv.SyncBuffer{}, done: make(chan struct{})}
-	args := append([]string{"serve", origin, "--name", name, "--listen", "unix:" + d.sock,
-		"--control", d.ctl, "--state-dir", d.state}, extra...)
+}
+
+// spawn runs `nbdsnap serve ORIGIN --name NAME --listen unix:SOCK --control
+// CTL ARGS...` and returns at once; the daemon is stopped at cleanup, and
+// its log shown if the test failed.
+func (d *daemon) spawn(name string, args ...string) {
+	d.t.Helper()
+	args = append([]string{"serve", d.origin, "--name", name, "--listen", "unix:" + d.sock, "--control", d.ctl}, args...)
 	d.cmd = exec.Command(nbdsnapBin, args...)
 	d.cmd.Stdout, d.cmd.Stderr = d.log, d.log
 	if err := d.cmd.Start(); err != nil {
-		t.Fatal(err)
+		d.t.Fatal(err)
 	}
 	go func() { d.waitErr = d.cmd.Wait(); close(d.done) }()
-	t.Cleanup(func() {
+	d.t.Cleanup(func() {
 		d.stop()
-		if t.Failed() {
-			t.Logf("daemon log:\n%s", d.log.String())
+		if d.t.Failed() {
+			d.t.Logf("daemon log:\n%s", d.log.String())
 		}
 	})
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+}
+
+// waitReady waits up to timeout until the daemon's control socket answers
+// a status request (a starting daemon answers "unavailable" meanwhile).
+func (d *daemon) waitReady(timeout time.Duration) {
+	d.t.Helper()
+	for deadline := time.Now().Add(timeout); ; time.Sleep(20 * time.Millisecond) {
 		if _, err := control.NewClient(d.ctl).Status(context.Background()); err == nil {
-			return d
+			return
 		}
 		select {
 		case <-d.done:
-			t.Fatalf("daemon exited during startup: %v\n%s", d.waitErr, d.log.String())
+			d.t.Fatalf("daemon exited during startup: %v\n%s", d.waitErr, d.log.String())
 		default:
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("daemon not ready after 10s\n%s", d.log.String())
+			d.t.Fatalf("daemon not ready after %v\n%s", timeout, d.log.String())
 		}
-		time.Sleep(20 * time.Millisecond)
 	}
 }
 

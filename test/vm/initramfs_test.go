@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"path"
-	"path/filepath"
 	"sort"
 	"strings"
 )
@@ -258,23 +257,4 @@ func (a *archive) writeFile(name string) error {
 		return fmt.Errorf("initramfs: write %s: %w", name, err)
 	}
 	return nil
-}
-
-// addTree adds every regular file under a host directory at prefix.
-func (a *archive) addTree(hostDir, prefix string) error {
-	return filepath.WalkDir(hostDir, func(p string, d fs.DirEntry, err error) error {
-		if err != nil || d.IsDir() {
-			return err
-		}
-		rel, err := filepath.Rel(hostDir, p)
-		if err != nil {
-			return err
-		}
-		data, err := os.ReadFile(p)
-		if err != nil {
-			return fmt.Errorf("initramfs: %w", err)
-		}
-		a.file(path.Join(prefix, filepath.ToSlash(rel)), 0o644, data)
-		return nil
-	})
 }

@@ -29,16 +29,6 @@ func (k OpKind) String() string {
 	return fmt.Sprintf("OpKind(%d)", uint8(k))
 }
 
-// mutates reports whether an operation of this kind changes what a crash
-// could keep; only those are counted by MemFS for crash points.
-func (k OpKind) mutates() bool {
-	switch k {
-	case OpWrite, OpSync, OpTruncate, OpDeallocate, OpZeroRange:
-		return true
-	}
-	return false
-}
-
 // Op describes one operation as seen by a hook or a fault predicate.
 type Op struct {
 	Kind OpKind
