@@ -78,8 +78,10 @@ type Store struct {
 	damagedMark *[2]uint64
 
 	// scratch holds cluster-sized buffers for reads of part of a cluster,
-	// which must read (and check) the whole cluster.
+	// which must read (and check) the whole cluster, or its blocks.
 	scratch sync.Pool
+	// blockSums: block checksums of clusters read in part (blocksums.go).
+	blockSums blockSums
 
 	// mu guards the index, the checksums, the header and closed.
 	mu     sync.RWMutex
@@ -342,8 +344,10 @@ func ioErr(err error) error {
 // does not, p is untouched. Safe concurrently with Commit.
 //
 // The whole cluster is read and checked against its CRC32C, also when p
-// asks for part of it: a mismatch returns an error wrapping ErrChecksum
-// (p's contents are then unspecified). A slot past the end of the file
+// asks for part of it (then its 4 KiB blocks' checksums are kept, and a
+// later partial read reads and checks just the blocks it needs: see
+// blocksums.go): a mismatch returns an error wrapping ErrChecksum (p's
+// contents are then unspecified). A slot past the end of the file
 // reads as zeros and is checked like any other: recovery checks data the
 // same way, so it keeps a batch of zero clusters whose writes were lost in
 // a crash (the file never grew), and zeros are their contents; a store
@@ -368,23 +372,72 @@ func (s *Store) ReadCluster(index uint32, p []byte, off int) (ok bool, err error
 	if off < 0 || int64(off)+int64(len(p)) > n {
 		return true, fmt.Errorf("backstore: read cluster %d bytes %d…%d: outside its %d bytes", index, off, off+len(p), n)
 	}
-	buf := p
-	if int64(len(p)) != n {
-		b := s.scratch.Get().(*[]byte)
-		defer s.scratch.Put(b)
-		buf = (*b)[:n]
+	if int64(len(p)) == n {
+		if err := readFull(s.f, p, s.geo.slotOff(slot)); err != nil {
+			return true, fmt.Errorf("backstore: read cluster %d from slot %d: %w", index, slot, err)
+		}
+		return true, s.verify(index, slot, p, want)
 	}
+	// A part of the cluster: see blocksums.go.
+	b := s.scratch.Get().(*[]byte)
+	defer s.scratch.Put(b)
+	if n <= sumBlock {
+		buf := (*b)[:n]
+		if err := readFull(s.f, buf, s.geo.slotOff(slot)); err != nil {
+			return true, fmt.Errorf("backstore: read cluster %d from slot %d: %w", index, slot, err)
+		}
+		if err := s.verify(index, slot, buf, want); err != nil {
+			return true, err
+		}
+		copy(p, buf[off:])
+		return true, nil
+	}
+	if sums := s.blockSums.get(index); sums != nil {
+		return true, s.readBlocks(index, slot, p, off, sums, (*b)[:n])
+	}
+	buf := (*b)[:n]
 	if err := readFull(s.f, buf, s.geo.slotOff(slot)); err != nil {
 		return true, fmt.Errorf("backstore: read cluster %d from slot %d: %w", index, slot, err)
 	}
-	if got := checksum(buf); got != want {
-		return true, fmt.Errorf("%w: cluster %d (data slot %d at offset %d) has checksum %08x, recorded %08x",
+	if err := s.verify(index, slot, buf, want); err != nil {
+		return true, err
+	}
+	s.blockSums.add(index, buf)
+	copy(p, buf[off:])
+	return true, nil
+}
+
+// verify checks a whole cluster read from slot against its checksum.
+func (s *Store) verify(index, slot uint32, data []byte, want uint32) error {
+	if got := checksum(data); got != want {
+		return fmt.Errorf("%w: cluster %d (data slot %d at offset %d) has checksum %08x, recorded %08x",
 			ErrChecksum, index, slot, s.geo.slotOff(slot), got, want)
 	}
-	if int64(len(p)) != n {
-		copy(p, buf[off:])
+	return nil
+}
+
+// readBlocks reads bytes [off, off+len(p)) of a cluster by the sumBlock
+// blocks that hold them, each checked against its block sum; buf is
+// scratch space the size of the cluster.
+func (s *Store) readBlocks(index, slot uint32, p []byte, off int, sums []uint32, buf []byte) error {
+	lo := off / sumBlock * sumBlock
+	hi := min(off+len(p)+sumBlock-1, len(buf)) / sumBlock * sumBlock
+	if hi < off+len(p) {
+		hi = len(buf) // the cluster's last block is short
 	}
-	return true, nil
+	part := buf[lo:hi]
+	if err := readFull(s.f, part, s.geo.slotOff(slot)+int64(lo)); err != nil {
+		return fmt.Errorf("backstore: read cluster %d from slot %d: %w", index, slot, err)
+	}
+	for b := lo; b < hi; b += sumBlock {
+		block := buf[b:min(b+sumBlock, hi)]
+		if got, want := checksum(block), sums[b/sumBlock]; got != want {
+			return fmt.Errorf("%w: cluster %d (data slot %d at offset %d), bytes %d…%d, have checksum %08x, %08x when the cluster was last checked whole",
+				ErrChecksum, index, slot, s.geo.slotOff(slot), b, b+len(block)-1, got, want)
+		}
+	}
+	copy(p, buf[off:])
+	return nil
 }
 
 // Copied reports whether the store holds cluster index.

@@ -307,3 +307,82 @@ func TestOpenOriginUnreadable(t *testing.T) {
 		t.Fatal("a failed Open wrote to the store")
 	}
 }
+
+// TestPartialReadsByBlock: once a partial read has checked a whole
+// cluster, later partial reads of it read and check only the 4 KiB blocks
+// they return: a byte damaged in a block read is caught (naming the bytes),
+// one in a block not read does not fail a read that does not return it, and
+// a cluster evicted from the block sums is checked whole again.
+func TestPartialReadsByBlock(t *testing.T) {
+	fs := vfstest.NewMemFS()
+	opts := testOptions()
+	opts.ClusterSize = 64 << 10
+	opts.OriginSize = 1<<20 + 5000 // a short last cluster: 16, 5000 bytes
+	s, err := Create(openMem(t, fs, "store"), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const seed = 3
+	commitClusters(t, s, seed, 2, 16)
+	want2 := clusterData(seed, 2, s.geo.clusterLen(2))
+	read := func(c uint32, off, n int) ([]byte, error) {
+		p := make([]byte, n)
+		ok, err := s.ReadCluster(c, p, off)
+		if !ok {
+			t.Fatalf("cluster %d not in the store", c)
+		}
+		return p, err
+	}
+	if p, err := read(2, 5000, 3000); err != nil || !bytes.Equal(p, want2[5000:8000]) {
+		t.Fatalf("first partial read: %v", err)
+	}
+	if s.blockSums.get(2) == nil {
+		t.Fatal("a partial read that checked the whole cluster kept no block sums")
+	}
+	slot, _ := s.idx.lookup(2)
+	f := openMem(t, fs, "store")
+	flip := func(off int64) {
+		b := make([]byte, 1)
+		f.ReadAt(b, s.geo.slotOff(slot)+off)
+		b[0] ^= 0x10
+		f.WriteAt(b, s.geo.slotOff(slot)+off)
+	}
+	flip(40000) // block 9
+	if p, err := read(2, 100, 4000); err != nil || !bytes.Equal(p, want2[100:4100]) {
+		t.Fatalf("read of an intact block after damage elsewhere: %v", err)
+	}
+	if _, err := read(2, 36000, 8000); !errors.Is(err, ErrChecksum) || !strings.Contains(err.Error(), "bytes 36864…40959") {
+		t.Fatalf("read of the damaged block: %v; want ErrChecksum naming bytes 36864…40959", err)
+	}
+	if _, err := read(2, 0, len(want2)); !errors.Is(err, ErrChecksum) {
+		t.Fatalf("whole read of the damaged cluster: %v", err)
+	}
+	// The short last cluster reads by blocks too.
+	want16 := clusterData(seed, 16, s.geo.clusterLen(16))
+	for _, r := range [][2]int{{10, 20}, {4090, 900}, {4096, 904}} {
+		if p, err := read(16, r[0], r[1]); err != nil || !bytes.Equal(p, want16[r[0]:r[0]+r[1]]) {
+			t.Fatalf("partial read %v of the short cluster: %v", r, err)
+		}
+	}
+}
+
+// TestBlockSumsBounded: the block sums keep at most blockSumsMax clusters,
+// evicting the oldest.
+func TestBlockSumsBounded(t *testing.T) {
+	var b blockSums
+	data := make([]byte, 2*sumBlock)
+	for c := uint32(0); c < blockSumsMax+10; c++ {
+		b.add(c, data)
+	}
+	if len(b.sums) != blockSumsMax || len(b.ring) != blockSumsMax {
+		t.Fatalf("%d clusters kept, ring %d; want %d", len(b.sums), len(b.ring), blockSumsMax)
+	}
+	for c := uint32(0); c < 10; c++ {
+		if b.get(c) != nil {
+			t.Fatalf("cluster %d, among the oldest, not evicted", c)
+		}
+	}
+	if s := b.get(blockSumsMax + 9); len(s) != 2 || s[0] != checksum(data[:sumBlock]) {
+		t.Fatalf("newest cluster's sums %v", s)
+	}
+}
