@@ -302,6 +302,7 @@ func (s *Server) Serve(l net.Listener) error {
 			return fmt.Errorf("nbdsrv: accept: %w", err)
 		}
 		backoff = 0
+		sizeSendBuffer(nc)
 		c, err := s.track(nc)
 		if errors.Is(err, ErrServerClosed) {
 			return err
