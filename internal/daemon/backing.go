@@ -279,12 +279,14 @@ func removeIfRegular(path string) error {
 }
 
 // openStore opens an existing store for a restart: a file read-write, a
-// device exclusively.
+// device exclusively. A symbolic link is followed (a store moved to another
+// file system and linked back): what is opened is trusted only once its
+// header's UUID proved it is the snapshot's store.
 func openStore(rec snapRecord) (vfs.File, error) {
 	if rec.Device {
 		return osFile(openDevice(rec.BackingPath))
 	}
-	return osFile(os.OpenFile(rec.BackingPath, os.O_RDWR|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0))
+	return osFile(os.OpenFile(rec.BackingPath, os.O_RDWR|syscall.O_CLOEXEC, 0))
 }
 
 // backingError turns a failure to create the backing store into the line a

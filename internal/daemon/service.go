@@ -201,8 +201,15 @@ func (d *Daemon) checkCreate(req control.CreateRequest) (snapRecord, error) {
 		return snapRecord{}, fmt.Errorf("backing file %s %w", req.BackingPath, control.ErrExists)
 	case !errors.Is(err, os.ErrNotExist):
 		return snapRecord{}, backingError(req.BackingPath, err)
+	case isLink(rec.BackingPath):
+		return snapRecord{}, fmt.Errorf("backing path %s is a symbolic link to nothing: %w", req.BackingPath, control.ErrExists)
 	}
 	return rec, nil
+}
+
+func isLink(path string) bool {
+	fi, err := os.Lstat(path)
+	return err == nil && fi.Mode()&os.ModeSymlink != 0
 }
 
 // checkBackingPath refuses a backing path inside the state directory,
