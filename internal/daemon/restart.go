@@ -73,7 +73,9 @@ func (d *Daemon) reopenAll(ctx context.Context) error {
 		} else {
 			d.log.Info("snapshot reopened", "snapshot", e.rec.Name, "backing", e.rec.BackingPath)
 		}
+		d.mu.Lock()
 		d.snaps[e.rec.Name] = e
+		d.mu.Unlock()
 	}
 	if err := d.state.setSession(d.origin, d.session); err != nil {
 		return err
