@@ -2,6 +2,9 @@
 GO       ?= go
 PREFIX   ?= /usr/local
 FUZZTIME ?= 10s
+# Pinned: a newer staticcheck may find new things, which should be a
+# deliberate change, not a surprise in CI.
+STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.6.1
 
 .PHONY: all build deps test unit fuzz-smoke demo bench bench-engine install clean
 
@@ -16,12 +19,15 @@ build:
 deps:
 	./test/setup.sh
 
-# Everything: formatting, vet, unit + interop + end-to-end tests under the
-# race detector, then a short run of every fuzz target. NBDSNAP_REQUIRE_TOOLS
-# turns "tool missing, skipping" into a failure: after `deps` nothing skips.
+# Everything: formatting, vet, staticcheck, a tidy go.mod, unit + interop +
+# end-to-end tests under the race detector, then a short run of every fuzz
+# target. NBDSNAP_REQUIRE_TOOLS turns "tool missing, skipping" into a
+# failure: after `deps` nothing skips.
 test: deps build
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting"; exit 1; }
 	$(GO) vet ./...
+	$(GO) run $(STATICCHECK) ./...
+	$(GO) mod tidy -diff
 	NBDSNAP_REQUIRE_TOOLS=1 $(GO) test -race -count=1 -timeout 30m ./...
 	FUZZTIME=$(FUZZTIME) ./test/fuzz-smoke.sh
 
