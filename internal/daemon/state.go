@@ -59,9 +59,10 @@ import (
 //     stays so until it is removed: put keeps the mark.
 //
 // Version 1 records (before phase, uuid, origin and session) load as ready,
-// with no UUID (their store is recognised by name and origin ID) and no
-// identity (not checked); they are rewritten as version 2 when next
-// written. A record of a newer version, or one that does not parse, is
+// with no UUID (their store is recognised by name and origin ID, and the
+// header's UUID is adopted) and no identity (the first restart records the
+// identity of what it finds at the origin's path); they are rewritten as
+// version 2 then. A record of a newer version, or one that does not parse, is
 // listed as damaged and never served; it does not stop the daemon.
 
 const (
