@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nbdsnap/nbdsnap/internal/control"
 )
@@ -68,5 +70,40 @@ func TestBackingSymlinks(t *testing.T) {
 	}
 	if _, err := os.Lstat(store); err != nil {
 		t.Fatalf("clear removed the user's link: %v", err)
+	}
+}
+
+// TestRestartUpgradesVersion1Record: a record written before records
+// carried a phase, a store UUID, an origin identity and a session (version
+// 1) reopens its snapshot, recognised by name and origin ID, and is
+// rewritten as version 2 with the store's UUID and the origin's identity.
+func TestRestartUpgradesVersion1Record(t *testing.T) {
+	e := newEnv(t, 4<<20)
+	ctx := context.Background()
+	d := start(t, e.config())
+	c := control.NewClient(e.ctl)
+	info, err := c.Create(ctx, control.CreateRequest{Name: "s", BackingPath: filepath.Join(e.dir, "s.cow")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	v1 := fmt.Sprintf(`{"version":1,"name":"s","backing_path":%q,"cluster_size":65536,"transient":false,"max_size":0,"created":%q}`,
+		filepath.Join(e.dir, "s.cow"), info.Created.Format(time.RFC3339Nano))
+	rec := filepath.Join(e.state, snapFile("s"))
+	if err := os.WriteFile(rec, []byte(v1), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	d = start(t, e.config())
+	got, err := c.Snapshot(ctx, "s")
+	if err != nil || got.State != control.StateValid || !got.Served || got.UUID != info.UUID {
+		t.Fatalf("snapshot with a version 1 record after a restart: %+v, %v", got, err)
+	}
+	r, err := d.state.read(snapFile("s"))
+	if err != nil || r.Version != recordVersion || r.Phase != phaseReady || r.UUID != info.UUID ||
+		r.Origin == nil || r.Origin.String() != d.ident.String() || r.Session != d.session {
+		t.Fatalf("record after the restart: %+v, %v", r, err)
 	}
 }
