@@ -378,31 +378,26 @@ func (s *Store) ReadCluster(index uint32, p []byte, off int) (ok bool, err error
 		}
 		return true, s.verify(index, slot, p, want)
 	}
-	// A part of the cluster: see blocksums.go.
+	// A part of the cluster: by its blocks if their sums are known, else
+	// whole (see blocksums.go).
 	b := s.scratch.Get().(*[]byte)
 	defer s.scratch.Put(b)
-	if n <= sumBlock {
-		buf := (*b)[:n]
-		if err := readFull(s.f, buf, s.geo.slotOff(slot)); err != nil {
-			return true, fmt.Errorf("backstore: read cluster %d from slot %d: %w", index, slot, err)
-		}
-		if err := s.verify(index, slot, buf, want); err != nil {
-			return true, err
-		}
-		copy(p, buf[off:])
-		return true, nil
-	}
-	if sums := s.blockSums.get(index); sums != nil {
-		return true, s.readBlocks(index, slot, p, off, sums, (*b)[:n])
-	}
 	buf := (*b)[:n]
+	byBlocks := n > sumBlock
+	if byBlocks {
+		if sums := s.blockSums.get(index); sums != nil {
+			return true, s.readBlocks(index, slot, p, off, sums, buf)
+		}
+	}
 	if err := readFull(s.f, buf, s.geo.slotOff(slot)); err != nil {
 		return true, fmt.Errorf("backstore: read cluster %d from slot %d: %w", index, slot, err)
 	}
 	if err := s.verify(index, slot, buf, want); err != nil {
 		return true, err
 	}
-	s.blockSums.add(index, buf)
+	if byBlocks {
+		s.blockSums.add(index, buf)
+	}
 	copy(p, buf[off:])
 	return true, nil
 }
@@ -421,12 +416,8 @@ func (s *Store) verify(index, slot uint32, data []byte, want uint32) error {
 // scratch space the size of the cluster.
 func (s *Store) readBlocks(index, slot uint32, p []byte, off int, sums []uint32, buf []byte) error {
 	lo := off / sumBlock * sumBlock
-	hi := min(off+len(p)+sumBlock-1, len(buf)) / sumBlock * sumBlock
-	if hi < off+len(p) {
-		hi = len(buf) // the cluster's last block is short
-	}
-	part := buf[lo:hi]
-	if err := readFull(s.f, part, s.geo.slotOff(slot)+int64(lo)); err != nil {
+	hi := min((off+len(p)+sumBlock-1)/sumBlock*sumBlock, len(buf)) // the last block may be short
+	if err := readFull(s.f, buf[lo:hi], s.geo.slotOff(slot)+int64(lo)); err != nil {
 		return fmt.Errorf("backstore: read cluster %d from slot %d: %w", index, slot, err)
 	}
 	for b := lo; b < hi; b += sumBlock {

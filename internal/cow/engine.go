@@ -68,6 +68,14 @@ type ReopenOptions struct {
 // DefaultCacheBytes is the default cache budget per snapshot.
 const DefaultCacheBytes = 8 << 20
 
+// cacheBudget is a cache budget option: 0 means DefaultCacheBytes.
+func cacheBudget(option int64) int64 {
+	if option == 0 {
+		return DefaultCacheBytes
+	}
+	return option
+}
+
 // Engine is the copy-on-write proxy in front of one origin, with its
 // snapshots. See the package documentation for its concurrency rules.
 type Engine struct {
@@ -306,10 +314,6 @@ func (e *Engine) Create(ctx context.Context, store vfs.File, opts SnapshotOption
 	if err != nil {
 		return nil, err
 	}
-	cache := opts.CacheBytes
-	if cache == 0 {
-		cache = DefaultCacheBytes
-	}
 
 	if err := e.lockGate(ctx); err != nil {
 		return nil, fmt.Errorf("cow: create %q: waiting for origin writes in flight: %w", opts.Name, err)
@@ -348,7 +352,7 @@ func (e *Engine) Create(ctx context.Context, store vfs.File, opts SnapshotOption
 		}
 		return nil, fmt.Errorf("cow: create %q abandoned before the create instant: %w", opts.Name, err)
 	}
-	s := e.newSnapshot(opts.Name, st, geo, !opts.Transient, cacheSlots(geo.csize, cache))
+	s := e.newSnapshot(opts.Name, st, geo, !opts.Transient, cacheSlots(geo.csize, cacheBudget(opts.CacheBytes)))
 	e.register(s)
 	s.pause = time.Since(start)
 	e.log.Info("snapshot created", "snapshot", s.name, "cluster_size", geo.csize,
@@ -440,11 +444,7 @@ func (e *Engine) reopen(st clusterStore, opts ReopenOptions) (*Snapshot, error) 
 	if exists {
 		return nil, fmt.Errorf("%w: %q", ErrExists, h.Name)
 	}
-	cache := opts.CacheBytes
-	if cache == 0 {
-		cache = DefaultCacheBytes
-	}
-	s := e.newSnapshot(h.Name, st, geo, true, cacheSlots(cs, cache))
+	s := e.newSnapshot(h.Name, st, geo, true, cacheSlots(cs, cacheBudget(opts.CacheBytes)))
 	var bad error
 	st.forEachCopied(func(c uint32) {
 		if c >= geo.count {

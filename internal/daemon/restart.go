@@ -68,7 +68,7 @@ func (d *Daemon) reopenAll(ctx context.Context) error {
 		if e == nil {
 			continue
 		}
-		if e.snap == nil || !e.served {
+		if !e.served {
 			d.log.Warn("snapshot not served", "snapshot", e.rec.Name, "reason", e.gone)
 		} else {
 			d.log.Info("snapshot reopened", "snapshot", e.rec.Name, "backing", e.rec.BackingPath)
@@ -123,7 +123,7 @@ func (d *Daemon) settle(ctx context.Context, l loaded, prev uint64) (*entry, err
 		d.markStoreInvalid(r, e.gone)
 		return e, nil
 	case r.Session != 0 && r.Session < prev:
-		return d.invalidate(e, fmt.Sprintf("the origin was served without copy-on-write for this snapshot: its record is of daemon session %d, but session %d served the origin (the record was unreadable then, or was restored from an older copy)", r.Session, prev))
+		return d.invalidate(e, true, fmt.Sprintf("the origin was served without copy-on-write for this snapshot: its record is of daemon session %d, but session %d served the origin (the record was unreadable then, or was restored from an older copy)", r.Session, prev))
 	}
 	moved := false
 	if r.Origin != nil {
@@ -150,13 +150,13 @@ func (d *Daemon) settle(ctx context.Context, l loaded, prev uint64) (*entry, err
 		if errors.Is(err, os.ErrNotExist) {
 			why += " (its file system not mounted yet? --wait-stores waits for it)"
 		}
-		return d.invalidate(e, why)
+		return d.invalidate(e, false, why)
 	}
 	h, err := backstore.Identify(f)
 	if err != nil || !storeMatches(r, h, d.origin.OriginID) {
 		f.Close()
 		// Not ours (or not readable as ours): never written to.
-		return d.invalidate(e, fmt.Sprintf("the file at %s is not this snapshot's store: %s", r.BackingPath, notOurs(h, err)))
+		return d.invalidate(e, false, fmt.Sprintf("the file at %s is not this snapshot's store: %s", r.BackingPath, notOurs(h, err)))
 	}
 	snap, err := d.engine.Reopen(ctx, f, cow.ReopenOptions{OriginID: d.origin.OriginID, CacheBytes: d.cfg.CacheBytes})
 	if err != nil {
@@ -164,7 +164,7 @@ func (d *Daemon) settle(ctx context.Context, l loaded, prev uint64) (*entry, err
 		if ctx.Err() != nil {
 			return nil, fmt.Errorf("start interrupted before serving the origin: %w", ctx.Err())
 		}
-		return d.invalidate(e, "cannot reopen after restart: "+err.Error())
+		return d.invalidate(e, true, "cannot reopen after restart: "+err.Error())
 	}
 	if info := snap.Info(); !info.Valid {
 		if err := d.state.markInvalid(r.Name, info.Reason); err != nil {
@@ -194,15 +194,18 @@ func (d *Daemon) settle(ctx context.Context, l loaded, prev uint64) (*entry, err
 
 // invalidate records durably that e's snapshot is invalid, for reason, in
 // its record (or fails: then the daemon must not serve the origin) and,
-// best effort, in its store's header.
-func (d *Daemon) invalidate(e *entry, reason string) (*entry, error) {
+// with header, best effort in its store's header too (not when the store
+// just proved unopenable or not the snapshot's).
+func (d *Daemon) invalidate(e *entry, header bool, reason string) (*entry, error) {
 	if err := d.state.markInvalid(e.rec.Name, reason); err != nil {
 		return nil, fmt.Errorf("snapshot %q is invalid (%s), but that cannot be recorded (%w); serving the origin now could let a later start reopen it as valid, so the daemon stops here",
 			e.rec.Name, reason, err)
 	}
 	e.rec.Invalid, e.rec.Reason = true, reason
 	e.gone = reason
-	d.markStoreInvalid(e.rec, reason)
+	if header {
+		d.markStoreInvalid(e.rec, reason)
+	}
 	return e, nil
 }
 

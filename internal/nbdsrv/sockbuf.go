@@ -10,9 +10,9 @@ import (
 // unixSendBuffer is the send buffer asked for a unix-socket connection.
 // Linux's default (net.core.wmem_default, 208 KiB) is smaller than one
 // large read reply, so writing a 1 MiB reply blocked the writer several
-// times, each a trip through the network poller and the scheduler; with
-// a buffer that holds a whole reply, 1 MiB snapshot reads ran about a
-// quarter faster (bench/results/2026-11-24T1426Z-snapread). The kernel then
+// times, each a trip through the network poller and the scheduler; a
+// buffer that holds a whole reply spares that (measured in
+// bench/results/2026-11-24T1426Z-snapread). The kernel then
 // holds up to this much for a client that does not read, where the server
 // would otherwise hold the same reply in its own buffer. TCP connections
 // keep the kernel's autotuning, which a fixed size would turn off.
