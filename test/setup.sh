@@ -21,6 +21,7 @@ pkgs=(
 	qemu-system-x86     # test/vm: boots a Debian kernel that has the NBD driver (TCG)
 	qemu-system-common  # test/vm: firmware and keymaps qemu-system-x86 loads
 	busybox-static      # test/vm: the guest's userland in the initramfs
+	dmsetup             # test/vm: dm-log-writes in the power-loss test's guest
 	gnuplot-nox         # test/bench/snapshot: the PNG chart of make bench
 	jq                  # test/bench/run.sh: reads fio's JSON
 	bc                  # test/bench/run.sh: ratios

@@ -15,8 +15,9 @@ import (
 )
 
 // guestModules are the modules the guest loads, each with its dependencies:
-// the NBD driver and ext4 (both modules in Debian's kernel).
-var guestModules = []string{"nbd", "ext4"}
+// the NBD driver and ext4, and for the power-loss test virtio disks and
+// dm-log-writes (all modules in Debian's kernel).
+var guestModules = []string{"nbd", "ext4", "virtio_pci", "virtio_blk", "dm-log-writes"}
 
 // kernel is a prepared guest kernel: an uncompressed vmlinux and the
 // modules the guest loads, in load order.

@@ -17,6 +17,7 @@ type boot struct {
 	Kernel  string // vmlinux
 	Initrd  string
 	Append  []string      // extra kernel parameters
+	Drives  []drive       // virtio disks, in this order
 	Timeout time.Duration // for the whole run
 	Silence time.Duration // the longest the console may stay silent
 }
@@ -47,6 +48,15 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
+// drive is a raw disk image attached as a virtio disk; the guest finds it
+// by its serial number (/sys/block/vdX/serial, at most 20 characters).
+// cache=unsafe: the host's copy needs no durability, only the guest's view
+// of flushes matters, and the guest logs those itself.
+type drive struct {
+	File   string
+	Serial string
+}
+
 // qemuArgs is the whole machine: TCG (the host's /dev/kvm cannot boot a
 // stock kernel), one vCPU (faster than two on a 2-core host), no default
 // devices and no network device at all, the serial port on stdout, and
@@ -54,13 +64,20 @@ func (s *syncBuffer) String() string {
 // reboots at once), end QEMU.
 func (b boot) qemuArgs() []string {
 	cmdline := append([]string{"console=ttyS0", "panic=-1", "loglevel=4", "mitigations=off", "rdinit=/init"}, b.Append...)
-	return []string{
+	args := []string{
 		"-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "1G",
 		"-nodefaults", "-nic", "none", "-nographic", "-no-reboot",
 		"-serial", "stdio", "-monitor", "none",
 		"-kernel", b.Kernel, "-initrd", b.Initrd,
 		"-append", strings.Join(cmdline, " "),
 	}
+	for i, d := range b.Drives {
+		id := fmt.Sprintf("disk%d", i)
+		args = append(args,
+			"-drive", "file="+d.File+",format=raw,if=none,cache=unsafe,id="+id,
+			"-device", "virtio-blk-pci,drive="+id+",serial="+d.Serial)
+	}
+	return args
 }
 
 // errSilent ends a boot whose console stayed silent too long: the guest

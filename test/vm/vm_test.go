@@ -67,7 +67,7 @@ func TestVM(t *testing.T) {
 		t.Skip("boots a VM for minutes; not under -short")
 	}
 	qemu := testenv.RequireTool(t, "qemu-system-x86_64")
-	for _, tool := range []string{"apt-get", "apt-cache", "dpkg-deb", "depmod", "modprobe", "xz", "ldd", "busybox", "mke2fs", "e2fsck", "nbd-client", "nbdkit", "go"} {
+	for _, tool := range []string{"apt-get", "apt-cache", "dpkg-deb", "depmod", "modprobe", "xz", "ldd", "busybox", "mke2fs", "e2fsck", "nbd-client", "nbdkit", "dmsetup", "wipefs", "go"} {
 		testenv.RequireTool(t, tool)
 	}
 	start := time.Now()
@@ -215,7 +215,7 @@ func buildInitramfs(t *testing.T, k *kernel, out string) (nbdsnapErr, err error)
 	for _, d := range []string{"dev", "proc", "sys", "run", "tmp", "work", "mnt", "etc", "usr/bin", "usr/sbin"} {
 		a.dir(d)
 	}
-	hostTools := []string{"busybox", "mke2fs", "mkfs.ext4", "e2fsck", "nbd-client", "nbdkit"}
+	hostTools := []string{"busybox", "mke2fs", "mkfs.ext4", "e2fsck", "nbd-client", "nbdkit", "dmsetup", "wipefs"}
 	for _, tool := range hostTools {
 		p, err := exec.LookPath(tool)
 		if err != nil {

@@ -51,9 +51,12 @@ import (
 // step is reported as such rather than as a killed VM. A step blocked in
 // the kernel (a process in uninterruptible sleep ignores the context) is
 // reported stuck a little later, and the agent exits without it.
+// The power-loss scenario runs several recordings and has a deadline of
+// its own, as the host's boot for it has.
 const (
-	scenarioDeadline = 200 * time.Second
-	stuckGrace       = 15 * time.Second
+	scenarioDeadline  = 200 * time.Second
+	powerLossDeadline = 600 * time.Second
+	stuckGrace        = 15 * time.Second
 )
 
 var scenarios = map[string]func(context.Context, *guest) error{
@@ -63,6 +66,7 @@ var scenarios = map[string]func(context.Context, *guest) error{
 	"crash":     scenarioCrash,
 	"full":      scenarioFull,
 	"readonly":  scenarioReadOnly,
+	"powerloss": scenarioPowerLoss,
 }
 
 func main() {
@@ -113,7 +117,11 @@ func runScenario(log *slog.Logger, name string) ([]report.Step, error) {
 	if !ok {
 		return nil, fmt.Errorf("unknown scenario %q", name)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), scenarioDeadline)
+	deadline := scenarioDeadline
+	if name == "powerloss" {
+		deadline = powerLossDeadline
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), deadline)
 	defer cancel()
 	g := &guest{log: log.With("scenario", name)}
 	if err := g.step("fresh start", func() error { return freshStart(ctx, g) }); err != nil {
@@ -126,8 +134,8 @@ func runScenario(log *slog.Logger, name string) ([]report.Step, error) {
 	case err := <-done:
 		steps, _ := g.progress()
 		return steps, err
-	case <-time.After(scenarioDeadline + stuckGrace):
+	case <-time.After(deadline + stuckGrace):
 		steps, current := g.progress()
-		return steps, fmt.Errorf("stuck in step %q past the %v deadline", current, scenarioDeadline)
+		return steps, fmt.Errorf("stuck in step %q past the %v deadline", current, deadline)
 	}
 }

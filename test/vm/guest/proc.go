@@ -102,10 +102,15 @@ func createOrigin() error {
 	return f.Close()
 }
 
-// serve starts `nbdsnap serve` on the origin and waits for its readiness
-// notification (sd_notify READY=1, the daemon's documented readiness
-// signal), failing early if it exits instead.
+// serve starts `nbdsnap serve` on the scenarios' origin image.
 func (g *guest) serve(ctx context.Context) (*proc, error) {
+	return g.serveOrigin(ctx, originImage, stateDir)
+}
+
+// serveOrigin starts `nbdsnap serve` on an origin with a state directory and
+// waits for its readiness notification (sd_notify READY=1, the daemon's
+// documented readiness signal), failing early if it exits instead.
+func (g *guest) serveOrigin(ctx context.Context, origin, state string) (*proc, error) {
 	if err := os.MkdirAll("/run/nbdsnap", 0o755); err != nil {
 		return nil, err
 	}
@@ -115,8 +120,8 @@ func (g *guest) serve(ctx context.Context) (*proc, error) {
 		return nil, err
 	}
 	p, err := g.start("nbdsnap", []string{"NOTIFY_SOCKET=" + notifyPath},
-		"nbdsnap", "serve", originImage, "--name", exportName,
-		"--listen", "unix:"+serveSock, "--control", controlSock, "--state-dir", stateDir)
+		"nbdsnap", "serve", origin, "--name", exportName,
+		"--listen", "unix:"+serveSock, "--control", controlSock, "--state-dir", state)
 	if err != nil {
 		notify.Close()
 		os.Remove(notifyPath)
