@@ -6,7 +6,7 @@ FUZZTIME ?= 10s
 # deliberate change, not a surprise in CI.
 STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.6.1
 
-.PHONY: all build deps test unit fuzz-smoke demo bench bench-engine install clean
+.PHONY: all build deps test unit fuzz-smoke crashtest demo bench bench-engine install clean
 
 all: build
 
@@ -37,6 +37,13 @@ unit:
 
 fuzz-smoke:
 	FUZZTIME=$(FUZZTIME) ./test/fuzz-smoke.sh
+
+# The power-loss test in full: every FLUSH/FUA entry of each recording's
+# log, or a seeded sample of 200 where there are more (make test checks 25
+# per recording). About 10 minutes here; see test/vm/README.md.
+crashtest: deps build
+	NBDSNAP_REQUIRE_TOOLS=1 NBDSNAP_POWERLOSS_POINTS=$${NBDSNAP_POWERLOSS_POINTS:-200} \
+		$(GO) test -count=1 -v -timeout 60m -run 'TestPowerLoss' ./test/vm/
 
 demo: deps build
 	./test/demo.sh

@@ -35,7 +35,7 @@ func Record(t testing.TB, roots ...string) Tree {
 			case d.Type()&fs.ModeSocket != 0:
 				m[p] = "socket"
 			case d.Type().IsRegular():
-				sum, err := hashFile(p)
+				sum, err := HashFile(p)
 				if errors.Is(err, fs.ErrNotExist) {
 					return nil
 				}
@@ -50,7 +50,8 @@ func Record(t testing.TB, roots ...string) Tree {
 	return m
 }
 
-func hashFile(p string) (string, error) {
+// HashFile returns the hex sha256 of a file's content.
+func HashFile(p string) (string, error) {
 	f, err := os.Open(p)
 	if err != nil {
 		return "", err
