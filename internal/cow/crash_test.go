@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -26,13 +27,22 @@ type crashSnap struct {
 
 // crashWorker is one writer of a crash workload. It owns a half of the
 // origin; durable is its half as of its last completed Flush, dirty marks
-// bytes written since (which a crash may or may not keep).
+// bytes written since, and since holds those writes: a crash may keep any
+// of them, so a dirty byte must hold its durable value or one of theirs.
 type crashWorker struct {
 	lo, hi  int64
-	mu      sync.Mutex // guards durable and dirty against the crash hook
+	mu      sync.Mutex // guards durable, dirty and since against the crash hook
 	cur     []byte     // the half as acknowledged
 	durable []byte
 	dirty   []byte // 1: written since the last flush
+	since   []crashWrite
+}
+
+// crashWrite is a write, zero or trim issued since the last flush: its
+// offset in the worker's half and the bytes it puts there.
+type crashWrite struct {
+	off  int64
+	data []byte
 }
 
 // crashState is captured by the hook at the crash instant.
@@ -40,6 +50,7 @@ type crashState struct {
 	clone   *vfstest.MemFS
 	durable [][]byte
 	dirty   [][]byte
+	since   [][]crashWrite
 	snaps   []*crashSnap
 	created []bool
 	cleared []bool
@@ -134,6 +145,7 @@ func runCrash(t *testing.T, seed uint64, k int64) (groups int) {
 		for _, w := range workers {
 			w.mu.Lock()
 			st.dirty = append(st.dirty, bytes.Clone(w.dirty))
+			st.since = append(st.since, slices.Clone(w.since))
 			w.mu.Unlock()
 		}
 		for _, s := range st.snaps {
@@ -232,6 +244,7 @@ func runCrash(t *testing.T, seed uint64, k int64) (groups int) {
 					if !crashed.Load() {
 						copy(w.durable, before)
 						clear(w.dirty)
+						w.since = nil
 					}
 					w.mu.Unlock()
 				default: // write, zero, trim
@@ -242,20 +255,23 @@ func runCrash(t *testing.T, seed uint64, k int64) (groups int) {
 					off := w.lo + r.Int64N(w.hi-w.lo-n+1)
 					kind := r.IntN(10)
 					fua := r.IntN(8) == 0
+					if kind < 7 {
+						fillRandom(r, p[:n])
+					} else {
+						clear(p[:n])
+					}
 					createMu.RLock()
 					w.mu.Lock()
 					copy(w.dirty[off-w.lo:off-w.lo+n], ones)
+					w.since = append(w.since, crashWrite{off - w.lo, bytes.Clone(p[:n])})
 					w.mu.Unlock()
 					var err error
 					switch {
 					case kind < 7:
-						fillRandom(r, p[:n])
 						err = e.WriteAt(ctx, p[:n], off, fua)
 					case kind < 9:
-						clear(p[:n])
 						err = e.Zero(ctx, off, n, fua)
 					default:
-						clear(p[:n])
 						err = e.Trim(ctx, off, n, fua)
 					}
 					w.mu.Lock()
@@ -292,6 +308,20 @@ func runCrash(t *testing.T, seed uint64, k int64) (groups int) {
 	return groups
 }
 
+// writtenSince reports whether v is byte j's flushed value or the value a
+// write issued since the flush put there.
+func writtenSince(v, flushed byte, since []crashWrite, j int64) bool {
+	if v == flushed {
+		return true
+	}
+	for _, w := range since {
+		if j >= w.off && j < w.off+int64(len(w.data)) && w.data[j-w.off] == v {
+			return true
+		}
+	}
+	return false
+}
+
 // checkRecovery reopens what a crash left and compares it with the model.
 func checkRecovery(t *testing.T, ctx context.Context, st *crashState, workers []*crashWorker, size int64) {
 	t.Helper()
@@ -304,15 +334,17 @@ func checkRecovery(t *testing.T, ctx context.Context, st *crashState, workers []
 		t.Fatalf("recovery: read origin: %v", err)
 	}
 	for wi, w := range workers {
-		// Compare each run of bytes not written since the last flush.
+		// Compare each run of bytes not written since the last flush; a
+		// byte written since holds its flushed value or one of those
+		// writes', never anything else (older, or no write's).
 		dirty, durable, img := st.dirty[wi], st.durable[wi], got[w.lo:w.hi]
 		for a := 0; a < len(dirty); {
 			if dirty[a] != 0 {
-				i := bytes.IndexByte(dirty[a:], 0)
-				if i < 0 {
-					break
+				if !writtenSince(img[a], durable[a], st.since[wi], int64(a)) {
+					t.Fatalf("recovery: origin byte %d holds %#x: neither its flushed value %#x nor that of a write issued since",
+						w.lo+int64(a), img[a], durable[a])
 				}
-				a += i
+				a++
 				continue
 			}
 			b := len(dirty)

@@ -291,6 +291,21 @@ func runModel(t *testing.T, seed uint64, cfg modelConfig) (cacheWaits int64) {
 					if err != nil {
 						fail(fmt.Errorf("flush: %w", err))
 					}
+				case k < 75: // origin read: sees every acknowledged write, held ones too
+					off, n := randRange(r)
+					p := buf[:n]
+					rl.lock(off, n)
+					err := e.ReadAt(ctx, p, off)
+					var diff int
+					if err == nil && !bytes.Equal(p, model[off:off+n]) {
+						diff = firstDiff(p, model[off:off+n])
+						err = fmt.Errorf("differs from the acknowledged writes at +%d", diff)
+					}
+					rl.unlock(off, n)
+					log.add("w%d origin read off=%d n=%d err=%v", w, off, n, err)
+					if err != nil {
+						fail(fmt.Errorf("origin read off=%d n=%d: %w", off, n, err))
+					}
 				case k < 97: // snapshot read
 					ms := pickSnap(r)
 					if ms == nil {
