@@ -40,7 +40,7 @@ fuzz-smoke:
 
 # The power-loss test in full: every FLUSH/FUA entry of each recording's
 # log, or a seeded sample of 200 where there are more (make test checks 25
-# per recording). About 10 minutes here; see test/vm/README.md.
+# per recording). About 2 minutes here; see test/vm/README.md.
 crashtest: deps build
 	NBDSNAP_REQUIRE_TOOLS=1 NBDSNAP_POWERLOSS_POINTS=$${NBDSNAP_POWERLOSS_POINTS:-200} \
 		$(GO) test -count=1 -v -timeout 60m -run 'TestPowerLoss' ./test/vm/
