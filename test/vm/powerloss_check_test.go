@@ -337,7 +337,7 @@ func (c *pointChecker) check(ctx context.Context, passed map[string]bool) (summa
 	case err := <-exited:
 		stopped = true
 		if err != nil {
-			problems = append(problems, fmt.Sprintf("nbdsnap serve after SIGTERM: %v\n%s", err, out.String()))
+			problems = append(problems, fmt.Sprintf("nbdsnap serve after SIGTERM: %v (its log is below)", err))
 		}
 	case <-time.After(30 * time.Second):
 		problems = append(problems, "nbdsnap serve did not stop within 30s of SIGTERM")
@@ -347,8 +347,8 @@ func (c *pointChecker) check(ctx context.Context, passed map[string]bool) (summa
 			if s.State != control.StateValid {
 				continue
 			}
-			if res, err := command(ctx, c.nbdsnap, "check", s.BackingPath); err != nil {
-				problems = append(problems, fmt.Sprintf("snapshot %s: nbdsnap check %s: %v\n%s", s.Name, s.BackingPath, err, res))
+			if _, err := command(ctx, c.nbdsnap, "check", s.BackingPath); err != nil {
+				problems = append(problems, fmt.Sprintf("snapshot %s: %v", s.Name, err))
 			}
 		}
 	}
@@ -415,8 +415,8 @@ func (c *pointChecker) checkFiles(ctx context.Context, origin string, passed map
 	if err := os.MkdirAll(mnt, 0o755); err != nil {
 		return []string{err.Error()}
 	}
-	if out, err := command(ctx, "mount", "-t", "ext4", "-o", "loop", origin, mnt); err != nil {
-		return []string{fmt.Sprintf("origin: mount: %v\n%s", err, out)}
+	if _, err := command(ctx, "mount", "-t", "ext4", "-o", "loop", origin, mnt); err != nil {
+		return []string{fmt.Sprintf("origin: %v", err)}
 	}
 	var problems []string
 	for _, f := range c.rec.Files(passed) {
@@ -464,12 +464,13 @@ func fsckClean(ctx context.Context, image string) error {
 // readExport copies an export to a file with nbdcopy.
 func readExport(ctx context.Context, sock, export, file string) error {
 	uri := "nbd+unix:///" + export + "?socket=" + sock
-	if out, err := command(ctx, "nbdcopy", "--synchronous", uri, file); err != nil {
-		return fmt.Errorf("read export %s: %w\n%s", export, err, out)
+	if _, err := command(ctx, "nbdcopy", "--synchronous", uri, file); err != nil {
+		return fmt.Errorf("read export %s: %w", export, err)
 	}
 	return nil
 }
 
+// command runs a tool; its error carries the tool's output.
 func command(ctx context.Context, name string, args ...string) (string, error) {
 	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
 	if err != nil {
