@@ -80,6 +80,13 @@ func checkRecording(t *testing.T, r recording, nbdsnap string, points int, seed 
 		t.Fatal(err)
 	}
 	defer os.RemoveAll(work)
+	// Each point removes spec.Root; the directories above it go with the
+	// last recording (os.Remove takes only an empty one).
+	defer func() {
+		for dir := filepath.Dir(spec.Root); dir != "/run" && dir != "/" && dir != "."; dir = filepath.Dir(dir) {
+			os.Remove(dir)
+		}
+	}()
 	replay := filepath.Join(work, "replay.img")
 	dataSize, err := fileSize(r.data)
 	if err != nil {
