@@ -101,7 +101,7 @@ func checkRecording(t *testing.T, r recording, nbdsnap string, points int, seed 
 		t.Fatal(err)
 	}
 	rep := logwrites.NewReplayer(l, img)
-	c := &pointChecker{rec: &r.rec, nbdsnap: nbdsnap, replay: replay, work: work, fsckClean: map[string]bool{}}
+	c := &pointChecker{rec: &r.rec, writes: r.rec.Writes(), nbdsnap: nbdsnap, replay: replay, work: work, fsckClean: map[string]bool{}}
 	failures := 0
 	start := time.Now()
 	for _, entry := range chosen {
@@ -146,6 +146,7 @@ func checkRecording(t *testing.T, r recording, nbdsnap string, points int, seed 
 // right after that log entry would have left it.
 type pointChecker struct {
 	rec     *workload.Record
+	writes  map[int64][]int64 // rec.Writes(), once for every point
 	nbdsnap string
 	replay  string // the image being replayed, left untouched
 	work    string // scratch space (tmpfs)
@@ -332,11 +333,13 @@ func (c *pointChecker) check(ctx context.Context, passed map[string]bool) (summa
 	defer os.Remove(origin)
 	switch spec.Workload {
 	case workload.Random:
-		summary += fmt.Sprintf(", %d origin blocks with a durable write", len(c.rec.Required(passed)))
-		problems = append(problems, c.checkBlocks(origin, passed)...)
+		required := c.rec.Required(passed)
+		summary += fmt.Sprintf(", %d origin blocks with a durable write", len(required))
+		problems = append(problems, c.checkBlocks(origin, required)...)
 	case workload.Ext4:
-		summary += fmt.Sprintf(", %d durable files", len(c.rec.Files(passed)))
-		problems = append(problems, c.checkFiles(ctx, origin, passed)...)
+		files := c.rec.Files(passed)
+		summary += fmt.Sprintf(", %d durable files", len(files))
+		problems = append(problems, c.checkFiles(ctx, origin, files)...)
 	}
 
 	d.Process.Signal(syscall.SIGTERM)
@@ -389,10 +392,8 @@ func (c *pointChecker) waitStatus(ctx context.Context, ctl string, exited <-chan
 
 // checkBlocks compares each block of the origin with what the record
 // allows there.
-func (c *pointChecker) checkBlocks(origin string, passed map[string]bool) []string {
-	seed := c.rec.Spec.Seed
-	required := c.rec.Required(passed)
-	writes := c.rec.Writes()
+func (c *pointChecker) checkBlocks(origin string, required map[int64]int64) []string {
+	seed, writes := c.rec.Spec.Seed, c.writes
 	b, err := os.ReadFile(origin)
 	if err != nil {
 		return []string{err.Error()}
@@ -417,7 +418,7 @@ func (c *pointChecker) checkBlocks(origin string, passed map[string]bool) []stri
 // checkFiles mounts a copy of the origin (ext4 recovers its journal, as at
 // a boot after the power cut), checks the files the last sync made durable,
 // then requires e2fsck -fn to find it clean.
-func (c *pointChecker) checkFiles(ctx context.Context, origin string, passed map[string]bool) []string {
+func (c *pointChecker) checkFiles(ctx context.Context, origin string, files []workload.FileExpect) []string {
 	mnt := filepath.Join(c.work, "mnt")
 	if err := os.MkdirAll(mnt, 0o755); err != nil {
 		return []string{err.Error()}
@@ -426,7 +427,7 @@ func (c *pointChecker) checkFiles(ctx context.Context, origin string, passed map
 		return []string{fmt.Sprintf("origin: %v", err)}
 	}
 	var problems []string
-	for _, f := range c.rec.Files(passed) {
+	for _, f := range files {
 		b, err := os.ReadFile(filepath.Join(mnt, f.Path))
 		switch {
 		case errors.Is(err, os.ErrNotExist) && f.MayBeGone:
