@@ -12,6 +12,7 @@ import (
 
 	"github.com/nbdsnap/nbdsnap/internal/cow"
 	"github.com/nbdsnap/nbdsnap/internal/daemon"
+	"github.com/nbdsnap/nbdsnap/internal/nbdsrv"
 )
 
 type serveOptions struct {
@@ -20,6 +21,7 @@ type serveOptions struct {
 	control     string
 	stateDir    string
 	cacheSize   int64
+	reqMemory   int64
 	logLevel    string
 	logFormat   string
 	stopTimeout time.Duration
@@ -72,6 +74,7 @@ snapshot durable, exit 0. Readiness is reported to systemd (Type=notify).`,
 	f.DurationVar(&o.waitStores, "wait-stores", 0, "at start, wait up to this long for missing backing stores to appear before serving the origin without them")
 	f.BoolVar(&o.movedOrigin, "accept-moved-origin", false, "the origin moved to this path or device: serve snapshots whose recorded origin path or identity differs")
 	f.Var(sizeFlag{&o.cacheSize}, "cache-size", "copy-on-write cache per snapshot (default "+formatSize(cow.DefaultCacheBytes)+")")
+	f.Var(sizeFlag{&o.reqMemory}, "request-memory", "request payloads in memory at once, all clients together; a client whose request does not fit waits (default "+formatSize(nbdsrv.DefaultMaxBytes)+")")
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&o.logFormat, "log-format", "text", "text or json")
 	f.DurationVar(&o.stopTimeout, "stop-timeout", 30*time.Second, "how long SIGTERM waits for requests in flight before cutting them")
@@ -119,6 +122,7 @@ func (o *serveOptions) run(cmd *cobra.Command, origin, version string) error {
 		Control:           o.control,
 		StateDir:          stateDir,
 		CacheBytes:        o.cacheSize,
+		RequestMemory:     o.reqMemory,
 		WaitStores:        o.waitStores,
 		AcceptMovedOrigin: o.movedOrigin,
 		CrashPoint:        os.Getenv(crashPointEnv),

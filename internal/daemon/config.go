@@ -43,6 +43,9 @@ type Config struct {
 	// CacheBytes is the copy-on-write cache budget per snapshot; 0 means
 	// the engine's default.
 	CacheBytes int64
+	// RequestMemory bounds the request payloads held in memory by all NBD
+	// clients together (nbdsrv.Config.MaxBytes); 0 means nbdsrv's default.
+	RequestMemory int64
 	// Version is the build version reported over the control socket.
 	Version string
 	// Logger receives everything the daemon logs; nil discards.

@@ -209,7 +209,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("origin %s: %w", cfg.Origin, err)
 	}
-	d.srv = nbdsrv.NewServer(nbdsrv.Config{Logger: log})
+	d.srv = nbdsrv.NewServer(nbdsrv.Config{Logger: log, MaxBytes: cfg.RequestMemory})
 	if err := d.srv.AddExport(nbdsrv.Export{
 		Name:        cfg.Name,
 		Description: "nbdsnap origin " + cfg.Origin,

@@ -19,14 +19,16 @@
 // (option haggling), validate.go (the one gate every request passes),
 // transmission.go (reader, handlers, reply writer), inline.go (requests
 // run on the reader, its watchdog), reply.go (reply layout), constants.go (wire constants), pool.go (buffers and the
-// per-connection budget). docs/protocol.md lists what is supported, what is
+// per-connection budget), memory.go (the budget of all connections together),
+// loglimit.go (per-request log lines, rate-limited). docs/protocol.md lists what is supported, what is
 // refused with which error, and the limits.
 //
 // # Concurrency
 //
 // Each connection has one reader goroutine and worker goroutines that serve
 // its requests in parallel (at most Config.MaxRequestsPerConn requests in
-// flight, holding at most Config.MaxBytesPerConn payload bytes); workers
+// flight, holding at most Config.MaxBytesPerConn payload bytes, and all
+// connections together at most Config.MaxBytes); workers
 // are started on demand and exit when idle. While the backend answers short
 // requests fast, the reader runs them itself, without a hand-off, and a
 // watchdog hands the reading to a new goroutine if one of them runs past a

@@ -46,7 +46,6 @@ type conn struct {
 	wq       replyQueue
 	work     chan *request  // reader to idle workers
 	inflight sync.WaitGroup // workers alive
-	refused  int            // requests refused by validate; reader goroutine only
 	requests int            // requests read, up to busyAfter; reader goroutine only
 	service  serviceTime    // when the reader runs requests itself (inline.go)
 	turn     atomic.Pointer[readTurn]
@@ -76,7 +75,7 @@ const (
 
 func newConn(s *Server, nc net.Conn, id uint64) *conn {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &conn{
+	c := &conn{
 		s:      s,
 		nc:     nc,
 		id:     id,
@@ -85,6 +84,8 @@ func newConn(s *Server, nc net.Conn, id uint64) *conn {
 		cancel: cancel,
 		budget: newBudget(s.cfg.MaxRequestsPerConn, s.cfg.MaxBytesPerConn),
 	}
+	c.wq.idle.L = &c.wq.mu
+	return c
 }
 
 // errQuiet ends a connection without anything to log: the client went away

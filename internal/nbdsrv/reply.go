@@ -27,6 +27,9 @@ type request struct {
 // maxErrMsg bounds the human-readable message of an error chunk.
 const maxErrMsg = 128
 
+// streamed reports whether r is a READ answered a piece at a time.
+func (r *request) streamed() bool { return r.cmd == CmdRead && r.length > readChunk }
+
 func (r *request) reset() {
 	*r = request{hdr: r.hdr}
 }
@@ -73,6 +76,17 @@ func (c *conn) setReply(r *request) {
 	}
 	switch r.cmd {
 	case CmdRead:
+		if r.streamed() {
+			// The whole data in one chunk that is not the last: a piece
+			// read later may fail, and then only closing the connection is
+			// left (see streamRest).
+			h := r.hdr[:structReplyLen+8]
+			putChunkHeader(h, 0, ReplyOffsetData, r.cookie, 8+int(r.length))
+			binary.BigEndian.PutUint64(h[20:], r.off)
+			r.out = h
+			r.payload = *r.buf
+			return
+		}
 		if r.hole {
 			h := r.hdr[:structReplyLen+12]
 			putChunkHeader(h, replyFlagDone, ReplyOffsetHole, r.cookie, 12)

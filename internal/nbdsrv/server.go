@@ -18,6 +18,7 @@ const (
 	DefaultMaxConns           = 1024
 	DefaultMaxRequestsPerConn = 64
 	DefaultMaxBytesPerConn    = 64 << 20
+	DefaultMaxBytes           = 256 << 20
 	DefaultHandshakeTimeout   = 30 * time.Second
 	DefaultMaxOptions         = 128
 
@@ -48,16 +49,19 @@ type Config struct {
 	MaxConns           int   // connections open at once, negotiating or not
 	MaxRequestsPerConn int   // requests in flight per connection
 	MaxBytesPerConn    int64 // payload bytes in flight per connection
+	MaxBytes           int64 // payload bytes in flight on all connections together (see memory)
 	HandshakeTimeout   time.Duration
 	MaxOptions         int // options per negotiation (an addition to the design's Config)
 }
 
 // Server serves exports over NBD. All methods are safe for concurrent use.
 type Server struct {
-	cfg  Config
-	log  *slog.Logger
-	pool *bufPool
-	zero []byte // read-only zeros: emulated WRITE_ZEROES and hole detection
+	cfg    Config
+	log    *slog.Logger
+	pool   *bufPool
+	mem    *memory
+	loglim *logLimiter
+	zero   []byte // read-only zeros: emulated WRITE_ZEROES and hole detection
 
 	mu         sync.Mutex
 	exports    map[string]*export
@@ -92,6 +96,9 @@ func NewServer(cfg Config) *Server {
 	if cfg.MaxBytesPerConn <= 0 {
 		cfg.MaxBytesPerConn = DefaultMaxBytesPerConn
 	}
+	if cfg.MaxBytes <= 0 {
+		cfg.MaxBytes = DefaultMaxBytes
+	}
 	if cfg.HandshakeTimeout <= 0 {
 		cfg.HandshakeTimeout = DefaultHandshakeTimeout
 	}
@@ -102,6 +109,8 @@ func NewServer(cfg Config) *Server {
 		cfg:       cfg,
 		log:       cfg.Logger,
 		pool:      newBufPool(),
+		mem:       newMemory(cfg.MaxBytes),
+		loglim:    newLogLimiter(cfg.Logger),
 		zero:      make([]byte, 1<<20),
 		exports:   map[string]*export{},
 		listeners: map[net.Listener]struct{}{},

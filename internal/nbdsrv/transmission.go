@@ -41,9 +41,10 @@ const (
 	// minHoleLen is the shortest read worth checking for all zeros, to
 	// answer with a 32-byte hole chunk instead of the data.
 	minHoleLen = 512
-	// maxRefusalWarnings is how many refused requests per connection are
-	// logged at warn.
-	maxRefusalWarnings = 10
+	// readChunk is the most a READ holds in memory: a longer one is read
+	// and sent a piece at a time (streamRest), so that a client asking for
+	// 32 MiB and not reading the reply pins 1 MiB, not 32.
+	readChunk = 1 << 20
 )
 
 var (
@@ -170,13 +171,10 @@ func (c *conn) readLoop(t *readTurn) error {
 				}
 			}
 			// A client violating the protocol is worth a warning, but not
-			// an unbounded stream of them: after the first few, debug.
-			level := slog.LevelWarn
-			if c.refused++; c.refused > maxRefusalWarnings {
-				level = slog.LevelDebug
-			}
-			c.log.Log(c.ctx, level, "nbd: request refused", "cookie", cookie, "cmd", ri.cmd, "flags", ri.flags,
-				"offset", ri.off, "length", ri.length, "errno", errno, "reason", reason)
+			// a line per request (loglim).
+			c.s.loglim.logf(c.ctx, c.log, slog.LevelWarn, c.exp.Name+": "+reason, "nbd: request refused",
+				"cookie", cookie, "cmd", ri.cmd, "flags", ri.flags, "offset", ri.off, "length", ri.length,
+				"errno", errno, "reason", reason)
 			r.errno, r.reason = errno, reason
 			if !c.acquire(0) {
 				c.s.putRequest(r)
@@ -223,14 +221,25 @@ func (c *conn) readLoop(t *readTurn) error {
 	}
 }
 
-// acquire takes budget for a request the reader admits. Held replies hold
-// budget themselves, so they are sent before the reader waits for it.
+// acquire takes budget for a request the reader admits: the connection's,
+// then the server's memory. Held replies hold budget themselves, so they
+// are sent before the reader waits for either.
 func (c *conn) acquire(cost int64) bool {
-	if c.budget.tryAcquire(cost) {
+	if !c.budget.tryAcquire(cost) {
+		c.flushHeld()
+		if !c.budget.acquire(cost) {
+			return false
+		}
+	}
+	if c.s.mem.tryAcquire(cost) {
 		return true
 	}
 	c.flushHeld()
-	return c.budget.acquire(cost)
+	if c.s.mem.acquire(c.ctx, cost) {
+		return true
+	}
+	c.budget.release(cost)
+	return false
 }
 
 // dispatch hands r to an idle worker, or starts a worker for it. Workers
@@ -261,7 +270,11 @@ func (c *conn) worker(r *request) {
 	defer idle.Stop()
 	for {
 		if c.timedHandle(r) {
-			c.send(r)
+			if r.errno == 0 && r.streamed() {
+				c.streamRest(r)
+			} else {
+				c.send(r)
+			}
 		}
 		idle.Reset(workerIdle)
 		var ok bool
@@ -279,7 +292,9 @@ func (c *conn) worker(r *request) {
 // cost is the buffer space a request holds until its reply is sent.
 func (c *conn) cost(ri reqInfo) int64 {
 	switch ri.cmd {
-	case CmdRead, CmdWrite:
+	case CmdRead:
+		return int64(min(ri.length, readChunk))
+	case CmdWrite:
 		return int64(ri.length)
 	case CmdBlockStatus:
 		return int64(len(c.meta)) * blockStatusChunkMax(ri.flags)
@@ -309,14 +324,7 @@ func (c *conn) handle(r *request) (ok bool) {
 		}
 	}()
 	if err := c.do(r); err != nil {
-		r.errno, r.ioFailed = errnoOf(err), true
-		if r.reason == "" {
-			r.reason = r.errno.String()
-		}
-		if c.ctx.Err() == nil && !errors.Is(err, ErrNotFast) {
-			c.log.Error("nbd: request failed", "cookie", r.cookie, "cmd", r.cmd, "offset", r.off,
-				"length", r.length, "errno", r.errno, "err", err)
-		}
+		c.failed(r, err)
 		if r.cmd == CmdRead || r.cmd == CmdBlockStatus {
 			c.s.pool.put(r.buf)
 			r.buf = nil
@@ -326,18 +334,32 @@ func (c *conn) handle(r *request) (ok bool) {
 	return true
 }
 
-// do performs r's I/O on the backend.
+// failed records the backend's error as r's and logs it.
+func (c *conn) failed(r *request, err error) {
+	r.errno, r.ioFailed = errnoOf(err), true
+	if r.reason == "" {
+		r.reason = r.errno.String()
+	}
+	if c.ctx.Err() == nil && !errors.Is(err, ErrNotFast) {
+		c.s.loglim.logf(c.ctx, c.log, slog.LevelError, c.exp.Name+": "+r.cmd.String()+" "+r.errno.String(),
+			"nbd: request failed", "cookie", r.cookie, "cmd", r.cmd, "offset", r.off, "length", r.length,
+			"errno", r.errno, "err", err)
+	}
+}
+
+// do performs r's I/O on the backend; of a streamed READ, only the first
+// piece (streamRest does the rest).
 func (c *conn) do(r *request) error {
 	ctx, b := c.ctx, c.exp.Backend
 	off, n := int64(r.off), int64(r.length)
 	fua := r.flags&FlagFUA != 0
 	switch r.cmd {
 	case CmdRead:
-		r.buf = c.s.pool.get(int(r.length))
+		r.buf = c.s.pool.get(int(min(r.length, readChunk)))
 		if err := b.ReadAt(ctx, *r.buf, off); err != nil {
 			return fmt.Errorf("read: %w", err)
 		}
-		r.hole = c.structured && r.length >= minHoleLen && c.s.isZero(*r.buf)
+		r.hole = c.structured && !r.streamed() && r.length >= minHoleLen && c.s.isZero(*r.buf)
 		return nil
 	case CmdWrite:
 		// validate admitted the write, so the export is writable.
@@ -452,12 +474,13 @@ func (c *conn) blockStatus(ctx context.Context, r *request) error {
 // replyQueue holds replies waiting for the writer.
 type replyQueue struct {
 	mu      sync.Mutex
+	idle    sync.Cond // writing became false (streamRest waits for it)
 	q       []*request
 	spare   []*request
-	writing bool // a goroutine is in send's write loop
+	writing bool // a goroutine is the writer: in send's write loop, or streaming
 	broken  bool // a write failed: replies are dropped from now on
 	vec     [][]byte
-	bufs    net.Buffers // vec, as writeBatch hands it to the socket
+	bufs    net.Buffers // vec, as write hands it to the socket
 }
 
 // send queues the replies of rs and, unless another goroutine is writing,
@@ -472,6 +495,14 @@ func (c *conn) send(rs ...*request) {
 		return
 	}
 	w.writing = true
+	c.writeQueued()
+}
+
+// writeQueued is the writer's loop: it writes every queued reply until none
+// is left, then gives the writer's role up. It is called with wq.mu held
+// by the writer and returns with it released.
+func (c *conn) writeQueued() {
+	w := &c.wq
 	for len(w.q) > 0 {
 		batch := w.q
 		w.q = w.spare[:0]
@@ -489,25 +520,34 @@ func (c *conn) send(rs ...*request) {
 		w.spare = batch[:0]
 	}
 	w.writing = false
+	w.idle.Broadcast()
 	w.mu.Unlock()
 }
 
-// writeBatch sends the replies of batch in one writev; only the goroutine
-// that set replyQueue.writing calls it.
+// writeBatch sends the replies of batch in one writev; only the writer
+// calls it.
 func (c *conn) writeBatch(batch []*request) bool {
 	vec := c.wq.vec[:0]
 	for _, r := range batch {
-		if len(r.out) > 0 {
-			vec = append(vec, r.out)
-		}
-		if len(r.payload) > 0 {
-			vec = append(vec, r.payload)
+		vec = append(vec, r.out, r.payload)
+	}
+	return c.write(vec)
+}
+
+// write sends vec (empty parts are skipped) in one writev; only the writer
+// calls it. A failed write ends the connection.
+func (c *conn) write(vec [][]byte) bool {
+	n := 0
+	for _, b := range vec {
+		if len(b) > 0 {
+			vec[n] = b
+			n++
 		}
 	}
-	c.wq.vec = vec
+	c.wq.vec = vec[:n]
 	// WriteTo consumes the slice it is called on: a field, so that no
 	// slice header is allocated per batch.
-	c.wq.bufs = vec
+	c.wq.bufs = vec[:n]
 	if _, err := c.wq.bufs.WriteTo(c.nc); err != nil {
 		if c.ctx.Err() == nil {
 			c.log.Debug("nbd: reply write failed", "err", err)
@@ -518,10 +558,55 @@ func (c *conn) writeBatch(batch []*request) bool {
 	return true
 }
 
+// streamRest sends the reply of a streamed READ whose first piece do has
+// read: the header and that piece, then each further piece as it is read
+// into the same buffer, then (structured) a final chunk. It writes as the
+// writer, so replies queued meanwhile go out after it: a simple reply's
+// data must follow its header unbroken, and the spec's "don't fragment"
+// flag asks the same of a structured one. Once the header is out, a piece
+// that fails to read can no longer be reported, so the connection is
+// closed (the client sees the read fail).
+func (c *conn) streamRest(r *request) {
+	defer c.release(r)
+	w := &c.wq
+	w.mu.Lock()
+	for w.writing && !w.broken {
+		w.idle.Wait()
+	}
+	if w.broken {
+		w.mu.Unlock()
+		return
+	}
+	w.writing = true
+	w.mu.Unlock()
+
+	ok := c.write(append(w.vec[:0], r.out, r.payload))
+	for off, end := int64(r.off)+int64(len(*r.buf)), int64(r.off)+int64(r.length); ok && off < end; {
+		p := (*r.buf)[:min(int64(readChunk), end-off)]
+		if err := c.exp.Backend.ReadAt(c.ctx, p, off); err != nil {
+			c.failed(r, fmt.Errorf("read at %d, after %d bytes of the reply were sent: %w", off, off-int64(r.off), err))
+			c.abort()
+			ok = false
+			break
+		}
+		ok = c.write(append(w.vec[:0], p))
+		off += int64(len(p))
+	}
+	if ok && c.structured {
+		h := r.hdr[:structReplyLen]
+		putChunkHeader(h, replyFlagDone, ReplyNone, r.cookie, 0)
+		ok = c.write(append(w.vec[:0], h))
+	}
+	w.mu.Lock()
+	w.broken = w.broken || !ok
+	c.writeQueued()
+}
+
 // release returns a request's buffer and budget.
 func (c *conn) release(r *request) {
 	c.s.pool.put(r.buf)
 	c.budget.release(r.cost)
+	c.s.mem.release(r.cost)
 	c.s.putRequest(r)
 }
 
