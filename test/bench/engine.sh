@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The copy-on-write engine's own benchmarks (issue 3, point 4), apart from
+# The copy-on-write engine's own benchmarks, apart from
 # the NBD layer: BenchmarkFirstWrite writes whole clusters that no snapshot
 # has copied yet, with no snapshot ("none", the baseline), a transient and a
 # persistent one, origin and store in /dev/shm so that the ratio measures the

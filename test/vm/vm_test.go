@@ -22,7 +22,7 @@ import (
 // checks). The guest agent (test/vm/guest) implements them.
 var scenarios = []string{
 	"reference", // the harness itself, against nbdkit: attach, ext4, kill -9 + reconnect
-	"freeze",    // issue 5 scenario 1: create --freeze, snapshot == set A exactly
+	"freeze",    // scenario 1: create --freeze, snapshot == set A exactly
 	"nofreeze",  // scenario 2: sync + create, snapshot mounts ro,noload
 	"crash",     // scenario 3: kill -9 during a write load, restart, reconnect
 	"full",      // scenario 4: backing store too small, snapshot invalid, origin fine

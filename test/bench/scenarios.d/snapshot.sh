@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Sourced by test/bench/run.sh after its built-in scenarios (issue 6):
+# Sourced by test/bench/run.sh after its built-in scenarios:
 # nbdsnap (persistent and transient snapshots) side by side with nbdkit and
 # QEMU image fleecing (qemu-storage-daemon, copy-before-write +
 # snapshot-access), fio --ioengine=nbd, origin and stores in /dev/shm and on

@@ -1,5 +1,5 @@
 // Package snapshot holds the side-by-side snapshot benchmark of `make bench`
-// (issue 6): nbdsnap against nbdkit and QEMU image fleecing
+// nbdsnap against nbdkit and QEMU image fleecing
 // (qemu-storage-daemon with a copy-before-write filter and a snapshot-access
 // export), all driven by fio --ioengine=nbd.
 //

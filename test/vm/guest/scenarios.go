@@ -133,7 +133,7 @@ func (g *guest) setB(ctx context.Context, a fsModel) (fsModel, error) {
 	return m, err
 }
 
-// scenarioFreeze is issue 5's scenario 1.
+// scenarioFreeze is scenario 1: create --freeze under a mounted ext4.
 func scenarioFreeze(ctx context.Context, g *guest) error {
 	d, err := g.originUp(ctx)
 	if err != nil {
@@ -230,7 +230,7 @@ func e2fsckJournalOnly(out string, code int) error {
 	return nil
 }
 
-// scenarioNoFreeze is issue 5's scenario 2.
+// scenarioNoFreeze is scenario 2: sync + create, no freeze.
 func scenarioNoFreeze(ctx context.Context, g *guest) error {
 	d, err := g.originUp(ctx)
 	if err != nil {
@@ -550,7 +550,7 @@ func scenarioReference(ctx context.Context, g *guest) error {
 	})
 }
 
-// scenarioCrash is issue 5's scenario 3.
+// scenarioCrash is scenario 3: kill -9 with writes in flight.
 func scenarioCrash(ctx context.Context, g *guest) error {
 	d, err := g.originUp(ctx, "-t", requeueTimeout)
 	if err != nil {
@@ -621,7 +621,7 @@ func scenarioCrash(ctx context.Context, g *guest) error {
 	return g.finish(ctx, d, "snap1")
 }
 
-// scenarioFull is issue 5's scenario 4: two snapshots whose backing stores
+// scenarioFull is scenario 4: two snapshots whose backing stores
 // cannot hold what the writes copy, one limited by --max-size, one on a
 // tmpfs too small for it (ENOSPC).
 func scenarioFull(ctx context.Context, g *guest) error {
@@ -734,7 +734,7 @@ func readPrefix(dev string, n int) ([]byte, error) {
 	return b, err
 }
 
-// scenarioReadOnly is issue 5's scenario 5.
+// scenarioReadOnly is scenario 5: the snapshot device is read-only.
 func scenarioReadOnly(ctx context.Context, g *guest) error {
 	d, err := g.originUp(ctx)
 	if err != nil {

@@ -1,5 +1,5 @@
 // Command benchsnap runs nbdsnap side by side with nbdkit and QEMU image
-// fleecing (issue 6) and writes results.md, chart.png and raw.json to -out.
+// fleecing and writes results.md, chart.png and raw.json to -out.
 // It is run by test/bench/scenarios.d/snapshot.sh under `make bench`, and
 // with tiny sizes by the smoke test in `make test`.
 package main

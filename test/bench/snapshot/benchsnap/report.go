@@ -244,7 +244,8 @@ func timedDesc(c *config) string {
 	return fmt.Sprintf("%d s after 1 s ramp", c.fio.runtime)
 }
 
-// targets checks issue 6's targets against the tmpfs location (the first).
+// targets checks the bench's targets (in bench/results/README.md) against
+// the tmpfs location (the first).
 func targets(c *config, res *results) string {
 	l := c.locs[0].name
 	var b strings.Builder
