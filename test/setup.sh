@@ -26,6 +26,7 @@ pkgs=(
 	jq                  # test/bench/run.sh: reads fio's JSON
 	bc                  # test/bench/run.sh: ratios
 	diffutils           # cmp in the nbdsrv interop tests
+	openssl             # certificates for the TLS tests and the TLS rows of make bench
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -190,6 +190,9 @@ func TestCommands(t *testing.T) {
 		{"version with daemon", []string{"version", "--name", "data"}, 0, []string{"nbdsnap v-cli (", "daemon at " + ctl + ": nbdsnap v-test"}, "", 2},
 		{"serve needs name", []string{"serve", "/dev/null"}, 2, nil, "serve needs --name NAME", 2},
 		{"serve bad name", []string{"serve", "/dev/null", "--name", "../x"}, 2, nil, "--name: name \"../x\" must be", 2},
+		{"serve TLS without certificate", []string{"serve", "/dev/null", "--name", "data", "--tls", "require"}, 2, nil,
+			"--tls=require needs the server's certificate and key (--tls-cert and --tls-key)", 2},
+		{"serve bad TLS mode", []string{"serve", "/dev/null", "--name", "data", "--tls", "maybe"}, 2, nil, `--tls "maybe": want off, allow or require`, 2},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

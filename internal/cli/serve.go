@@ -27,6 +27,8 @@ type serveOptions struct {
 	stopTimeout time.Duration
 	waitStores  time.Duration
 	movedOrigin bool
+	tls         daemon.TLSConfig
+	insecureTCP bool
 }
 
 // DefaultStateRoot holds each daemon's state directory, NAME under it,
@@ -56,11 +58,23 @@ not served; --accept-moved-origin says the origin moved (same data,
 another device or path). --wait-stores waits for backing stores on file
 systems mounted late.
 
+TLS: with --tls-cert and --tls-key every listener offers TLS
+(NBD_OPT_STARTTLS); --tls=require, the default then, makes TCP listeners
+refuse plain sessions, while unix sockets, guarded by their file mode, never
+require it. --tls-ca requires a client certificate signed by it;
+--tls-allow-origin and --tls-allow-snapshots limit the origin's or the
+snapshots' exports to clients whose certificate names one of the IDs. A TCP
+listener on an address other than loopback is refused without
+--tls=require, unless --insecure-tcp.
+
 SIGTERM or SIGINT: stop accepting, finish requests in flight, make every
 snapshot durable, exit 0. Readiness is reported to systemd (Type=notify).`,
 		Example: `  nbdsnap serve /dev/disk/by-id/virtio-data --name data
   nbdsnap serve disk.img --name data --state-dir /srv/nbdsnap/data --listen unix:/tmp/data.sock --listen tcp::10809
-  nbdsnap serve /dev/vdb --name data --wait-stores 2m`,
+  nbdsnap serve /dev/vdb --name data --wait-stores 2m
+  nbdsnap serve /dev/vdb --name data --listen tcp:0.0.0.0:10809 --tls-cert server-cert.pem \
+      --tls-key server-key.pem --tls-ca ca-cert.pem --tls-allow-snapshots backup.example.com \
+      --tls-allow-origin vmhost.example.com`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return o.run(cmd, args[0], version)
@@ -78,6 +92,13 @@ snapshot durable, exit 0. Readiness is reported to systemd (Type=notify).`,
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&o.logFormat, "log-format", "text", "text or json")
 	f.DurationVar(&o.stopTimeout, "stop-timeout", 30*time.Second, "how long SIGTERM waits for requests in flight before cutting them")
+	f.StringVar((*string)(&o.tls.Mode), "tls", "", "off, allow or require: require makes every TCP listener refuse plain sessions; unix sockets offer TLS but never require it (default require with --tls-cert, else off)")
+	f.StringVar(&o.tls.CertFile, "tls-cert", "", "the server's TLS certificate, PEM")
+	f.StringVar(&o.tls.KeyFile, "tls-key", "", "the private key of --tls-cert, PEM")
+	f.StringVar(&o.tls.CAFile, "tls-ca", "", "PEM CA certificates: TLS clients must present a certificate one of them signed")
+	f.StringArrayVar(&o.tls.AllowOrigin, "tls-allow-origin", nil, "only TLS clients whose certificate names this ID (CN or a SAN) may use the origin's export over TCP (repeatable; needs --tls-ca)")
+	f.StringArrayVar(&o.tls.AllowSnapshots, "tls-allow-snapshots", nil, "only TLS clients whose certificate names this ID (CN or a SAN) may use the snapshots' exports over TCP (repeatable; needs --tls-ca)")
+	f.BoolVar(&o.insecureTCP, "insecure-tcp", false, "allow a TCP listener on an address other than loopback without --tls=require")
 	return cmd
 }
 
@@ -110,6 +131,9 @@ func (o *serveOptions) run(cmd *cobra.Command, origin, version string) error {
 	if o.waitStores < 0 {
 		return usagef("--wait-stores must not be negative")
 	}
+	if err := o.tls.Check(); err != nil {
+		return usageError{err}
+	}
 	stateDir := o.stateDir
 	if stateDir == "" {
 		stateDir = filepath.Join(DefaultStateRoot, o.name)
@@ -125,6 +149,8 @@ func (o *serveOptions) run(cmd *cobra.Command, origin, version string) error {
 		RequestMemory:     o.reqMemory,
 		WaitStores:        o.waitStores,
 		AcceptMovedOrigin: o.movedOrigin,
+		TLS:               o.tls,
+		InsecureTCP:       o.insecureTCP,
 		CrashPoint:        os.Getenv(crashPointEnv),
 		Version:           version,
 		Logger:            log,

@@ -46,6 +46,12 @@ type Config struct {
 	// RequestMemory bounds the request payloads held in memory by all NBD
 	// clients together (nbdsrv.Config.MaxBytes); 0 means nbdsrv's default.
 	RequestMemory int64
+	// TLS configures TLS on the NBD listeners (tls.go); the zero value
+	// offers none.
+	TLS TLSConfig
+	// InsecureTCP lets a TCP listener on an address other than loopback
+	// serve without requiring TLS.
+	InsecureTCP bool
 	// Version is the build version reported over the control socket.
 	Version string
 	// Logger receives everything the daemon logs; nil discards.

@@ -155,6 +155,15 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	if cfg.Control == "" {
 		cfg.Control = control.DefaultPath(cfg.Name)
 	}
+	tlsCfg, err := cfg.TLS.load()
+	if err != nil {
+		return nil, err
+	}
+	for _, a := range addrs {
+		if err := cfg.TLS.checkExposure(ctx, a, cfg.InsecureTCP); err != nil {
+			return nil, err
+		}
+	}
 
 	d := &Daemon{
 		cfg:     cfg,
@@ -209,10 +218,11 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("origin %s: %w", cfg.Origin, err)
 	}
-	d.srv = nbdsrv.NewServer(nbdsrv.Config{Logger: log, MaxBytes: cfg.RequestMemory})
+	d.srv = nbdsrv.NewServer(nbdsrv.Config{Logger: log, MaxBytes: cfg.RequestMemory, TLS: tlsCfg})
 	if err := d.srv.AddExport(nbdsrv.Export{
 		Name:        cfg.Name,
-		Description: "nbdsnap origin " + cfg.Origin,
+		Description: "nbdsnap origin " + cfg.Name, // no path: clients on the network read it
+		Allow:       allow(cfg.TLS.AllowOrigin),
 		Size:        d.engine.Size(),
 		Backend:     originBackend{d.engine},
 		// Every write has completed on the origin before it is answered,
@@ -247,14 +257,14 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	setIOFlusher(log)
 	for _, l := range d.listeners {
 		go func() {
-			if err := d.srv.Serve(l); err != nil && !errors.Is(err, nbdsrv.ErrServerClosed) {
+			if err := d.srv.ServeMode(l, cfg.TLS.listenMode(l)); err != nil && !errors.Is(err, nbdsrv.ErrServerClosed) {
 				d.fail(fmt.Errorf("nbd listener %s: %w", l.Addr(), err))
 			}
 		}()
 	}
 	log.Info("serving", "name", cfg.Name, "origin", cfg.Origin, "size", d.engine.Size(),
 		"origin_identity", d.ident.String(), "session", d.session,
-		"listen", d.addrs, "control", cfg.Control, "state_dir", cfg.StateDir)
+		"listen", d.addrs, "tls", cfg.TLS.mode(), "control", cfg.Control, "state_dir", cfg.StateDir)
 	if d.ident.Weak() {
 		log.Warn("the origin has no stable identifier (no serial, WWID or other kernel name): a restart cannot tell another device of the same size at its path from it",
 			"origin", cfg.Origin)

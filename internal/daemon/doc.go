@@ -16,6 +16,11 @@
 // snapshot's (backing.go). The design and its one residual case are in
 // docs/design/2026-11-24-lifecycle.md.
 //
+// Network: the NBD listeners may offer or require TLS, and allow-lists
+// limit the origin's and the snapshots' exports to named client
+// certificates (tls.go, and docs/design/2026-11-24-tls.md); a unix socket
+// never requires TLS.
+//
 // Concurrency: Create and Clear are serialised by a one-token lock (ops),
 // which a create whose client went away stops waiting for; the snapshot
 // table has its own short-held mutex so that Status answers while a Create

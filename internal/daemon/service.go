@@ -241,6 +241,7 @@ func (d *Daemon) export(snap *cow.Snapshot) error {
 		Backend:     snap,
 		ReadOnly:    true,
 		MultiConn:   true,
+		Allow:       allow(d.cfg.TLS.AllowSnapshots),
 	})
 	if errors.Is(err, nbdsrv.ErrExportExists) {
 		return fmt.Errorf("export %q %w", snap.Name(), control.ErrExists)

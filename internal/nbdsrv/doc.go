@@ -9,14 +9,19 @@
 // Trimmer, Zeroer, Cacher and Extenter, found by type assertion, turn on the
 // matching transmission flags. An Export names a Backend and its size, and
 // may add MetaContexts (for example a qemu:dirty-bitmap:NAME changed-block
-// map) besides the built-in base:allocation. A Server holds the exports,
-// which can be added and removed at run time (RemoveExport refuses an
-// export a client has open unless forced), and serves listeners.
+// map) besides the built-in base:allocation, and an Allow function that
+// decides, from the client's Peer (addresses, TLS state, the identities of
+// its verified certificate), whether the client may see and use it. A
+// Server holds the exports, which can be added and removed at run time
+// (RemoveExport refuses an export a client has open unless forced), and
+// serves listeners, each with a TLSMode (ServeMode): TLS optional or
+// required, offered with NBD_OPT_STARTTLS when Config.TLS is set.
 //
 // # Files by phase
 //
 // handshake.go (greeting, client flags, connection life), options.go
-// (option haggling), validate.go (the one gate every request passes),
+// (option haggling), tls.go (STARTTLS, the TLS modes, who may use an
+// export), validate.go (the one gate every request passes),
 // transmission.go (reader, handlers, reply writer), inline.go (requests
 // run on the reader, its watchdog), reply.go (reply layout), constants.go (wire constants), pool.go (buffers and the
 // per-connection budget), memory.go (the budget of all connections together),
@@ -51,7 +56,9 @@
 //
 // # Caveats
 //
-// No TLS, no extended headers, no NBD_CMD_RESIZE. Shutdown interrupts a
+// No extended headers, no NBD_CMD_RESIZE. Over TLS each reply buffer is a
+// TLS record of its own: the writev that batches replies on a plain socket
+// becomes one write per buffer. Shutdown interrupts a
 // request whose payload is still arriving; its client sees the connection
 // close, as after a server restart.
 package nbdsrv

@@ -2,6 +2,7 @@ package nbdsrv
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -20,11 +21,18 @@ import (
 // transmission (transmission.go) with one reader goroutine (the one that
 // runs serve), one goroutine per admitted request, and one reply writer.
 type conn struct {
-	s   *Server
-	nc  net.Conn
-	id  uint64
-	log *slog.Logger
-	br  *connReader
+	s *Server
+	// raw is the accepted socket. Close and deadlines go to it, from any
+	// goroutine (abort, drain), whether TLS runs on it or not.
+	raw net.Conn
+	// nc is what the protocol reads and writes: raw, or the TLS session
+	// on it once STARTTLS succeeded. Changed only by the reader goroutine
+	// during negotiation, before any other goroutine uses it.
+	nc   net.Conn
+	mode TLSMode // the listener's
+	id   uint64
+	log  *slog.Logger
+	br   *connReader // reads nc
 
 	// ctx is cancelled when the connection dies (client gone, forced
 	// removal, Shutdown deadline); every backend call gets it.
@@ -33,13 +41,16 @@ type conn struct {
 
 	// Negotiated state; written only by the reader goroutine before
 	// transmission starts, read-only afterwards.
-	exp        *export // also read by Server under Server.mu
-	noZeroes   bool
-	structured bool
-	metaExp    *export // export the last SET_META_CONTEXT named
-	meta       []int   // indices into metaExp.contexts; context id = index+1
-	flags      TransFlags
-	state      exportState
+	exp           *export // also read by Server under Server.mu
+	noZeroes      bool
+	fixedNewstyle bool                 // TLS is possible only with it
+	tlsConn       *tls.Conn            // nil until STARTTLS succeeded
+	tlsState      *tls.ConnectionState // tlsConn's, for Export.Allow
+	structured    bool
+	metaExp       *export // export the last SET_META_CONTEXT named
+	meta          []int   // indices into metaExp.contexts; context id = index+1
+	flags         TransFlags
+	state         exportState
 
 	// Transmission.
 	budget   *budget
@@ -73,11 +84,13 @@ const (
 	busyAfter   = 64
 )
 
-func newConn(s *Server, nc net.Conn, id uint64) *conn {
+func newConn(s *Server, nc net.Conn, id uint64, mode TLSMode) *conn {
 	ctx, cancel := context.WithCancel(context.Background())
 	c := &conn{
 		s:      s,
+		raw:    nc,
 		nc:     nc,
+		mode:   mode,
 		id:     id,
 		log:    s.log.With("conn", id),
 		ctx:    ctx,
@@ -105,9 +118,11 @@ func protoErrorf(format string, a ...any) error {
 func (c *conn) serve() {
 	defer c.s.forget(c)
 	defer c.abort()
+	defer c.endTLS()
 	defer c.recoverPanic("connection")
 
-	c.nc.SetDeadline(time.Now().Add(c.s.cfg.HandshakeTimeout))
+	// The deadline covers the TLS handshake too: STARTTLS is an option.
+	c.raw.SetDeadline(time.Now().Add(c.s.cfg.HandshakeTimeout))
 	if c.draining.Load() {
 		return
 	}
@@ -116,7 +131,7 @@ func (c *conn) serve() {
 		c.logEnd("negotiation", err)
 		return
 	}
-	c.nc.SetDeadline(time.Time{})
+	c.raw.SetDeadline(time.Time{})
 	c.log = c.log.With("export", c.exp.Name)
 	c.transmit()
 }
@@ -135,6 +150,10 @@ func (c *conn) logEnd(phase string, err error) {
 			c.log.Warn("nbd: handshake timed out, closing connection", "phase", phase,
 				"timeout", c.s.cfg.HandshakeTimeout)
 		}
+	case errors.Is(err, errTLSHandshake):
+		// A client refused here is worth a line: a wrong or missing
+		// certificate, or not TLS at all.
+		c.log.Warn("nbd: TLS handshake failed, closing connection", "remote", c.raw.RemoteAddr().String(), "err", err)
 	case errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, os.ErrDeadlineExceeded):
 	default:
 		c.log.Debug("nbd: connection ended", "phase", phase, "err", err)
@@ -149,7 +168,7 @@ func (c *conn) abort() {
 	c.abortOnce.Do(func() {
 		c.cancel()
 		c.budget.close()
-		c.nc.Close()
+		c.raw.Close()
 	})
 }
 
@@ -158,7 +177,7 @@ func (c *conn) abort() {
 // sees the flag or has its read interrupted.
 func (c *conn) drain() {
 	c.draining.Store(true)
-	c.nc.SetReadDeadline(time.Now())
+	c.raw.SetReadDeadline(time.Now())
 }
 
 // recoverPanic turns a panic in one of the connection's goroutines into the
@@ -192,5 +211,11 @@ func (c *conn) handshake() error {
 		return protoErrorf("unknown client flags %#x", uint32(cf))
 	}
 	c.noZeroes = cf&ClientFlagNoZeroes != 0
+	c.fixedNewstyle = cf&ClientFlagFixedNewstyle != 0
+	if c.mode == TLSRequired && !c.fixedNewstyle {
+		// The spec allows TLS only after the fixed newstyle handshake, and
+		// this listener serves nothing without TLS.
+		return protoErrorf("client flags %#x lack FIXED_NEWSTYLE, which TLS needs and this listener requires", uint32(cf))
+	}
 	return nil
 }

@@ -3,6 +3,7 @@ package nbdsrv
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"io"
@@ -240,6 +241,9 @@ type rawClient struct {
 	t  testing.TB
 	c  net.Conn
 	br *bufio.Reader
+	// tls, when set, makes handshake start TLS right after the client
+	// flags (see startTLS).
+	tls *tls.Config
 }
 
 func dialRaw(t testing.TB, addr string) *rawClient {
@@ -294,6 +298,9 @@ func (rc *rawClient) handshake(flags ClientFlags) {
 		rc.t.Fatalf("handshake flags %#x", hf)
 	}
 	rc.write(be32(uint32(flags)))
+	if rc.tls != nil {
+		rc.startTLS(rc.tls)
+	}
 }
 
 func (rc *rawClient) sendOpt(opt Opt, data []byte) {

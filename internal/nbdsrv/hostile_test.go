@@ -2,6 +2,7 @@ package nbdsrv
 
 import (
 	"bufio"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -16,6 +17,7 @@ import (
 	"time"
 
 	"github.com/nbdsnap/nbdsnap/internal/testenv"
+	"github.com/nbdsnap/nbdsnap/internal/tlstest"
 )
 
 // Hostile clients against the server running as a process of its own
@@ -23,7 +25,8 @@ import (
 // memory would swamp the measurement), so that its memory can be measured
 // alone: every attack must end with the offender answered or dropped, the
 // other clients served, and the server's RSS (peak included) grown by less
-// than 64 MiB.
+// than 64 MiB. Every attack runs in plain text and again over TLS (on a
+// listener that requires it, after a STARTTLS with a client certificate).
 
 func vm(t *testing.T, pid int, field string) int64 {
 	t.Helper()
@@ -61,8 +64,34 @@ func TestHostileClients(t *testing.T) {
 	if err := os.Truncate(img, 64<<20); err != nil {
 		t.Fatal(err)
 	}
-	sock := filepath.Join(dir, "h.sock")
-	cmd := exec.Command(bin, "-file", img, "-unix", sock, "-name", "disk", "-max-conns", "2000", "-handshake-timeout", "2s")
+	pki := tlstest.New(t)
+	cert, key, ca := pki.WriteServerFiles(t, dir)
+	for _, tr := range []struct {
+		name string
+		args []string    // the server's
+		tls  *tls.Config // the clients'; nil: plain
+	}{
+		{"plain", nil, nil},
+		{"tls", []string{"-tls-cert", cert, "-tls-key", key, "-tls-ca", ca, "-tls-required"}, pki.ClientConfig(&pki.Alice)},
+	} {
+		t.Run(tr.name, func(t *testing.T) {
+			hostileClients(t, bin, img, filepath.Join(dir, tr.name+".sock"), tr.args, tr.tls)
+		})
+	}
+}
+
+// hostileClients runs the attacks against a server started from bin on a
+// unix socket at sock, with the clients speaking TLS when tlsCfg is set.
+func hostileClients(t *testing.T, bin, img, sock string, serverArgs []string, tlsCfg *tls.Config) {
+	// dial connects; the client's handshake then starts TLS if tlsCfg is
+	// set.
+	dial := func() *rawClient {
+		rc := dialRaw(t, sock)
+		rc.tls = tlsCfg
+		return rc
+	}
+	cmd := exec.Command(bin, append([]string{"-file", img, "-unix", sock, "-name", "disk", "-max-conns", "2000",
+		"-handshake-timeout", "2s"}, serverArgs...)...)
 	serverLog := &testenv.SyncBuffer{}
 	cmd.Stderr = serverLog
 	if err := cmd.Start(); err != nil {
@@ -79,7 +108,7 @@ func TestHostileClients(t *testing.T) {
 	pid := cmd.Process.Pid
 
 	// A well-behaved client, checked after every attack.
-	good := dialRaw(t, sock)
+	good := dial()
 	good.c.SetDeadline(time.Time{})
 	good.open("disk", true)
 	cookie := uint64(0)
@@ -128,12 +157,12 @@ func TestHostileClients(t *testing.T) {
 	}
 
 	t.Run("export name length 0xFFFFFFF0", func(t *testing.T) {
-		rc := dialRaw(t, sock)
+		rc := dial()
 		rc.handshake(ClientFlagFixedNewstyle)
 		rc.write(optHeader(OptExportName, 0xfffffff0))
 		rc.expectClosed()
 		// Inside GO: the name length field lies, the option is small.
-		rc = dialRaw(t, sock)
+		rc = dial()
 		rc.handshake(ClientFlagFixedNewstyle)
 		rc.sendOpt(OptGo, append(be32(0xfffffff0), "disk"...))
 		rc.expectRep(OptGo, RepErrInvalid)
@@ -144,7 +173,7 @@ func TestHostileClients(t *testing.T) {
 	})
 	t.Run("1 GiB name streamed", func(t *testing.T) {
 		for _, opt := range []Opt{OptExportName, OptGo, 99} {
-			rc := dialRaw(t, sock)
+			rc := dial()
 			rc.handshake(ClientFlagFixedNewstyle)
 			rc.write(optHeader(opt, 1<<30))
 			if sent := stream(rc, 1<<30); sent >= 1<<30 {
@@ -155,7 +184,7 @@ func TestHostileClients(t *testing.T) {
 		checkGood("1 GiB name")
 	})
 	t.Run("request lengths 4 GiB and max+1", func(t *testing.T) {
-		rc := dialRaw(t, sock)
+		rc := dial()
 		rc.open("disk", false)
 		for _, n := range []uint32{0xffffffff, 32<<20 + 1} {
 			rc.request(CmdRead, 0, 1, 0, n, nil)
@@ -164,7 +193,7 @@ func TestHostileClients(t *testing.T) {
 			}
 		}
 		for _, n := range []uint32{0xffffffff, 32<<20 + 1} {
-			rc := dialRaw(t, sock)
+			rc := dial()
 			rc.open("disk", false)
 			rc.request(CmdWrite, 0, 1, 0, n, nil)
 			if sent := stream(rc, int64(n)); sent >= int64(n) {
@@ -175,18 +204,18 @@ func TestHostileClients(t *testing.T) {
 		checkGood("huge requests")
 	})
 	t.Run("bad magic", func(t *testing.T) {
-		rc := dialRaw(t, sock)
+		rc := dial()
 		rc.handshake(ClientFlagFixedNewstyle)
 		rc.write([]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
 		rc.expectClosed()
-		rc = dialRaw(t, sock)
+		rc = dial()
 		rc.open("disk", false)
 		rc.write([]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
 		rc.expectClosed()
 		checkGood("bad magic")
 	})
 	t.Run("option flood", func(t *testing.T) {
-		rc := dialRaw(t, sock)
+		rc := dial()
 		rc.handshake(ClientFlagFixedNewstyle)
 		flood := make([]byte, 0, 100000*16)
 		for i := 0; i < 100000; i++ {
@@ -196,7 +225,7 @@ func TestHostileClients(t *testing.T) {
 		// it closes after MaxOptions or at the handshake deadline.
 		go rc.c.Write(flood)
 		rc.expectClosed()
-		rc = dialRaw(t, sock)
+		rc = dial()
 		rc.handshake(ClientFlagFixedNewstyle)
 		// A new slice: the first flood's Write may still be running.
 		unknown := make([]byte, 0, 10000*32)
@@ -210,11 +239,20 @@ func TestHostileClients(t *testing.T) {
 	t.Run("client stops mid-handshake", func(t *testing.T) {
 		var rcs []*rawClient
 		for i := 0; i < 3; i++ {
-			rcs = append(rcs, dialRaw(t, sock))
+			rcs = append(rcs, dial())
 		}
 		rcs[1].read(18)
 		rcs[2].handshake(ClientFlagFixedNewstyle)
 		rcs[2].write(optHeader(OptGo, 100)[:10])
+		if tlsCfg != nil {
+			// Silent after the STARTTLS ACK: the TLS handshake is under
+			// the negotiation deadline too.
+			rc := dialRaw(t, sock)
+			rc.handshake(ClientFlagFixedNewstyle)
+			rc.sendOpt(OptStartTLS, nil)
+			rc.expectRep(OptStartTLS, RepAck)
+			rcs = append(rcs, rc)
+		}
 		start := time.Now()
 		for _, rc := range rcs {
 			rc.expectClosed()
@@ -240,7 +278,7 @@ func TestHostileClients(t *testing.T) {
 						return
 					}
 					c.SetDeadline(time.Now().Add(30 * time.Second))
-					if err := idleHandshake(c, []string{"disk", ""}[i%2]); err != nil {
+					if c, err = idleHandshake(c, []string{"disk", ""}[i%2], tlsCfg); err != nil {
 						errs <- err
 						c.Close()
 						return
@@ -276,33 +314,51 @@ func TestHostileClients(t *testing.T) {
 	}
 }
 
-// idleHandshake negotiates with GO (no zeroes) and leaves the connection
-// idle in transmission.
-func idleHandshake(c net.Conn, name string) error {
+// idleHandshake negotiates with GO (no zeroes), over TLS if tlsCfg is
+// set, and leaves the connection idle in transmission. It returns the
+// connection to close: c, or the TLS session on it.
+func idleHandshake(c net.Conn, name string, tlsCfg *tls.Config) (net.Conn, error) {
 	br := bufio.NewReader(c)
 	g := make([]byte, 18)
 	if _, err := ioReadFull(br, g); err != nil {
-		return err
+		return c, err
 	}
 	msg := be32(uint32(ClientFlagFixedNewstyle | ClientFlagNoZeroes))
+	if tlsCfg != nil {
+		if _, err := c.Write(append(msg, optBytes(OptStartTLS, nil)...)); err != nil {
+			return c, err
+		}
+		ack := make([]byte, 20)
+		if _, err := ioReadFull(br, ack); err != nil {
+			return c, err
+		}
+		if rep := Rep(binary.BigEndian.Uint32(ack[12:])); rep != RepAck {
+			return c, errors.New("STARTTLS refused: " + rep.String())
+		}
+		tc := tls.Client(c, tlsCfg)
+		if err := tc.Handshake(); err != nil {
+			return c, err
+		}
+		c, br, msg = tc, bufio.NewReader(tc), nil
+	}
 	msg = append(msg, optBytes(OptGo, nameAndInfos(name))...)
 	if _, err := c.Write(msg); err != nil {
-		return err
+		return c, err
 	}
 	for {
 		h := make([]byte, 20)
 		if _, err := ioReadFull(br, h); err != nil {
-			return err
+			return c, err
 		}
 		rep := Rep(binary.BigEndian.Uint32(h[12:]))
 		if _, err := ioReadFull(br, make([]byte, binary.BigEndian.Uint32(h[16:]))); err != nil {
-			return err
+			return c, err
 		}
 		if rep == RepAck {
-			return nil
+			return c, nil
 		}
 		if rep != RepInfo {
-			return errors.New("GO refused: " + rep.String())
+			return c, errors.New("GO refused: " + rep.String())
 		}
 	}
 }

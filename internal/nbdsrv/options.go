@@ -55,6 +55,19 @@ func (c *conn) negotiate() error {
 // option handles one option whose header has been read; done reports that
 // transmission begins.
 func (c *conn) option(opt Opt, length uint32) (done bool, err error) {
+	if c.tlsRequired(opt) {
+		// FORCEDTLS (tls.go): nothing but STARTTLS and ABORT before TLS.
+		if opt == OptExportName {
+			return false, protoErrorf("%v before TLS on a listener that requires it", opt)
+		}
+		if length > maxOptionDrain {
+			return false, protoErrorf("%v: length %d over %d", opt, length, maxOptionDrain)
+		}
+		if _, err := io.CopyN(io.Discard, c.br, int64(length)); err != nil {
+			return false, err
+		}
+		return false, c.optReply(opt, RepErrTLSReqd, []byte("TLS required: send NBD_OPT_STARTTLS first"))
+	}
 	if opt == OptExportName {
 		// EXPORT_NAME has no error reply: all the server can do with a bad
 		// one is close the connection.
@@ -69,7 +82,7 @@ func (c *conn) option(opt Opt, length uint32) (done bool, err error) {
 	}
 	known := false
 	switch opt {
-	case OptAbort, OptList, OptInfo, OptGo, OptStructuredReply, OptListMetaContext, OptSetMetaContext:
+	case OptAbort, OptList, OptStartTLS, OptInfo, OptGo, OptStructuredReply, OptListMetaContext, OptSetMetaContext:
 		known = true
 	}
 	if !known || length > maxOptionLen {
@@ -101,6 +114,8 @@ func (c *conn) option(opt Opt, length uint32) (done bool, err error) {
 		return false, errOptAbort
 	case OptList:
 		return false, c.optList(data)
+	case OptStartTLS:
+		return false, c.optStartTLS(data)
 	case OptStructuredReply:
 		if len(data) != 0 {
 			return false, c.optReply(opt, RepErrInvalid, []byte("payload not empty"))
@@ -133,6 +148,10 @@ func (c *conn) optExportName(name string) error {
 	if !ok {
 		return protoErrorf("%v: no export %q", OptExportName, name)
 	}
+	if !c.allowed(ex) {
+		// No error reply exists for this option; GO would get one.
+		return protoErrorf("%v: client not allowed on export %q", OptExportName, ex.Name)
+	}
 	if !c.s.attach(c, ex) {
 		return protoErrorf("%v: export %q is going away", OptExportName, name)
 	}
@@ -148,13 +167,16 @@ func (c *conn) optExportName(name string) error {
 	return err
 }
 
-// optList answers NBD_OPT_LIST: one NBD_REP_SERVER per export (name, then
-// the description as the free-form rest), then ACK.
+// optList answers NBD_OPT_LIST: one NBD_REP_SERVER per export the client
+// may use (name, then the description as the free-form rest), then ACK.
 func (c *conn) optList(data []byte) error {
 	if len(data) != 0 {
 		return c.optReply(OptList, RepErrInvalid, []byte("payload not empty"))
 	}
 	for _, ex := range c.s.exportList() {
+		if !c.allowed(ex) {
+			continue
+		}
 		b := make([]byte, 4+len(ex.Name)+len(ex.Description))
 		binary.BigEndian.PutUint32(b, uint32(len(ex.Name)))
 		copy(b[4:], ex.Name)
@@ -189,6 +211,9 @@ func (c *conn) optInfoGo(opt Opt, data []byte) (bool, error) {
 	ex, ok := c.s.lookup(name)
 	if !ok {
 		return false, c.optReply(opt, RepErrUnknown, []byte("no such export"))
+	}
+	if !c.allowed(ex) {
+		return false, c.refuse(opt, ex)
 	}
 	if opt == OptGo {
 		if !c.s.attach(c, ex) {
@@ -313,6 +338,9 @@ func (c *conn) optMetaContext(opt Opt, data []byte) error {
 	ex, found := c.s.lookup(name)
 	if !found {
 		return c.optReply(opt, RepErrUnknown, []byte("no such export"))
+	}
+	if !c.allowed(ex) {
+		return c.refuse(opt, ex)
 	}
 	var selected []int
 	for i, mc := range ex.contexts {

@@ -169,7 +169,7 @@ func TestOptUnknownAndTooLong(t *testing.T) {
 	ts := startServer(t, Config{}, threeExports()...)
 	rc := dialRaw(t, ts.addr)
 	rc.handshake(ClientFlagFixedNewstyle)
-	for _, o := range []Opt{OptStartTLS, OptPeekExport, OptExtendedHeaders, 99, 0x7fffffff} {
+	for _, o := range []Opt{OptPeekExport, OptExtendedHeaders, 99, 0x7fffffff} {
 		rc.sendOpt(o, bytes.Repeat([]byte{0xee}, 3000))
 		rc.expectRep(o, RepErrUnsup)
 	}

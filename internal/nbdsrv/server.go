@@ -2,6 +2,7 @@ package nbdsrv
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -41,6 +42,10 @@ type Export struct {
 	// enforced on requests; 0 = server defaults (1, 4096, 32 MiB).
 	MinBlock, PreferredBlock, MaxBlock uint32
 	MetaContexts                       []MetaContext // further contexts besides base:allocation
+	// Allow, if set, decides which clients may see and use the export
+	// (tls.go); nil allows every client. It is called during negotiation,
+	// concurrently for different connections.
+	Allow func(Peer) bool
 }
 
 // Config configures a Server. Zero values select the defaults above.
@@ -52,6 +57,10 @@ type Config struct {
 	MaxBytes           int64 // payload bytes in flight on all connections together (see memory)
 	HandshakeTimeout   time.Duration
 	MaxOptions         int // options per negotiation (an addition to the design's Config)
+	// TLS, if set, is offered with NBD_OPT_STARTTLS (tls.go); nil: never.
+	// Set ClientAuth and ClientCAs to verify client certificates, which
+	// Export.Allow then sees as Peer.Identities.
+	TLS *tls.Config
 }
 
 // Server serves exports over NBD. All methods are safe for concurrent use.
@@ -104,6 +113,9 @@ func NewServer(cfg Config) *Server {
 	}
 	if cfg.MaxOptions <= 0 {
 		cfg.MaxOptions = DefaultMaxOptions
+	}
+	if cfg.TLS != nil {
+		cfg.TLS = cfg.TLS.Clone() // crypto/tls wants it unchanged once in use
 	}
 	s := &Server{
 		cfg:       cfg,
@@ -275,8 +287,19 @@ func (s *Server) attach(c *conn, ex *export) bool {
 
 // Serve accepts connections on l until Shutdown or an accept error. Several
 // Serve calls on different listeners may run at once. It returns
-// ErrServerClosed after Shutdown.
-func (s *Server) Serve(l net.Listener) error {
+// ErrServerClosed after Shutdown. Clients may start TLS when Config.TLS is
+// set, and need not: Serve is ServeMode(l, TLSOptional).
+func (s *Server) Serve(l net.Listener) error { return s.ServeMode(l, TLSOptional) }
+
+// ServeMode is Serve with the listener's TLS mode (tls.go). TLSRequired
+// needs Config.TLS; without it ServeMode returns an error at once.
+func (s *Server) ServeMode(l net.Listener, mode TLSMode) error {
+	if mode != TLSOptional && mode != TLSRequired {
+		return fmt.Errorf("nbdsrv: serve %s: unknown TLS mode %v", l.Addr(), mode)
+	}
+	if mode == TLSRequired && s.cfg.TLS == nil {
+		return fmt.Errorf("nbdsrv: serve %s: TLS required but Config.TLS is not set", l.Addr())
+	}
 	s.mu.Lock()
 	if s.closing {
 		s.mu.Unlock()
@@ -312,7 +335,7 @@ func (s *Server) Serve(l net.Listener) error {
 		}
 		backoff = 0
 		sizeSendBuffer(nc)
-		c, err := s.track(nc)
+		c, err := s.track(nc, mode)
 		if errors.Is(err, ErrServerClosed) {
 			return err
 		}
@@ -324,7 +347,7 @@ func (s *Server) Serve(l net.Listener) error {
 
 // track registers a new connection, or closes nc if the server is closing
 // or at MaxConns.
-func (s *Server) track(nc net.Conn) (*conn, error) {
+func (s *Server) track(nc net.Conn, mode TLSMode) (*conn, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closing {
@@ -338,7 +361,7 @@ func (s *Server) track(nc net.Conn) (*conn, error) {
 		return nil, nil
 	}
 	s.nextConnID++
-	c := newConn(s, nc, s.nextConnID)
+	c := newConn(s, nc, s.nextConnID, mode)
 	s.conns[c] = struct{}{}
 	return c, nil
 }
@@ -397,8 +420,8 @@ func (s *Server) Shutdown(ctx context.Context) error {
 
 // serveConn serves one already accepted connection and returns when it has
 // ended (the fuzz tests drive the server through net.Pipe with it).
-func (s *Server) serveConn(nc net.Conn) {
-	if c, _ := s.track(nc); c != nil {
+func (s *Server) serveConn(nc net.Conn, mode TLSMode) {
+	if c, _ := s.track(nc, mode); c != nil {
 		c.serve()
 	}
 }

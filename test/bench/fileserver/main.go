@@ -3,10 +3,13 @@
 // memory as a process of its own), and for poking at the server by hand.
 //
 //	fileserver -file /dev/shm/disk.img -unix /tmp/nbd.sock [-latency 1ms]
+//	           [-tls-cert cert.pem -tls-key key.pem [-tls-ca ca.pem] [-tls-required]]
 package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -41,6 +44,10 @@ func run() error {
 	maxConns := flag.Int("max-conns", 0, "connection limit (0 = nbdsrv default)")
 	handshake := flag.Duration("handshake-timeout", 0, "negotiation deadline (0 = nbdsrv default)")
 	maxReqs := flag.Int("max-requests", 0, "requests in flight per connection (0 = nbdsrv default)")
+	tlsCert := flag.String("tls-cert", "", "offer TLS with this PEM certificate (needs -tls-key)")
+	tlsKey := flag.String("tls-key", "", "PEM private key of -tls-cert")
+	tlsCA := flag.String("tls-ca", "", "require client certificates signed by this PEM CA")
+	tlsRequired := flag.Bool("tls-required", false, "refuse plain sessions")
 	flag.Parse()
 	if *file == "" || (*sock == "" && *tcp == "") {
 		return fmt.Errorf("need -file and -unix or -tcp")
@@ -60,8 +67,16 @@ func run() error {
 	if err != nil {
 		return err
 	}
+	tlsCfg, err := tlsConfig(*tlsCert, *tlsKey, *tlsCA)
+	if err != nil {
+		return err
+	}
+	mode := nbdsrv.TLSOptional
+	if *tlsRequired {
+		mode = nbdsrv.TLSRequired
+	}
 	srv := nbdsrv.NewServer(nbdsrv.Config{Logger: log, MaxConns: *maxConns, HandshakeTimeout: *handshake,
-		MaxRequestsPerConn: *maxReqs})
+		MaxRequestsPerConn: *maxReqs, TLS: tlsCfg})
 	if err := srv.AddExport(nbdsrv.Export{Name: *name, Size: size, Backend: b, ReadOnly: *readOnly, MultiConn: true}); err != nil {
 		return err
 	}
@@ -76,14 +91,14 @@ func run() error {
 		if err != nil {
 			return err
 		}
-		go func() { errc <- srv.Serve(l) }()
+		go func() { errc <- srv.ServeMode(l, mode) }()
 	}
 	if *tcp != "" {
 		l, err := net.Listen("tcp", *tcp)
 		if err != nil {
 			return err
 		}
-		go func() { errc <- srv.Serve(l) }()
+		go func() { errc <- srv.ServeMode(l, mode) }()
 	}
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
@@ -95,4 +110,29 @@ func run() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	return srv.Shutdown(ctx)
+}
+
+// tlsConfig loads the server's certificate and, with a CA, requires client
+// certificates it signed; nil without a certificate.
+func tlsConfig(certFile, keyFile, caFile string) (*tls.Config, error) {
+	if certFile == "" {
+		return nil, nil
+	}
+	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		return nil, fmt.Errorf("-tls-cert, -tls-key: %w", err)
+	}
+	cfg := &tls.Config{Certificates: []tls.Certificate{cert}}
+	if caFile != "" {
+		pem, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, fmt.Errorf("-tls-ca: %w", err)
+		}
+		cfg.ClientCAs = x509.NewCertPool()
+		if !cfg.ClientCAs.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("-tls-ca %s: no certificate", caFile)
+		}
+		cfg.ClientAuth = tls.RequireAndVerifyClientCert
+	}
+	return cfg, nil
 }
