@@ -446,3 +446,58 @@ func TestPeerIdentities(t *testing.T) {
 		t.Errorf("plain: %q, want none", got)
 	}
 }
+
+// Over TLS, replies are copied together into writes of up to flatMax
+// (writeTLS): a pipelined burst of reads of every size around that bound,
+// structured and simple, comes back whole and in step.
+func TestTLSRepliesCoalesced(t *testing.T) {
+	pki := tlstest.New(t)
+	const size = 4 << 20
+	m := newMem(size)
+	copy(m.data, pattern(size, 5))
+	ts := startServer(t, Config{TLS: pki.ServerConfig(tls.VerifyClientCertIfGiven)}, Export{Name: "a", Size: size, Backend: m})
+	lengths := []uint32{1, 512, 4096, flatMax - 16, flatMax, flatMax + 1, 3 * flatMax, readChunk + 7}
+	for _, structured := range []bool{false, true} {
+		rc := dialRaw(t, ts.addr)
+		rc.handshake(ClientFlagFixedNewstyle | ClientFlagNoZeroes)
+		rc.startTLS(pki.ClientConfig(&pki.Alice))
+		if structured {
+			rc.sendOpt(OptStructuredReply, nil)
+			rc.expectRep(OptStructuredReply, RepAck)
+		}
+		rc.info(OptGo, "a")
+		for i, n := range lengths {
+			rc.request(CmdRead, 0, uint64(i), uint64(i)*4096, n, nil)
+		}
+		got := map[uint64][]byte{}
+		for done := 0; done < len(lengths); {
+			if !structured {
+				h := rc.read(16)
+				cookie := binary.BigEndian.Uint64(h[8:])
+				if e := binary.BigEndian.Uint32(h[4:]); e != 0 || cookie >= uint64(len(lengths)) {
+					t.Fatalf("simple reply: errno %d cookie %d", e, cookie)
+				}
+				got[cookie] = rc.read(int(lengths[cookie]))
+				done++
+				continue
+			}
+			c := rc.chunk()
+			switch c.typ {
+			case ReplyOffsetData:
+				got[c.cookie] = append(got[c.cookie], c.payload[8:]...)
+			case ReplyOffsetHole:
+			case ReplyNone:
+			default:
+				t.Fatalf("chunk %v", c.typ)
+			}
+			if c.flags&replyFlagDone != 0 {
+				done++
+			}
+		}
+		for i, n := range lengths {
+			if want := m.bytesAt(i*4096, int(n)); string(got[uint64(i)]) != string(want) {
+				t.Fatalf("structured %v: read %d of %d bytes differs", structured, i, n)
+			}
+		}
+	}
+}

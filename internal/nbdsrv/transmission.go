@@ -481,6 +481,7 @@ type replyQueue struct {
 	broken  bool // a write failed: replies are dropped from now on
 	vec     [][]byte
 	bufs    net.Buffers // vec, as write hands it to the socket
+	flat    []byte      // over TLS: vec's small parts copied together (see write)
 }
 
 // send queues the replies of rs and, unless another goroutine is writing,
@@ -545,10 +546,16 @@ func (c *conn) write(vec [][]byte) bool {
 		}
 	}
 	c.wq.vec = vec[:n]
-	// WriteTo consumes the slice it is called on: a field, so that no
-	// slice header is allocated per batch.
-	c.wq.bufs = vec[:n]
-	if _, err := c.wq.bufs.WriteTo(c.nc); err != nil {
+	var err error
+	if c.tlsConn != nil {
+		err = c.writeTLS(vec[:n])
+	} else {
+		// WriteTo consumes the slice it is called on: a field, so that no
+		// slice header is allocated per batch.
+		c.wq.bufs = vec[:n]
+		_, err = c.wq.bufs.WriteTo(c.nc)
+	}
+	if err != nil {
 		if c.ctx.Err() == nil {
 			c.log.Debug("nbd: reply write failed", "err", err)
 		}
@@ -556,6 +563,40 @@ func (c *conn) write(vec [][]byte) bool {
 		return false
 	}
 	return true
+}
+
+// flatMax bounds the buffer writeTLS copies small parts into; larger parts
+// go to the TLS connection as they are.
+const flatMax = 64 << 10
+
+// writeTLS writes vec over TLS. A tls.Conn has no writev: every Write is
+// at least one TLS record and one write(2), so a batch of small replies
+// sent part by part cost a record per 16-byte header (4 KiB random reads ran
+// at two thirds of nbdkit's rate over TLS). Parts smaller than flatMax are
+// therefore copied together and written at once.
+func (c *conn) writeTLS(vec [][]byte) error {
+	buf := c.wq.flat[:0]
+	for _, b := range vec {
+		if len(buf) > 0 && len(buf)+len(b) > flatMax {
+			if _, err := c.nc.Write(buf); err != nil {
+				return err
+			}
+			buf = buf[:0]
+		}
+		if len(b) < flatMax {
+			buf = append(buf, b...)
+			continue
+		}
+		if _, err := c.nc.Write(b); err != nil {
+			return err
+		}
+	}
+	c.wq.flat = buf[:0]
+	if len(buf) == 0 {
+		return nil
+	}
+	_, err := c.nc.Write(buf)
+	return err
 }
 
 // streamRest sends the reply of a streamed READ whose first piece do has

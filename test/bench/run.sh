@@ -69,10 +69,20 @@ stop_all() {
 }
 
 # fio_metric SOCKET FIO-ARGS... prints IOPS (random) or MiB/s (sequential).
+# With TLS set, it connects with TLS. fio's nbd engine cannot name the
+# certificates (libnbd refuses tls-certificates in a URI unless the program
+# allows local files, which fio does not), and libnbd's default directory
+# for root is /etc/pki/libnbd, which is not ours to write; for other users
+# it is $HOME/.pki/libnbd. So fio then runs as nobody, with HOME=$TLS.
+TLS=""
 fio_metric() {
 	local sock=$1; shift
-	local json
-	json=$(fio --name=bench --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
+	local json uri="nbd+unix:///?socket=$sock" run=()
+	if [ -n "$TLS" ]; then
+		uri="nbds+unix:///?socket=$sock"
+		run=(setpriv --reuid=nobody --regid=nogroup --clear-groups env HOME="$TLS")
+	fi
+	json=$("${run[@]}" fio --name=bench --ioengine=nbd --uri="$uri" \
 		--size="$SIZE" --time_based --runtime="$RUNTIME" --ramp_time=1 \
 		--numjobs=1 --output-format=json "$@" | sed -n '/^{/,$p')
 	jq -r '.jobs[0] | if (.read.io_bytes > 0) then .read else .write end
@@ -82,6 +92,7 @@ fio_metric() {
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 rows=()
+declare -A med # LABEL/ours, LABEL/ref: the medians, for the TLS table
 # compare LABEL UNIT OURS_SOCK REF_SOCK FIO-ARGS...; UNIT is iops or MiB/s.
 compare() {
 	local label=$1 unit=$2 ours=$3 ref=$4; shift 4
@@ -95,6 +106,7 @@ compare() {
 	local mo mr
 	mo=$(printf '%s\n' "${o[@]}" | median)
 	mr=$(printf '%s\n' "${r[@]}" | median)
+	med[$label/ours]=$mo med[$label/ref]=$mr
 	rows+=("$(printf '| %s | %.0f | %.0f | %s | %.2fx | %s / %s |' "$label" "$mo" "$mr" "$unit" \
 		"$(echo "$mo / $mr" | bc -l)" "$(printf '%.0f ' "${o[@]}")" "$(printf '%.0f ' "${r[@]}")")")
 }
@@ -107,6 +119,30 @@ compare "4k randwrite QD32" iops "$work/ours.sock" "$work/kit.sock" --rw=randwri
 compare "1M seq read QD8" MiB/s "$work/ours.sock" "$work/kit.sock" --rw=read --bs=1M --iodepth=8
 compare "1M seq write QD8" MiB/s "$work/ours.sock" "$work/kit.sock" --rw=write --bs=1M --iodepth=8
 stop_all
+
+# --- TLS: the same reads with both servers requiring TLS (certificates
+# made here with openssl: a CA, and a server certificate for localhost). ---
+TLS=$work/tls
+mkdir -p "$TLS/.pki/libnbd"
+chmod 755 "$work" "$TLS" "$TLS/.pki" "$TLS/.pki/libnbd"
+(
+	cd "$TLS"
+	openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=bench-ca \
+		-keyout ca-key.pem -out ca-cert.pem 2>/dev/null
+	openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
+		-keyout server-key.pem -out server.csr 2>/dev/null
+	printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >san.ext
+	openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -days 2 \
+		-extfile san.ext -out server-cert.pem 2>/dev/null
+	cp ca-cert.pem .pki/libnbd/ && chmod 644 .pki/libnbd/ca-cert.pem
+)
+start_ours "$work/ours.sock" -tls-cert "$TLS/server-cert.pem" -tls-key "$TLS/server-key.pem" -tls-required
+start_nbdkit "$work/kit.sock" --tls=require --tls-certificates="$TLS" file "$FILE"
+chmod 666 "$work/ours.sock" "$work/kit.sock" # fio runs as nobody
+compare "4k randread QD32, TLS" iops "$work/ours.sock" "$work/kit.sock" --rw=randread --bs=4k --iodepth=32
+compare "1M seq read QD8, TLS" MiB/s "$work/ours.sock" "$work/kit.sock" --rw=read --bs=1M --iodepth=8
+stop_all
+TLS=""
 
 # --- 1 ms of backend latency: proves requests are served in parallel. ---
 start_ours "$work/ours.sock" -latency 1ms
@@ -129,4 +165,14 @@ done
 	echo "| scenario | ours | ref | unit | ours/ref | runs ours / ref |"
 	echo "|---|---|---|---|---|---|"
 	printf '%s\n' "${rows[@]}"
+	echo
+	echo "What TLS costs each server: the TLS rows' medians over the plain ones."
+	echo
+	echo "| scenario | ours TLS/plain | ref TLS/plain |"
+	echo "|---|---|---|"
+	for l in "4k randread QD32" "1M seq read QD8"; do
+		printf '| %s | %.2fx | %.2fx |\n' "$l" \
+			"$(echo "${med[$l, TLS/ours]} / ${med[$l/ours]}" | bc -l)" \
+			"$(echo "${med[$l, TLS/ref]} / ${med[$l/ref]}" | bc -l)"
+	done
 } | tee "$OUT"
