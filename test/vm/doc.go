@@ -18,7 +18,8 @@
 //     binaries and nbdkit with the shared libraries `ldd` names, a static nbdsnap and the guest
 //     agent (test/vm/guest), both built with CGO_ENABLED=0.
 //   - QEMU runs with `-nodefaults -nic none`: the guest has no network
-//     device; the daemon and nbd-client talk over a unix socket inside it.
+//     device; the daemon and nbd-client talk over a unix socket inside it
+//     (the tls scenario: over TCP on the loopback interface).
 //     The scenarios to run are named on the kernel command line; the guest
 //     agent runs them in order, reports each result as one line on the
 //     serial console, which the test captures, and stops at the first

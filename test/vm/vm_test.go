@@ -27,6 +27,7 @@ var scenarios = []string{
 	"crash",     // scenario 3: kill -9 during a write load, restart, reconnect
 	"full",      // scenario 4: backing store too small, snapshot invalid, origin fine
 	"readonly",  // scenario 5: the snapshot device is read-only to the kernel
+	"tls",       // the kernel client over TCP with TLS: client certificates, allow-lists, plain TCP refused
 }
 
 // A boot may last bootTimeout per scenario it runs, and its console may stay

@@ -97,21 +97,26 @@ func devIndex(dev string) (int, error) {
 	return n, nil
 }
 
-// waitAttached waits until /sys/block/nbdN/pid exists (present) or is gone:
-// the driver's own sign that a connection is or is not set up.
-// /sys/block/nbdN/size alone can be stale.
+// pidFile is /sys/block/nbdN/pid, which exists while /dev/nbdN is attached:
+// the driver's own sign that a connection is set up. /sys/block/nbdN/size
+// alone can be stale.
+func pidFile(dev string) string {
+	return "/sys/block/" + strings.TrimPrefix(dev, "/dev/") + "/pid"
+}
+
+// waitAttached waits until dev's pidFile exists (present) or is gone.
 func waitAttached(ctx context.Context, dev string, present bool) error {
-	pidFile := "/sys/block/" + strings.TrimPrefix(dev, "/dev/") + "/pid"
+	file := pidFile(dev)
 	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
 	for {
-		_, err := os.Stat(pidFile)
+		_, err := os.Stat(file)
 		if (err == nil) == present {
 			return nil
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("%s: waiting for %s to %s: %w", dev, pidFile, map[bool]string{true: "appear", false: "disappear"}[present], ctx.Err())
+			return fmt.Errorf("%s: waiting for %s to %s: %w", dev, file, map[bool]string{true: "appear", false: "disappear"}[present], ctx.Err())
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
@@ -129,7 +134,7 @@ func (g *guest) attach(ctx context.Context, dev, sock, export string, extra ...s
 
 // detach disconnects a device and waits until the driver has let go.
 func (g *guest) detach(ctx context.Context, dev string) error {
-	if _, err := os.Stat("/sys/block/" + strings.TrimPrefix(dev, "/dev/") + "/pid"); err != nil {
+	if _, err := os.Stat(pidFile(dev)); err != nil {
 		return nil // not attached (any more)
 	}
 	if _, err := g.run(ctx, "nbd-client", "-d", dev); err != nil {
@@ -230,15 +235,23 @@ func (p *prefixWriter) Write(b []byte) (int, error) {
 }
 
 // freshStart checks that the previous scenario in this boot left nothing
-// behind (no NBD device attached, nothing mounted under /mnt or /work: a
-// passing scenario tears down what it set up, the daemon included), then
-// empties /work and /run/nbdsnap and clears the kernel log, which the
-// scenario will check for errors of its own.
+// behind (no NBD device attached, no nbd-client process such as a TLS
+// relay, nothing mounted under /mnt or /work: a passing scenario tears down
+// what it set up, the daemon included), then empties /work and
+// /run/nbdsnap and clears the kernel log, which the scenario will check for
+// errors of its own.
 func freshStart(ctx context.Context, g *guest) error {
 	for _, dev := range []string{nbd0, nbd1} {
-		if _, err := os.Stat("/sys/block/" + strings.TrimPrefix(dev, "/dev/") + "/pid"); err == nil {
+		if _, err := os.Stat(pidFile(dev)); err == nil {
 			return fmt.Errorf("%s is still attached", dev)
 		}
+	}
+	pids, err := liveNBDClients()
+	if err != nil {
+		return err
+	}
+	if len(pids) > 0 {
+		return fmt.Errorf("nbd-client processes still running: %v", pids)
 	}
 	mounts, err := os.ReadFile("/proc/mounts")
 	if err != nil {

@@ -8,8 +8,9 @@
 //
 // The scenarios drive the real user path: `nbdsnap serve` on an origin image
 // in the guest's tmpfs, the kernel NBD driver attached with nbd-client over
-// a unix socket, ext4 made and mounted on /dev/nbd0, `nbdsnap create`, the
-// snapshot attached as /dev/nbd1. Each scenario asserts; none only prints.
+// a unix socket (tls: over TCP on the loopback), ext4 made and mounted on
+// /dev/nbd0, `nbdsnap create`, the snapshot attached as /dev/nbd1. Each
+// scenario asserts; none only prints.
 //
 //   - reference: the same client path against nbdkit, including a kill -9
 //     of the server under a write load and the reconnection, so that a
@@ -26,6 +27,13 @@
 //     reason, the origin's writes all land and the kernel logs no I/O error.
 //   - readonly: the snapshot device is read-only to the kernel, and writes
 //     fail cleanly both through the kernel and on the wire.
+//   - tls: the kernel attached over TCP with TLS (nbd-client -certfile
+//     -keyfile -cacertfile; certificates made by the agent): the origin with
+//     the client certificate its allow-list names, the snapshot (set A
+//     exactly, e2fsck -fn clean) with the snapshots' one; the other
+//     certificate on the origin and plain TCP are refused, leaving the
+//     device unattached and the daemon serving; each detach ends the TLS
+//     relay process nbd-client leaves running.
 //
 // Reconnecting: Debian 12's nbd-client (3.24) attaches through netlink and
 // exits; it cannot reconnect such a device (in 3.24 -persist is handled only
@@ -66,6 +74,7 @@ var scenarios = map[string]func(context.Context, *guest) error{
 	"crash":     scenarioCrash,
 	"full":      scenarioFull,
 	"readonly":  scenarioReadOnly,
+	"tls":       scenarioTLS,
 	"powerloss": scenarioPowerLoss,
 }
 

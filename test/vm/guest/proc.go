@@ -102,15 +102,17 @@ func createOrigin() error {
 	return f.Close()
 }
 
-// serve starts `nbdsnap serve` on the scenarios' origin image.
-func (g *guest) serve(ctx context.Context) (*proc, error) {
-	return g.serveOrigin(ctx, originImage, stateDir)
+// serve starts `nbdsnap serve` on the scenarios' origin image, with extra
+// flags after the usual ones.
+func (g *guest) serve(ctx context.Context, extra ...string) (*proc, error) {
+	return g.serveOrigin(ctx, originImage, stateDir, extra...)
 }
 
 // serveOrigin starts `nbdsnap serve` on an origin with a state directory and
-// waits for its readiness notification (sd_notify READY=1, the daemon's
-// documented readiness signal), failing early if it exits instead.
-func (g *guest) serveOrigin(ctx context.Context, origin, state string) (*proc, error) {
+// extra flags (more listeners, TLS) and waits for its readiness notification
+// (sd_notify READY=1, the daemon's documented readiness signal), failing
+// early if it exits instead.
+func (g *guest) serveOrigin(ctx context.Context, origin, state string, extra ...string) (*proc, error) {
 	if err := os.MkdirAll("/run/nbdsnap", 0o755); err != nil {
 		return nil, err
 	}
@@ -119,9 +121,9 @@ func (g *guest) serveOrigin(ctx context.Context, origin, state string) (*proc, e
 	if err != nil {
 		return nil, err
 	}
-	p, err := g.start("nbdsnap", []string{"NOTIFY_SOCKET=" + notifyPath},
-		"nbdsnap", "serve", origin, "--name", exportName,
-		"--listen", "unix:"+serveSock, "--control", controlSock, "--state-dir", state)
+	args := append([]string{"nbdsnap", "serve", origin, "--name", exportName,
+		"--listen", "unix:" + serveSock, "--control", controlSock, "--state-dir", state}, extra...)
+	p, err := g.start("nbdsnap", []string{"NOTIFY_SOCKET=" + notifyPath}, args...)
 	if err != nil {
 		notify.Close()
 		os.Remove(notifyPath)

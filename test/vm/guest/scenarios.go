@@ -38,21 +38,27 @@ func sleepCtx(ctx context.Context, ms int) error {
 }
 
 // originUp starts the daemon on a fresh origin image, attaches the proxy
-// export as /dev/nbd0 (extra: more nbd-client flags), makes ext4 on it and
-// mounts it.
+// export as /dev/nbd0 over the unix socket (extra: more nbd-client flags),
+// makes ext4 on it and mounts it.
 func (g *guest) originUp(ctx context.Context, extra ...string) (*proc, error) {
+	return g.originUpWith(ctx, nil, func() error { return g.attach(ctx, nbd0, serveSock, exportName, extra...) })
+}
+
+// originUpWith is originUp with more `nbdsnap serve` flags and its own way
+// of attaching /dev/nbd0 (the tls scenario's: over TCP with TLS).
+func (g *guest) originUpWith(ctx context.Context, serveFlags []string, attach func() error) (*proc, error) {
 	var d *proc
 	err := g.step("serve", func() (err error) {
 		if err := createOrigin(); err != nil {
 			return err
 		}
-		d, err = g.serve(ctx)
+		d, err = g.serve(ctx, serveFlags...)
 		return err
 	})
 	if err != nil {
 		return nil, err
 	}
-	if err := g.step("attach origin", func() error { return g.attach(ctx, nbd0, serveSock, exportName, extra...) }); err != nil {
+	if err := g.step("attach origin", attach); err != nil {
 		return nil, err
 	}
 	if err := g.step("mkfs.ext4 + mount", func() error {
