@@ -5,13 +5,10 @@ import (
 	"crypto/tls"
 	"encoding/binary"
 	"errors"
-	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -27,25 +24,6 @@ import (
 // other clients served, and the server's RSS (peak included) grown by less
 // than 64 MiB. Every attack runs in plain text and again over TLS (on a
 // listener that requires it, after a STARTTLS with a client certificate).
-
-func vm(t *testing.T, pid int, field string) int64 {
-	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, field+":"); ok {
-			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
-			if err != nil {
-				t.Fatal(err)
-			}
-			return kb << 10
-		}
-	}
-	t.Fatalf("no %s in /proc/%d/status", field, pid)
-	return 0
-}
 
 func TestHostileClients(t *testing.T) {
 	if testing.Short() {
@@ -130,7 +108,7 @@ func hostileClients(t *testing.T, bin, img, sock string, serverArgs []string, tl
 	}
 	checkGood("start")
 	time.Sleep(100 * time.Millisecond)
-	base := vm(t, pid, "VmRSS")
+	base := testenv.ProcStatus(t, pid, "VmRSS")
 	t.Logf("server RSS at start: %d KiB", base>>10)
 
 	optHeader := func(opt Opt, length uint32) []byte {
@@ -303,11 +281,11 @@ func hostileClients(t *testing.T, bin, img, sock string, serverArgs []string, tl
 			t.Fatalf("%d idle connections", len(conns))
 		}
 		checkGood("1000 idle connections")
-		rss := vm(t, pid, "VmRSS")
+		rss := testenv.ProcStatus(t, pid, "VmRSS")
 		t.Logf("server RSS with 1000 idle connections: %d KiB (+%d KiB)", rss>>10, (rss-base)>>10)
 	})
 	checkGood("everything")
-	rss, hwm := vm(t, pid, "VmRSS"), vm(t, pid, "VmHWM")
+	rss, hwm := testenv.ProcStatus(t, pid, "VmRSS"), testenv.ProcStatus(t, pid, "VmHWM")
 	t.Logf("server RSS at end: %d KiB, peak %d KiB, start %d KiB", rss>>10, hwm>>10, base>>10)
 	if hwm-base >= 64<<20 {
 		t.Errorf("server RSS grew by %d MiB (peak), limit 64 MiB", (hwm-base)>>20)

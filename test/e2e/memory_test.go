@@ -7,13 +7,12 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/nbdsnap/nbdsnap/internal/testenv"
 )
 
 // TestMemoryFlood: 60 clients each pipeline three 32 MiB requests (reads,
@@ -36,7 +35,7 @@ func TestMemoryFlood(t *testing.T) {
 			good := dialExport(t, d.sock, "data")
 			good.check(t, 1)
 			time.Sleep(200 * time.Millisecond)
-			idle := procStatus(t, pid, "VmRSS")
+			idle := testenv.ProcStatus(t, pid, "VmRSS")
 
 			const clients, pipelined, length = 60, 3, 32 << 20
 			payload := make([]byte, length)
@@ -63,7 +62,7 @@ func TestMemoryFlood(t *testing.T) {
 				good.check(t, uint64(10+i))
 				time.Sleep(50 * time.Millisecond)
 			}
-			peak := procStatus(t, pid, "VmHWM")
+			peak := testenv.ProcStatus(t, pid, "VmHWM")
 			t.Logf("idle RSS %d MiB, peak %d MiB during the flood", idle>>20, peak>>20)
 			if peak > 512<<20 {
 				t.Errorf("peak RSS %d MiB during the flood, want at most 512 MiB", peak>>20)
@@ -74,7 +73,7 @@ func TestMemoryFlood(t *testing.T) {
 			wg.Wait()
 			var rss int64
 			for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
-				if rss = procStatus(t, pid, "VmRSS"); rss <= idle+64<<20 {
+				if rss = testenv.ProcStatus(t, pid, "VmRSS"); rss <= idle+64<<20 {
 					break
 				}
 			}
@@ -88,26 +87,6 @@ func TestMemoryFlood(t *testing.T) {
 			}
 		})
 	}
-}
-
-// procStatus reads a "kB" field of /proc/PID/status, in bytes.
-func procStatus(t *testing.T, pid int, field string) int64 {
-	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, field+":"); ok {
-			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
-			if err != nil {
-				t.Fatal(err)
-			}
-			return kb << 10
-		}
-	}
-	t.Fatalf("no %s in /proc/%d/status", field, pid)
-	return 0
 }
 
 // The NBD commands the raw client sends.

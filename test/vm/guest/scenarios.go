@@ -161,18 +161,7 @@ func scenarioFreeze(ctx context.Context, g *guest) error {
 	}); err != nil {
 		return err
 	}
-	if err := g.step("e2fsck -fn snapshot", func() error { return g.fsckClean(ctx, nbd1) }); err != nil {
-		return err
-	}
-	if err := g.step("mount snapshot ro, compare with set A", func() error {
-		if err := g.mount(ctx, nbd1, snapMnt, "ro"); err != nil {
-			return err
-		}
-		if err := checkTree(snapMnt, a); err != nil {
-			return err
-		}
-		return g.umount(ctx, snapMnt)
-	}); err != nil {
+	if err := g.snapshotIsSetA(ctx, a); err != nil {
 		return err
 	}
 	if err := g.step("status: valid, clusters copied", func() error {
@@ -191,6 +180,23 @@ func scenarioFreeze(ctx context.Context, g *guest) error {
 		return err
 	}
 	return g.finish(ctx, d, "snap1")
+}
+
+// snapshotIsSetA checks the snapshot attached as nbd1: e2fsck -fn finds it
+// clean, and mounted read-only it holds file set A exactly.
+func (g *guest) snapshotIsSetA(ctx context.Context, a fsModel) error {
+	if err := g.step("e2fsck -fn snapshot", func() error { return g.fsckClean(ctx, nbd1) }); err != nil {
+		return err
+	}
+	return g.step("mount snapshot ro, compare with set A", func() error {
+		if err := g.mount(ctx, nbd1, snapMnt, "ro"); err != nil {
+			return err
+		}
+		if err := checkTree(snapMnt, a); err != nil {
+			return err
+		}
+		return g.umount(ctx, snapMnt)
+	})
 }
 
 // e2fsckJournalOnly accepts e2fsck -n output on a file system captured
