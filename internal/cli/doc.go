@@ -9,6 +9,7 @@
 // /run/nbdsnap if there is exactly one.
 //
 // Exit codes: 0 success, 1 the operation failed, 2 the command line was
-// wrong (unknown flag, missing argument, malformed size). Every error is one
-// line on stderr, prefixed "nbdsnap: ".
+// wrong (unknown flag, missing argument, malformed size), 3 serve stopped
+// but --stop-timeout forced the stop (snapshots invalidated, connections
+// cut). Every error is one line on stderr, prefixed "nbdsnap: ".
 package cli

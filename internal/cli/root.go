@@ -15,6 +15,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/nbdsnap/nbdsnap/internal/control"
+	"github.com/nbdsnap/nbdsnap/internal/daemon"
 )
 
 // Exit codes.
@@ -22,6 +23,11 @@ const (
 	ExitOK    = 0
 	ExitError = 1
 	ExitUsage = 2
+	// ExitStopForced: serve stopped, but --stop-timeout ran out first and
+	// the stop was forced: snapshots whose backing store had not caught up
+	// were invalidated, or connections cut (daemon.ErrStopForced). The
+	// units list it in SuccessExitStatus: the daemon did stop as asked.
+	ExitStopForced = 3
 )
 
 // usageError marks an error in the command line itself (exit code 2).
@@ -61,8 +67,11 @@ func exitCode(err error, stderr io.Writer) int {
 	msg := strings.ReplaceAll(strings.TrimSpace(err.Error()), "\n", "; ")
 	fmt.Fprintf(stderr, "nbdsnap: %s\n", msg)
 	var ue usageError
-	if errors.As(err, &ue) {
+	switch {
+	case errors.As(err, &ue):
 		return ExitUsage
+	case errors.Is(err, daemon.ErrStopForced):
+		return ExitStopForced
 	}
 	return ExitError
 }

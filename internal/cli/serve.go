@@ -68,7 +68,13 @@ listener on an address other than loopback is refused without
 --tls=require, unless --insecure-tcp.
 
 SIGTERM or SIGINT: stop accepting, finish requests in flight, make every
-snapshot durable, exit 0. Readiness is reported to systemd (Type=notify).`,
+snapshot durable, exit 0. A stop takes at most --stop-timeout and one second:
+then each snapshot whose backing store has not caught up (a slow or stalled
+disk) is marked invalid for good ("daemon stopped before the store caught
+up"), the origin writes that waited for it complete and are answered, the
+connections still busy are closed, and the daemon exits 3. Set systemd's
+TimeoutStopSec above --stop-timeout. Readiness is reported to systemd
+(Type=notify).`,
 		Example: `  nbdsnap serve /dev/disk/by-id/virtio-data --name data
   nbdsnap serve disk.img --name data --state-dir /srv/nbdsnap/data --listen unix:/tmp/data.sock --listen tcp::10809
   nbdsnap serve /dev/vdb --name data --wait-stores 2m
@@ -91,7 +97,7 @@ snapshot durable, exit 0. Readiness is reported to systemd (Type=notify).`,
 	f.Var(sizeFlag{&o.reqMemory}, "request-memory", "request payloads in memory at once, all clients together; a client whose request does not fit waits (default "+formatSize(nbdsrv.DefaultMaxBytes)+")")
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&o.logFormat, "log-format", "text", "text or json")
-	f.DurationVar(&o.stopTimeout, "stop-timeout", 30*time.Second, "how long SIGTERM waits for requests in flight before cutting them")
+	f.DurationVar(&o.stopTimeout, "stop-timeout", 30*time.Second, "how long a stop (SIGTERM) waits for requests in flight and backing stores before it invalidates the snapshots whose store has not caught up and cuts connections (exit 3)")
 	f.StringVar((*string)(&o.tls.Mode), "tls", "", "off, allow or require: require makes every TCP listener refuse plain sessions; unix sockets offer TLS but never require it (default require with --tls-cert, else off)")
 	f.StringVar(&o.tls.CertFile, "tls-cert", "", "the server's TLS certificate, PEM")
 	f.StringVar(&o.tls.KeyFile, "tls-key", "", "the private key of --tls-cert, PEM")
@@ -165,13 +171,16 @@ func (o *serveOptions) run(cmd *cobra.Command, origin, version string) error {
 	case failed = <-d.Failed():
 		log.Error("listener failed, shutting down", "err", failed)
 	}
+	// Past --stop-timeout the daemon forces the stop and returns within a
+	// second (daemon.ErrStopForced, exit code ExitStopForced), so that the
+	// stop ends before systemd's TimeoutStopSec kills it.
 	sctx, cancel := context.WithTimeout(context.Background(), o.stopTimeout)
 	defer cancel()
 	if err := d.Shutdown(sctx); err != nil {
+		if failed != nil {
+			return failed // the daemon failed: exit 1; the shutdown is logged
+		}
 		return fmt.Errorf("shutdown: %w", err)
 	}
-	if failed != nil {
-		return failed
-	}
-	return nil
+	return failed
 }

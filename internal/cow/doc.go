@@ -7,9 +7,10 @@
 //
 // [Engine] is the read-write proxy of the origin: ReadAt, WriteAt, Trim,
 // Zero and Flush have the shapes of the NBD layer's backend interfaces.
-// Create, Reopen and Clear manage snapshots. [Snapshot] is one frozen image:
-// its ReadAt serves the read-only export, its Info reports state and
-// statistics (fss_stat).
+// Create, Reopen and Clear manage snapshots; Close ends the engine, and
+// [Engine.Abandon] ends a stop that ran out of time without waiting for the
+// stores. [Snapshot] is one frozen image: its ReadAt serves the read-only
+// export, its Info reports state and statistics (fss_stat).
 //
 // # Mechanism (fss)
 //
@@ -77,6 +78,10 @@
 //     in the store and in the owner's record (EngineOptions.RecordInvalid),
 //     so a snapshot whose owner reopens it as valid never lies unless both
 //     records failed.
+//   - [Engine.Abandon] (a stop that ran out of time) never touches a store
+//     and releases a persistent snapshot only once the owner's record holds
+//     its invalidation; Close then leaves that snapshot's store open rather
+//     than wait for a store call that may never return.
 //
 // # Failure (fss_error)
 //
@@ -91,7 +96,9 @@
 //
 //   - Waits inside a request (cache space, commits) are not interruptible by
 //     its context; they are bounded by the writer, which either commits or
-//     invalidates the snapshot.
+//     invalidates the snapshot, or by Abandon. A request that leads a
+//     commit itself (persistent mode) is inside the store call: if that
+//     call never returns, neither does the request, Abandon or not.
 //   - Snapshots of different cluster sizes each read the origin for
 //     themselves.
 //   - Reopen assumes the origin was not modified while no engine ran.

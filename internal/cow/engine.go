@@ -27,8 +27,11 @@ type EngineOptions struct {
 	// reopening the snapshot, so that a store whose header write failed is
 	// not reopened as valid. It runs on the writer goroutine: it must not
 	// call Clear or Close (they wait for that goroutine), and every origin
-	// write that needs the snapshot waits for it to return. nil: the store
-	// header is the only record.
+	// write that needs the snapshot waits for it to return. Abandon calls it
+	// too, on its own goroutine, possibly while the writer calls it for the
+	// same snapshot: it must be safe for concurrent use, and recording an
+	// invalidation twice must be harmless. nil: the store header is the only
+	// record, and Abandon cannot release a snapshot whose store is behind.
 	RecordInvalid func(name, reason string) error
 }
 
@@ -532,7 +535,8 @@ func (e *Engine) Snapshots() []*Snapshot {
 
 // Close waits for requests in flight, refuses new ones, stops every writer
 // after it committed what it holds, closes the stores and syncs the origin.
-// It does not close the origin.
+// It does not close the origin. The stores of snapshots given up by Abandon
+// are left open (see Abandon).
 func (e *Engine) Close() error {
 	e.gate.Lock()
 	defer e.gate.Unlock()
@@ -540,24 +544,59 @@ func (e *Engine) Close() error {
 		return nil
 	}
 	e.closed = true
-	e.mu.Lock()
-	snaps := make([]*Snapshot, 0, len(e.byName))
-	for _, s := range e.byName {
-		snaps = append(snaps, s)
-	}
-	clear(e.byName)
-	e.mu.Unlock()
 	e.set = &snapSet{}
+	// The snapshots stay listed while they stop, so that an Abandon under
+	// way reaches a writer stuck in its last commit.
 	var errs []error
-	for _, s := range snaps {
+	for _, s := range e.Snapshots() {
 		if err := s.stop(false); err != nil {
 			errs = append(errs, err)
 		}
 	}
+	e.mu.Lock()
+	clear(e.byName)
+	e.mu.Unlock()
 	if err := e.origin.Sync(); err != nil {
 		errs = append(errs, fmt.Errorf("cow: close: sync origin: %w", err))
 	}
 	return errors.Join(errs...)
+}
+
+// Abandon ends the wait for stores that have not caught up: it is how a stop
+// that ran out of time (the daemon's --stop-timeout) ends without waiting
+// for a slow or stalled disk. Every snapshot whose store is behind the
+// origin requests (a commit in progress, clusters waiting for one, an
+// invalidation not yet recorded) turns invalid for reason (one that already
+// failed keeps its own), and the origin requests waiting for it are
+// released once a persistent snapshot's invalidation is recorded with
+// EngineOptions.RecordInvalid, on this goroutine; they then modify the
+// origin without copying for it. Snapshots that are caught up are left
+// alone, valid. Abandon never touches a store: see Snapshot.abandon.
+//
+// It returns the names of the snapshots it invalidated, oldest first, and
+// an error for each it could not release (no RecordInvalid, or it failed):
+// the requests waiting for those go on waiting for the store, without
+// having touched the origin, and a caller that is stopping cuts them.
+//
+// Abandon does not wait for requests or for Close, and may run while either
+// is under way. A Close after it (or under way) does not wait for the writer
+// or a commit of a snapshot it invalidated and leaves that store open, so
+// that a goroutine stuck in a store call cannot keep the caller from
+// exiting. Requests that arrive afterwards are served as usual.
+func (e *Engine) Abandon(reason string) ([]string, error) {
+	var names []string
+	var errs []error
+	for _, s := range e.Snapshots() {
+		invalidated, err := s.abandon(reason)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if invalidated {
+			names = append(names, s.name)
+		}
+	}
+	return names, errors.Join(errs...)
 }
 
 // readFull reads len(p) bytes at off; io.EOF after a full read is fine.

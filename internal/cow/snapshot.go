@@ -79,6 +79,11 @@ type Snapshot struct {
 	stopping      bool
 	discard       bool // stopping without committing what is cached (Clear)
 	done          chan struct{}
+	// givenUp is closed by abandon, under mu: the engine stopped waiting
+	// for this snapshot's store, so stop no longer waits for its writer
+	// or a commit in progress, either of which may be inside a store call
+	// that never returns.
+	givenUp chan struct{}
 	// committing: a commit (or the recording of an invalidation) is in
 	// progress; batch and clusters belong to it.
 	committing bool
@@ -123,6 +128,7 @@ func (e *Engine) newSnapshot(name string, st clusterStore, geo geometry, persist
 		cached:     make(map[uint32]*slot, nslots),
 		pending:    make([]*slot, 0, nslots),
 		done:       make(chan struct{}),
+		givenUp:    make(chan struct{}),
 	}
 	for i := range s.slots {
 		s.free[i] = &s.slots[i]
@@ -256,7 +262,9 @@ func (s *Snapshot) run() {
 // both fail (or the store fails and there is no owner's record), the
 // invariant is broken and that is logged as an error; s is released anyway,
 // because the origin must never be blocked or fail because a snapshot
-// failed.
+// failed. The one other place that releases a persistent snapshot,
+// abandon (a stop that ran out of time), keeps the invariant without
+// exception: it releases s only once the owner's record has it.
 func (s *Snapshot) recordInvalid(reason string) {
 	storeErr := s.st.invalidate(reason)
 	if !s.persistent {
@@ -286,6 +294,65 @@ func (s *Snapshot) recordInvalid(reason string) {
 		s.log.Warn("cannot record the invalidation in the owner's record; the store has it",
 			"reason", reason, "err", recordErr)
 	}
+}
+
+// heldUpLocked reports whether s's store has not caught up with the origin
+// requests: a commit is in progress, clusters wait for one, or an
+// invalidation waits to be recorded. While that is so, origin requests may
+// be waiting for s (a commit, cache space, the invalidation's record). A
+// transient snapshot's pending clusters count too: they hold cache slots
+// that requests may be waiting for.
+func (s *Snapshot) heldUpLocked() bool {
+	return !s.released.Load() && (s.committing || len(s.pending) > 0 || s.persistReason || s.invalid.Load())
+}
+
+// abandon is Engine.Abandon for one snapshot: if its store has not caught
+// up, s turns invalid for reason and, once that is recorded, its waiting
+// requests are released. It reports whether it invalidated s; an error
+// means s is held up and could not be released.
+//
+// abandon never touches the store: the writer, or a request leading a
+// commit, may be inside a store call that never returns, and store writes
+// are single-writer (the committing flag). So a
+// persistent snapshot's invalidation is recorded by the owner's record
+// alone (EngineOptions.RecordInvalid), on the caller's goroutine, and s is
+// released only if that succeeded: the invariant of recordInvalid holds.
+// When it fails, unlike a failure while the daemon runs, s is not released
+// anyway: the requests waiting for it have not touched the origin, the
+// owner is stopping and cuts their connections, and the store, which
+// nobody wrote behind its back, still holds a right snapshot. (If the
+// writer is free, it records the invalidation as for any failure, the
+// store header included, and releases s itself.)
+func (s *Snapshot) abandon(reason string) (bool, error) {
+	s.mu.Lock()
+	if !s.heldUpLocked() {
+		s.mu.Unlock()
+		return false, nil
+	}
+	s.failLocked(reason) // keeps the first reason if s already failed
+	reason = s.reason
+	select {
+	case <-s.givenUp:
+	default:
+		close(s.givenUp)
+	}
+	s.durCond.Broadcast() // stop may be waiting for a commit in progress
+	persistent := s.persistent
+	s.mu.Unlock()
+	if !persistent {
+		return true, nil // failLocked released it: nothing to record
+	}
+	if s.e.recordInvalid == nil {
+		return false, fmt.Errorf("cow: snapshot %q: its store has not caught up and there is no owner's record to invalidate it in: the origin requests waiting for it wait for the store", s.name)
+	}
+	if err := s.e.recordInvalid(s.name, reason); err != nil {
+		return false, fmt.Errorf("cow: snapshot %q: its store has not caught up and its invalidation cannot be recorded (%w): the origin requests waiting for it wait for the store", s.name, err)
+	}
+	s.mu.Lock()
+	s.released.Store(true)
+	s.durCond.Broadcast()
+	s.mu.Unlock()
+	return true, nil
 }
 
 // commitLocked commits every pending cluster as one batch. It is called
@@ -416,7 +483,8 @@ func (s *Snapshot) dropLocked(batch []*slot) {
 // stop ends copy-on-write for s (the caller already removed it from the
 // engine's set), stops the writer after it committed what it holds (or
 // dropped it, when discard), waits for reads in flight and closes the
-// store.
+// store. For a snapshot the engine gave up on (abandon) it waits for
+// nothing and leaves the store open: see the comment below.
 func (s *Snapshot) stop(discard bool) error {
 	s.mu.Lock()
 	s.stopping = true
@@ -433,13 +501,26 @@ func (s *Snapshot) stop(discard bool) error {
 	s.workCond.Signal()
 	s.lingerCond.Signal()
 	s.mu.Unlock()
-	<-s.done
+	select {
+	case <-s.done:
+	case <-s.givenUp:
+	}
 	s.mu.Lock()
-	for s.committing { // a request's commit that began before stopping
+	for s.committing && !s.gaveUp() { // a request's commit that began before stopping
 		s.durCond.Wait()
 	}
 	s.mu.Unlock()
 	s.closed.Store(true)
+	if s.gaveUp() {
+		// The writer or a commit may be inside a store call that never
+		// returns (a stalled disk). Closing the store would wait for it
+		// (and write a clean mark to that disk), and the memory may still
+		// be in use by it: leave both to the owner's exit. The snapshot
+		// is invalid; its owner's record says so, or else abandon did not
+		// release it, and no origin write went on without copying for it.
+		s.log.Warn("store left open: the engine gave up waiting for it")
+		return nil
+	}
 	s.life.Lock()
 	defer s.life.Unlock()
 	// Release the memory: no request can reach s any more (it left the
@@ -452,6 +533,16 @@ func (s *Snapshot) stop(discard bool) error {
 		return fmt.Errorf("cow: close store of %q: %w", s.name, err)
 	}
 	return nil
+}
+
+// gaveUp reports whether abandon gave up on s.
+func (s *Snapshot) gaveUp() bool {
+	select {
+	case <-s.givenUp:
+		return true
+	default:
+		return false
+	}
 }
 
 // Name is the snapshot's name.

@@ -292,27 +292,23 @@ func (d *Daemon) Addrs() []string { return d.addrs }
 func (d *Daemon) ControlPath() string { return d.ctlPath }
 
 // Shutdown stops the daemon the way SIGTERM asks: it stops accepting
-// control requests and NBD connections, lets in-flight requests finish
-// (until ctx ends, then cuts them), makes everything durable (the engine
-// commits every copied cluster of every persistent snapshot and syncs the
-// origin), releases the origin and removes its socket files.
+// control requests and NBD connections, lets in-flight requests finish,
+// makes everything durable (the engine commits every copied cluster of every
+// persistent snapshot and syncs the origin), releases the origin and removes
+// its socket files. If ctx ends first (--stop-timeout), the stop is forced
+// (stop.go): snapshots whose store has not caught up are invalidated, the
+// requests that waited for them answered, what is left cut, and Shutdown
+// returns at most exitGrace later with an error matching ErrStopForced.
+// Later calls return the first call's result.
 func (d *Daemon) Shutdown(ctx context.Context) error {
 	d.shutdownOnce.Do(func() {
-		notify(d.log, sdaemon.SdNotifyStopping)
-		var errs []error
-		// First the control socket, so no Create or Clear starts while the
-		// engine closes; Shutdown waits for one under way.
-		if err := d.ctl.Shutdown(ctx); err != nil {
-			errs = append(errs, fmt.Errorf("control socket: %w", err))
-		}
-		if err := d.srv.Shutdown(ctx); err != nil {
-			errs = append(errs, fmt.Errorf("nbd server: %w", err))
-		}
-		errs = append(errs, d.closeAll())
-		d.shutdownErr = errors.Join(errs...)
-		if d.shutdownErr != nil {
+		d.shutdownErr = d.shutdown(ctx)
+		switch {
+		case errors.Is(d.shutdownErr, ErrStopForced):
+			d.log.Error("stop forced", "err", d.shutdownErr)
+		case d.shutdownErr != nil:
 			d.log.Error("shutdown", "err", d.shutdownErr)
-		} else {
+		default:
 			d.log.Info("stopped cleanly")
 		}
 	})

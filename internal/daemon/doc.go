@@ -21,6 +21,13 @@
 // certificates (tls.go, and docs/design/2026-11-24-tls.md); a unix socket
 // never requires TLS.
 //
+// Stopping: [Daemon.Shutdown] drains and closes cleanly until its context
+// ends (--stop-timeout); then it gives up on the backing stores that have
+// not caught up, invalidating their snapshots in their records before the
+// origin writes waiting for them go on, and returns within a second with an
+// error matching [ErrStopForced], even if goroutines are stuck in store
+// calls (stop.go).
+//
 // Concurrency: Create and Clear are serialised by a one-token lock (ops),
 // which a create whose client went away stops waiting for; the snapshot
 // table has its own short-held mutex so that Status answers while a Create

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/nbdsnap/nbdsnap/internal/control"
+	"github.com/nbdsnap/nbdsnap/internal/stallfs"
 	"github.com/nbdsnap/nbdsnap/internal/testenv"
 )
 
@@ -28,6 +29,7 @@ import (
 var nbdsnapBin string
 
 func TestMain(m *testing.M) {
+	stallfs.ServeIfAsked() // the FUSE server of stallfs.Mount runs in this binary
 	flag.Parse()
 	if testing.Short() {
 		// make unit: no binary, no external tools; every test skips.

@@ -4,9 +4,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nbdsnap/nbdsnap/internal/testenv"
 )
@@ -50,5 +53,38 @@ func TestSystemdVerify(t *testing.T) {
 	out, err := cmd.CombinedOutput()
 	if err != nil || len(strings.TrimSpace(string(out))) != 0 {
 		t.Fatalf("systemd-analyze verify: %v\n%s", err, out)
+	}
+}
+
+// TestUnitStopTimeout: nbdsnap@.service gives the daemon a --stop-timeout
+// that systemd's TimeoutStopSec exceeds by a margin (the daemon may take a
+// second past it, and a SIGKILL before it is done leaves the writes that
+// waited for a store unanswered), and counts exit 3, a stop forced at the
+// timeout, as a stop.
+func TestUnitStopTimeout(t *testing.T) {
+	_, self, _, _ := runtime.Caller(0)
+	b, err := os.ReadFile(filepath.Join(filepath.Dir(self), "..", "..", "systemd", "nbdsnap@.service"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	unit := string(b)
+	m := regexp.MustCompile(`(?m)^ExecStart=/usr/local/bin/nbdsnap serve .* --stop-timeout (\S+) \$NBDSNAP_OPTS$`).FindStringSubmatch(unit)
+	if m == nil {
+		t.Fatal("ExecStart does not pass --stop-timeout before $NBDSNAP_OPTS (where a user's own wins)")
+	}
+	stop, err := time.ParseDuration(m[1])
+	if err != nil {
+		t.Fatalf("--stop-timeout %q: %v", m[1], err)
+	}
+	m = regexp.MustCompile(`(?m)^TimeoutStopSec=(\d+)$`).FindStringSubmatch(unit)
+	if m == nil {
+		t.Fatal("no TimeoutStopSec=SECONDS")
+	}
+	sec, _ := strconv.Atoi(m[1])
+	if systemd := time.Duration(sec) * time.Second; systemd < stop+5*time.Second {
+		t.Fatalf("TimeoutStopSec=%v leaves --stop-timeout %v less than 5s of margin", systemd, stop)
+	}
+	if !regexp.MustCompile(`(?m)^SuccessExitStatus=(.* )?3( .*)?$`).MatchString(unit) {
+		t.Fatal("SuccessExitStatus does not list 3 (stop forced at --stop-timeout)")
 	}
 }

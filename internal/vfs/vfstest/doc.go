@@ -14,6 +14,10 @@
 // *os.PathError, so errors.Is(err, syscall.ENOSPC) holds as it does for the
 // real file system.
 //
+// [Stall] wraps a [vfs.File] so that, while it is held, writes and syncs
+// block until resumed: a disk that stopped answering, for the code that
+// must not wait for it forever.
+//
 // Concurrency: every type here is safe for concurrent use. Operations on one
 // file are serialised by a per-file lock; a crash clone locks every file at
 // once, so it captures a single instant across all files of the MemFS.
