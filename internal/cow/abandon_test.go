@@ -54,6 +54,22 @@ type abandonEnv struct {
 	records []string // "name: reason", in call order
 }
 
+// reopen reopens the store file name on a new engine over the same origin,
+// closed when the test ends.
+func (a *abandonEnv) reopen(t *testing.T, name string) *Snapshot {
+	t.Helper()
+	e, err := NewEngine(a.origin.File, EngineOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Close() })
+	r, err := e.Reopen(context.Background(), mustOpen(t, a.fs, name), ReopenOptions{OriginID: "o"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
 func newAbandonEnv(t *testing.T, seed uint64, record func(name, reason string) error) *abandonEnv {
 	t.Helper()
 	fs := vfstest.NewMemFS()
@@ -207,15 +223,7 @@ func TestAbandonStalledStore(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the writer did not end once the store answered again")
 	}
-	e2, err := NewEngine(a.origin.File, EngineOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer e2.Close()
-	r, err := e2.Reopen(context.Background(), mustOpen(t, a.fs, "s.cow"), ReopenOptions{OriginID: "o"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := a.reopen(t, "s.cow")
 	if i := r.Info(); i.Valid || i.Reason != abandonReason {
 		t.Fatalf("reopened store valid=%v reason %q; want invalid for %q", i.Valid, i.Reason, abandonReason)
 	}
@@ -270,15 +278,7 @@ func TestAbandonCannotRecord(t *testing.T) {
 				t.Fatal(err)
 			}
 			a.originIs(t, a.expect([3]int{8, 48, 0xb2}), "after the store answered")
-			e2, err := NewEngine(a.origin.File, EngineOptions{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer e2.Close()
-			r, err := e2.Reopen(context.Background(), mustOpen(t, a.fs, "s.cow"), ReopenOptions{OriginID: "o"})
-			if err != nil {
-				t.Fatal(err)
-			}
+			r := a.reopen(t, "s.cow")
 			if i := r.Info(); i.Valid || i.Reason != abandonReason {
 				t.Fatalf("reopened store valid=%v reason %q", i.Valid, i.Reason)
 			}
@@ -333,15 +333,7 @@ func TestAbandonSparesCaughtUpSnapshots(t *testing.T) {
 	}
 	a.originIs(t, a.expect([3]int{8, 48, 0xd4}), "after the stop")
 
-	e2, err := NewEngine(a.origin.File, EngineOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer e2.Close()
-	r, err := e2.Reopen(context.Background(), mustOpen(t, a.fs, "p.cow"), ReopenOptions{OriginID: "o"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := a.reopen(t, "p.cow")
 	got := make([]byte, len(a.data))
 	if err := r.ReadAt(context.Background(), got, 0); err != nil || !bytes.Equal(got, a.data) {
 		t.Fatalf("the caught-up snapshot does not reopen bit-exact (read: %v)", err)
