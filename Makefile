@@ -10,10 +10,16 @@ STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.6.1
 
 all: build
 
+# The version nbdsnap reports (version, --version, the daemon's status),
+# stamped into cmd/nbdsnap's version variable. Without git (a source
+# tarball) it stays empty and the binary falls back to the module version
+# the go command records, then "devel".
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null)
+
 # cgo off: the daemon sets PR_SET_IO_FLUSHER on every thread with
 # syscall.AllThreadsSyscall, which Go refuses in a cgo binary.
 build:
-	CGO_ENABLED=0 $(GO) build -trimpath -o bin/nbdsnap ./cmd/nbdsnap
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-X main.version=$(VERSION)" -o bin/nbdsnap ./cmd/nbdsnap
 
 # Installs the Debian packages and Go modules the tests and the demo use.
 deps:

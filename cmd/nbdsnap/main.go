@@ -8,7 +8,10 @@ import (
 	"github.com/nbdsnap/nbdsnap/internal/cli"
 )
 
-// version is set at link time: go build -ldflags "-X main.version=v1.2.3".
-var version = "dev"
+// version is set by the linker, and by nothing else: make build runs
+// go build -ldflags "-X main.version=$(git describe --tags --always --dirty)".
+// It is the module's one package-level variable. Empty, cli.Version falls
+// back to the version the go command recorded, then "devel".
+var version string
 
 func main() { os.Exit(cli.Main(version)) }

@@ -56,7 +56,7 @@ func TestCheck(t *testing.T) {
 		{"good json", []string{"check", "--json", good}, 0, `"Clusters": 2`, ""},
 		{"wrecked header", []string{"check", bad}, 1, "", bad + ": 1 problem(s): "},
 		{"missing file", []string{"check", filepath.Join(dir, "nope")}, 1, "", "no such file"},
-		{"no argument", []string{"check"}, 2, "", "accepts 1 arg(s)"},
+		{"no argument", []string{"check"}, 2, "", "nbdsnap: check needs BACKING: nbdsnap check BACKING\n"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

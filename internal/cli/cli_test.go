@@ -22,6 +22,7 @@ import (
 
 // fakeDaemon answers the control API from memory and records requests.
 type fakeDaemon struct {
+	name    string // the daemon's (origin's) name
 	mu      sync.Mutex
 	snaps   []control.SnapshotInfo
 	busy    map[string]bool
@@ -40,7 +41,7 @@ type fakeDaemon struct {
 func (f *fakeDaemon) Status(context.Context) (control.Status, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return control.Status{Name: "data", Origin: "/dev/vdb", OriginSize: 1 << 30, Version: "v-test",
+	return control.Status{Name: f.name, Origin: "/dev/vdb", OriginSize: 1 << 30, Version: "v-test",
 		Listen: []string{"unix:/run/nbdsnap/data.sock"}, Started: time.Now(),
 		Snapshots: append([]control.SnapshotInfo{}, f.snaps...)}, nil
 }
@@ -84,7 +85,7 @@ func (f *fakeDaemon) Create(ctx context.Context, req control.CreateRequest) (con
 	if cs == 0 {
 		cs = 64 << 10
 	}
-	s := control.SnapshotInfo{Name: req.Name, Origin: "data", State: control.StateValid, UUID: req.UUID,
+	s := control.SnapshotInfo{Name: req.Name, Origin: f.name, State: control.StateValid, UUID: req.UUID,
 		Created: time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC), Persistent: !req.Transient,
 		ClusterSize: cs, ClustersTotal: 16384, BackingPath: req.BackingPath}
 	f.snaps = append(f.snaps, s)
@@ -111,28 +112,35 @@ func (f *fakeDaemon) Clear(_ context.Context, name string, force bool) (control.
 // startFake serves a fake daemon at DIR/data.ctl and returns it and DIR.
 func startFake(t *testing.T) (*fakeDaemon, string) {
 	t.Helper()
-	f := &fakeDaemon{busy: map[string]bool{}}
+	dir := t.TempDir()
+	return serveFake(t, dir, "data"), dir
+}
+
+// serveFake serves a fake daemon called name at dir/name.ctl, with the
+// snapshots snap0 (valid) and gone1 (invalid).
+func serveFake(t *testing.T, dir, name string) *fakeDaemon {
+	t.Helper()
+	f := &fakeDaemon{name: name, busy: map[string]bool{}}
 	f.snaps = []control.SnapshotInfo{{
-		Name: "snap0", Origin: "data", State: control.StateValid,
+		Name: "snap0", Origin: name, State: control.StateValid,
 		Created:     time.Date(2026, 11, 20, 8, 30, 0, 0, time.UTC),
 		Persistent:  true,
 		ClusterSize: 64 << 10, ClustersTotal: 16384, ClustersCopied: 1234,
 		BackingPath: "/var/lib/nbdsnap/snap0.cow", BackingBytes: 77 << 20,
 	}, {
-		Name: "gone1", Origin: "data", State: control.StateInvalid,
+		Name: "gone1", Origin: name, State: control.StateInvalid,
 		Reason:  "transient snapshot: it did not survive the daemon restart",
 		Created: time.Date(2026, 11, 20, 9, 0, 0, 0, time.UTC), ClusterSize: 4096,
 		BackingPath: "/var/lib/nbdsnap/gone1.cow",
 	}}
-	dir := t.TempDir()
-	l, err := net.Listen("unix", filepath.Join(dir, "data.ctl"))
+	l, err := net.Listen("unix", filepath.Join(dir, name+".ctl"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	srv := &http.Server{Handler: control.NewHandler(f, "v-test", slog.New(slog.DiscardHandler))}
 	go srv.Serve(l)
 	t.Cleanup(func() { srv.Close() })
-	return f, dir
+	return f
 }
 
 // run executes the CLI; the client commands' --name looks in runDir.
@@ -160,7 +168,7 @@ func TestCommands(t *testing.T) {
 		creates int      // create requests the daemon must have seen afterwards
 	}{
 		{"status by name", []string{"status", "--name", "data"}, 0,
-			[]string{"data: origin /dev/vdb (1 GiB)", "snap0: origin data, taken 2026-11-20 08:30:00 UTC, persistent, 64 KiB clusters, 1234/16384 copied, 77 MiB backing, valid",
+			[]string{"data: origin /dev/vdb (1 GiB)", ", version v-test\n", "snap0: origin data, taken 2026-11-20 08:30:00 UTC, persistent, 64 KiB clusters, 1234/16384 copied, 77 MiB backing, valid",
 				"gone1: origin data, taken 2026-11-20 09:00:00 UTC, transient, 4 KiB clusters, 0 B backing, invalid (transient snapshot: it did not survive the daemon restart)"}, "", 0},
 		{"status by control", []string{"status", "--control", ctl}, 0, []string{"snap0: origin data"}, "", 0},
 		{"status one", []string{"status", "snap0", "--control", ctl}, 0, []string{"snap0: origin data"}, "", 0},
@@ -173,7 +181,7 @@ func TestCommands(t *testing.T) {
 		{"unknown flag", []string{"list", "--bogus"}, 2, nil, "unknown flag: --bogus", 0},
 		{"unknown command", []string{"snapshot"}, 2, nil, `nbdsnap: unknown command "snapshot"; see nbdsnap --help`, 0},
 		{"no command prints help", []string{}, 0, []string{"Available Commands:"}, "", 0},
-		{"create needs arg", []string{"create", "--backing", "/x"}, 2, nil, "accepts 1 arg(s)", 0},
+		{"create needs arg", []string{"create", "--backing", "/x"}, 2, nil, "nbdsnap: create needs SNAP: nbdsnap create [ORIGIN/]SNAP --backing PATH\n", 0},
 		{"create needs backing", []string{"create", "s", "--name", "data"}, 2, nil, "create needs --backing PATH", 0},
 		{"create bad cluster size", []string{"create", "s", "--name", "data", "--backing", "/b", "--cluster-size", "3K"}, 2, nil,
 			"invalid --cluster-size 3 KiB: must be a power of two from 4K to 1M", 0},
@@ -317,6 +325,9 @@ func TestStatusJSON(t *testing.T) {
 	}
 	if r := snaps[1].(map[string]any)["reason"]; r == nil || r == "" {
 		t.Errorf("invalid snapshot without reason: %v", snaps[1])
+	}
+	if v := raw["version"]; v != "v-test" {
+		t.Errorf("status --json: daemon version %v, want v-test", v)
 	}
 
 	out, _, code = run(t, dir, "list", "--json", "--name", "data")

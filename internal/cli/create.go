@@ -40,13 +40,15 @@ const (
 func newCreateCommand(runDir string) *cobra.Command {
 	o := &createOptions{}
 	cmd := &cobra.Command{
-		Use:   "create SNAP --backing PATH",
+		Use:   "create [ORIGIN/]SNAP --backing PATH",
 		Short: "Take a snapshot of the origin",
-		Long: `Take a snapshot called SNAP: at the create instant the daemon stops admitting
-origin writes, waits for those in flight, establishes copy-on-write and resumes.
-From then on the old contents of every cluster about to be overwritten are
-copied to the backing store PATH (a new file) first. The snapshot is served as
-the read-only NBD export SNAP.
+		Long: `Take a snapshot called SNAP of the origin ORIGIN, whose daemon is found by that
+name (or --origin NAME, or --control PATH; with none of them, the only daemon
+running): at the create instant the daemon stops admitting origin writes,
+waits for those in flight, establishes copy-on-write and resumes. From then
+on the old contents of every cluster about to be overwritten are copied to
+the backing store PATH (a new file) first. The snapshot is served as the
+read-only NBD export SNAP.
 
 --freeze MOUNTPOINT freezes the filesystem mounted there (FIFREEZE) around the
 create instant so that the snapshot holds a clean filesystem, and thaws it
@@ -60,9 +62,9 @@ The outcome printed is the daemon's: if the create instant is not reached
 within --timeout (origin writes in flight, a slow origin sync), the daemon
 abandons the create and nothing is created; once past the instant the
 snapshot exists, even if the client was interrupted, and is reported.`,
-		Example: `  nbdsnap create snap1 --name data --backing /var/lib/nbdsnap/snap1.cow
-  nbdsnap create snap1 --name data --backing /srv/snap1.cow --cluster-size 16K --freeze /mnt/data`,
-		Args: cobra.ExactArgs(1),
+		Example: `  nbdsnap create data/snap1 --backing /var/lib/nbdsnap-stores/data/snap1.cow
+  nbdsnap create snap1 --origin data --backing /srv/snap1.cow --cluster-size 16K --freeze /mnt/data`,
+		Args: oneArg("SNAP"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return o.run(cmd, args[0])
 		},
@@ -79,13 +81,15 @@ snapshot exists, even if the client was interrupted, and is reported.`,
 	return cmd
 }
 
-func (o *createOptions) validate() error {
+// validate checks the options; clusterSizeSet says whether --cluster-size
+// was given, as 0 is the default's stand-in but not a size one may ask for.
+func (o *createOptions) validate(clusterSizeSet bool) error {
 	if o.backing == "" {
 		return usagef("create needs --backing PATH")
 	}
 	// The engine's limits, checked here too so that a typo is a usage error
 	// before any daemon is involved.
-	if cs := o.clusterSize; cs != 0 && (cs < cow.MinClusterSize || cs > cow.MaxClusterSize || cs&(cs-1) != 0) {
+	if cs := o.clusterSize; clusterSizeSet && (cs < cow.MinClusterSize || cs > cow.MaxClusterSize || cs&(cs-1) != 0) {
 		return usagef("invalid --cluster-size %s: must be a power of two from %s to %s",
 			formatSize(cs), shortSize(cow.MinClusterSize), shortSize(cow.MaxClusterSize))
 	}
@@ -95,17 +99,17 @@ func (o *createOptions) validate() error {
 	return nil
 }
 
-func (o *createOptions) run(cmd *cobra.Command, name string) error {
-	if err := o.validate(); err != nil {
+func (o *createOptions) run(cmd *cobra.Command, arg string) error {
+	if err := o.validate(cmd.Flags().Changed("cluster-size")); err != nil {
+		return err
+	}
+	c, name, err := o.target(arg)
+	if err != nil {
 		return err
 	}
 	backing, err := filepath.Abs(o.backing)
 	if err != nil {
 		return fmt.Errorf("--backing: %w", err)
-	}
-	c, err := o.client()
-	if err != nil {
-		return err
 	}
 	req := control.CreateRequest{
 		Name:          name,

@@ -14,11 +14,12 @@ type listOptions struct {
 func newListCommand(runDir string) *cobra.Command {
 	o := &listOptions{}
 	cmd := &cobra.Command{
-		Use:   "list",
-		Short: "List the snapshots, one line each",
-		Args:  cobra.NoArgs,
+		Use:     "list",
+		Short:   "List the snapshots, one line each",
+		Example: `  nbdsnap list --origin data --json`,
+		Args:    noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
+			c, _, err := o.target("")
 			if err != nil {
 				return err
 			}

@@ -17,7 +17,7 @@ func newManCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "man --dir DIR",
 		Short: "Write man pages for every command into DIR",
-		Args:  cobra.NoArgs,
+		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if o.dir == "" {
 				return usagef("man needs --dir DIR")

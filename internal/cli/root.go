@@ -7,12 +7,10 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strings"
 	"syscall"
 
 	"github.com/spf13/cobra"
-	"github.com/spf13/pflag"
 
 	"github.com/nbdsnap/nbdsnap/internal/control"
 	"github.com/nbdsnap/nbdsnap/internal/daemon"
@@ -39,16 +37,19 @@ func (e usageError) Unwrap() error { return e.err }
 func usagef(format string, a ...any) error { return usageError{fmt.Errorf(format, a...)} }
 
 // Main runs the command line of the process and returns its exit code.
-func Main(version string) int {
+// stamped is the version the linker set in package main, "" if none (see
+// [Version]).
+func Main(stamped string) int {
 	// SIGINT and SIGTERM cancel the context instead of killing the process,
 	// so that deferred cleanup runs: create thaws a frozen filesystem, serve
 	// shuts down cleanly.
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	return Run(ctx, os.Args[1:], os.Stdout, os.Stderr, version)
+	return Run(ctx, os.Args[1:], os.Stdout, os.Stderr, Version(stamped))
 }
 
-// Run executes the command line args and returns the exit code.
+// Run executes the command line args and returns the exit code; version
+// is what --version, the version command and the daemon report.
 func Run(ctx context.Context, args []string, stdout, stderr io.Writer, version string) int {
 	root := NewRootCommand(version)
 	root.SetArgs(args)
@@ -79,7 +80,7 @@ func exitCode(err error, stderr io.Writer) int {
 // NewRootCommand builds the whole command tree.
 func NewRootCommand(version string) *cobra.Command { return newRoot(version, control.RunDir) }
 
-// newRoot builds the tree; client commands resolve --name in runDir.
+// newRoot builds the tree; client commands find an origin's daemon in runDir.
 func newRoot(version, runDir string) *cobra.Command {
 	root := &cobra.Command{
 		Use:   "nbdsnap",
@@ -92,6 +93,9 @@ commands talk to a running daemon over its control socket.`,
 		SilenceUsage:  true,
 		Version:       version,
 	}
+	// --version prints what the version command prints: the template is
+	// the same line with the version left for cobra to fill in.
+	root.SetVersionTemplate(versionLine("{{.Version}}") + "\n")
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	// A runnable root with Args, so that an unknown subcommand is a usage
 	// error (cobra's own check makes it a plain one); no command prints help.
@@ -102,6 +106,9 @@ commands talk to a running daemon over its control socket.`,
 		return nil
 	}
 	root.RunE = func(cmd *cobra.Command, _ []string) error { return cmd.Help() }
+	check := newCheckCommand()
+	// Named like the others' (args.go); check.go itself states only the count.
+	check.Args = oneArg("BACKING")
 	root.AddCommand(
 		newServeCommand(version),
 		newCreateCommand(runDir),
@@ -110,9 +117,9 @@ commands talk to a running daemon over its control socket.`,
 		newListCommand(runDir),
 		newVersionCommand(version, runDir),
 		newManCommand(),
-		newCheckCommand(),
+		check,
 	)
-	// Positional argument errors are usage errors too.
+	// Positional argument errors are usage errors too, whatever checks them.
 	for _, c := range root.Commands() {
 		if c.Args != nil {
 			args := c.Args
@@ -125,45 +132,4 @@ commands talk to a running daemon over its control socket.`,
 		}
 	}
 	return root
-}
-
-// clientOptions locate the daemon a client command talks to.
-type clientOptions struct {
-	control string
-	name    string
-	runDir  string // where --name looks; tests point it elsewhere
-}
-
-func (o *clientOptions) addFlags(fs *pflag.FlagSet, runDir string) {
-	fs.StringVar(&o.control, "control", "", "the daemon's control socket")
-	fs.StringVar(&o.name, "name", "", "the daemon's name (control socket "+runDir+"/NAME.ctl)")
-	o.runDir = runDir
-}
-
-// path resolves which control socket to use.
-func (o *clientOptions) path() (string, error) {
-	switch {
-	case o.control != "" && o.name != "":
-		return "", usagef("give --control or --name, not both")
-	case o.control != "":
-		return o.control, nil
-	case o.name != "":
-		return filepath.Join(o.runDir, o.name+".ctl"), nil
-	}
-	socks, _ := filepath.Glob(filepath.Join(o.runDir, "*.ctl"))
-	switch len(socks) {
-	case 1:
-		return socks[0], nil
-	case 0:
-		return "", usagef("no daemon found in %s; give --name NAME or --control PATH", o.runDir)
-	}
-	return "", usagef("%d daemons in %s; choose one with --name NAME", len(socks), o.runDir)
-}
-
-func (o *clientOptions) client() (*control.Client, error) {
-	p, err := o.path()
-	if err != nil {
-		return nil, err
-	}
-	return control.NewClient(p), nil
 }

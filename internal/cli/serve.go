@@ -81,7 +81,7 @@ TimeoutStopSec above --stop-timeout. Readiness is reported to systemd
   nbdsnap serve /dev/vdb --name data --listen tcp:0.0.0.0:10809 --tls-cert server-cert.pem \
       --tls-key server-key.pem --tls-ca ca-cert.pem --tls-allow-snapshots backup.example.com \
       --tls-allow-origin vmhost.example.com`,
-		Args: cobra.ExactArgs(1),
+		Args: oneArg("ORIGIN"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return o.run(cmd, args[0], version)
 		},

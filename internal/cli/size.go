@@ -24,6 +24,16 @@ func parseSize(s string) (int64, error) {
 	if num == "" {
 		return 0, fmt.Errorf("size %q has no number", s)
 	}
+	// "-5M" is a size with a minus, not a malformed number: say so. (One
+	// level of recursion at most: rest cannot start with a minus.)
+	if rest, ok := strings.CutPrefix(strings.TrimSpace(s), "-"); ok {
+		if !strings.HasPrefix(strings.TrimSpace(rest), "-") {
+			if _, err := parseSize(rest); err == nil {
+				return 0, fmt.Errorf("size %q is negative", s)
+			}
+		}
+		return 0, fmt.Errorf("size %q: not a number", s)
+	}
 	if !strings.Contains(num, ".") {
 		n, err := strconv.ParseUint(num, 10, 64)
 		if err != nil {

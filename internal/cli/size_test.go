@@ -93,3 +93,25 @@ func FuzzParseSize(f *testing.F) {
 		}
 	})
 }
+
+// TestParseSizeErrors: a negative size says so; anything else unreadable
+// is "not a number".
+func TestParseSizeErrors(t *testing.T) {
+	for _, tt := range []struct{ in, want string }{
+		{"-5M", `size "-5M" is negative`},
+		{"-1", `size "-1" is negative`},
+		{" -1.5 GiB", `size " -1.5 GiB" is negative`},
+		{"-", `size "-": not a number`},
+		{"-K", `size "-K": not a number`},
+		{"--5", `size "--5": not a number`},
+		{"-abc", `size "-abc": not a number`},
+		{"64Q", `size "64Q": not a number`},
+		{"", `size "" has no number`},
+		{"8E", `size "8E" is too large`},
+	} {
+		_, err := parseSize(tt.in)
+		if err == nil || err.Error() != tt.want {
+			t.Errorf("parseSize(%q): %v, want %s", tt.in, err, tt.want)
+		}
+	}
+}

@@ -16,19 +16,26 @@ type statusOptions struct {
 func newStatusCommand(runDir string) *cobra.Command {
 	o := &statusOptions{}
 	cmd := &cobra.Command{
-		Use:   "status [SNAP]",
+		Use:   "status [[ORIGIN/]SNAP]",
 		Short: "Show the daemon and its snapshots, or one snapshot",
 		Long: `Without SNAP: one line about the daemon, then one per snapshot. With SNAP: that
-snapshot's line. --json prints the full record, engine statistics included.`,
-		Args: cobra.MaximumNArgs(1),
+snapshot's line. The daemon's line ends with its version. --json prints the full
+record, engine statistics included.`,
+		Example: `  nbdsnap status --origin data
+  nbdsnap status data/snap1 --json`,
+		Args: optionalArg("SNAP"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := o.client()
+			arg := ""
+			if len(args) == 1 {
+				arg = args[0]
+			}
+			c, snap, err := o.target(arg)
 			if err != nil {
 				return err
 			}
 			out := cmd.OutOrStdout()
 			if len(args) == 1 {
-				info, err := c.Snapshot(cmd.Context(), args[0])
+				info, err := c.Snapshot(cmd.Context(), snap)
 				if err != nil {
 					return err
 				}
