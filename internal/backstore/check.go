@@ -40,6 +40,10 @@ type Report struct {
 type CheckOptions struct {
 	// SkipData skips reading every copied cluster to verify its CRC.
 	SkipData bool
+	// Progress, if set, is called after each copied cluster's data was
+	// read, with how many of the total have been: reading them all is what
+	// takes long on a large store.
+	Progress func(done, total int)
 }
 
 // Check validates a store without changing it: both header slots, every
@@ -113,6 +117,9 @@ func CheckWithOptions(f vfs.File, opts CheckOptions) (Report, error) {
 			for j, e := range m.entries {
 				slot := uint32(l*entriesPerBlock) + uint32(j)
 				ok, err := slotMatches(f, r.geo, data, slot, e)
+				if opts.Progress != nil {
+					opts.Progress(int(slot)+1, int(r.total))
+				}
 				switch {
 				case err != nil:
 					rep.Problems = append(rep.Problems, err.Error())
@@ -129,7 +136,9 @@ func CheckWithOptions(f vfs.File, opts CheckOptions) (Report, error) {
 		if len(rep.Problems) > 1 {
 			more = fmt.Sprintf(" (and %d more)", len(rep.Problems)-1)
 		}
-		return rep, fmt.Errorf("backstore: check: %w: %s%s", ErrCorrupt, strings.TrimPrefix(rep.Problems[0], ErrCorrupt.Error()+": "), more)
+		// The first problem without the words the error already starts with.
+		first := strings.TrimPrefix(strings.TrimPrefix(rep.Problems[0], ErrCorrupt.Error()+": "), "store corrupt: ")
+		return rep, fmt.Errorf("backstore: check: %w: %s%s", ErrCorrupt, first, more)
 	}
 	return rep, nil
 }

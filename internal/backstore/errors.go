@@ -3,41 +3,43 @@ package backstore
 import "errors"
 
 // Sentinel errors. Functions wrap them with context; test with errors.Is.
+// Their texts carry no "backstore:" prefix: every error the package returns
+// gets it once, where it leaves the package, however many layers wrapped it.
 var (
 	// ErrNotStore: neither header slot holds a valid header (wrong magic or
 	// both checksums fail) — the file is not a store, or both headers are
 	// destroyed.
-	ErrNotStore = errors.New("backstore: not a backing store")
+	ErrNotStore = errors.New("not a backing store")
 	// ErrVersion: the store was written by a newer format version than this
 	// program understands. Nothing is changed.
-	ErrVersion = errors.New("backstore: unsupported format version")
+	ErrVersion = errors.New("unsupported format version")
 	// ErrTransient: Open of a transient store, which keeps no map on disk
 	// and so cannot be reopened.
-	ErrTransient = errors.New("backstore: transient store cannot be reopened")
+	ErrTransient = errors.New("transient store cannot be reopened")
 	// ErrCorrupt: the metadata contradicts itself in a way no crash can
 	// produce (a cluster claimed twice, a committed block missing, …).
-	ErrCorrupt = errors.New("backstore: store is corrupt")
+	ErrCorrupt = errors.New("store is corrupt")
 	// ErrFull: the store has no room for the batch (MaxSize, the end of a
 	// block device, or ENOSPC from the file system, which it then also
 	// wraps).
-	ErrFull = errors.New("backstore: store is full")
+	ErrFull = errors.New("store is full")
 	// ErrFailed: an earlier Commit failed with an I/O error; what it wrote
 	// may or may not be durable, so the store takes no further batches.
 	// Reopening it recovers the last committed state.
-	ErrFailed = errors.New("backstore: store failed earlier")
+	ErrFailed = errors.New("store failed earlier")
 	// ErrInvalid: the store is marked invalid and takes no further batches.
-	ErrInvalid = errors.New("backstore: snapshot is invalid")
+	ErrInvalid = errors.New("snapshot is invalid")
 	// ErrClosed: the store is closed.
-	ErrClosed = errors.New("backstore: store is closed")
+	ErrClosed = errors.New("store is closed")
 	// ErrBadCluster: a batch names a cluster out of range, already copied,
 	// twice, or with data of the wrong length. Nothing is written.
-	ErrBadCluster = errors.New("backstore: bad cluster in batch")
+	ErrBadCluster = errors.New("bad cluster in batch")
 	// ErrChecksum: a cluster read from the store does not match the
 	// checksum recorded when it was committed: the store was damaged.
-	ErrChecksum = errors.New("backstore: cluster fails its checksum")
+	ErrChecksum = errors.New("cluster fails its checksum")
 	// ErrOtherStore: the file holds a store, but not the one asked for
 	// (its UUID differs).
-	ErrOtherStore = errors.New("backstore: another store")
+	ErrOtherStore = errors.New("another store")
 	// ErrOptions: Create was given options it cannot honour.
-	ErrOptions = errors.New("backstore: bad options")
+	ErrOptions = errors.New("bad options")
 )

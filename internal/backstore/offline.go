@@ -55,7 +55,7 @@ func MarkInvalid(f vfs.File, id uuid.UUID, reason string) error {
 		return err
 	}
 	if h.UUID != id {
-		return fmt.Errorf("%w: store %s (snapshot %q), not %s", ErrOtherStore, h.UUID, h.Name, id)
+		return fmt.Errorf("backstore: mark invalid: %w: store %s (snapshot %q), not %s", ErrOtherStore, h.UUID, h.Name, id)
 	}
 	if h.State == StateInvalid && h.Reason != "" {
 		return nil

@@ -249,12 +249,14 @@ func readHeader(f vfs.File) (Header, [2]error, error) {
 	}
 	switch {
 	case slotErr[0] != nil && slotErr[1] != nil:
-		// Report the more specific problem of the two.
-		err := slotErr[0]
-		if errors.Is(slotErr[1], ErrCorrupt) {
-			err = slotErr[1]
+		// Wrap the more specific problem of the two, and name each once.
+		switch {
+		case slotErr[0].Error() == slotErr[1].Error():
+			return Header{}, slotErr, fmt.Errorf("no valid header slot (both: %w)", slotErr[0])
+		case errors.Is(slotErr[1], ErrCorrupt):
+			return Header{}, slotErr, fmt.Errorf("no valid header slot (slot 0: %v; slot 1: %w)", slotErr[0], slotErr[1])
 		}
-		return Header{}, slotErr, fmt.Errorf("no valid header slot (slot 0: %v; slot 1: %v): %w", slotErr[0], slotErr[1], err)
+		return Header{}, slotErr, fmt.Errorf("no valid header slot (slot 0: %w; slot 1: %v)", slotErr[0], slotErr[1])
 	case slotErr[0] != nil:
 		return hs[1], slotErr, nil
 	case slotErr[1] != nil:

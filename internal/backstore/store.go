@@ -219,7 +219,7 @@ func (s *Store) Commit(batch []Cluster) error {
 		return nil
 	}
 	if err := s.checkBatch(batch); err != nil {
-		return err
+		return fmt.Errorf("backstore: commit: %w", err)
 	}
 	first := s.count
 	total := first + uint32(len(batch))
@@ -405,7 +405,7 @@ func (s *Store) ReadCluster(index uint32, p []byte, off int) (ok bool, err error
 // verify checks a whole cluster read from slot against its checksum.
 func (s *Store) verify(index, slot uint32, data []byte, want uint32) error {
 	if got := checksum(data); got != want {
-		return fmt.Errorf("%w: cluster %d (data slot %d at offset %d) has checksum %08x, recorded %08x",
+		return fmt.Errorf("backstore: %w: cluster %d (data slot %d at offset %d) has checksum %08x, recorded %08x",
 			ErrChecksum, index, slot, s.geo.slotOff(slot), got, want)
 	}
 	return nil
@@ -423,7 +423,7 @@ func (s *Store) readBlocks(index, slot uint32, p []byte, off int, sums []uint32,
 	for b := lo; b < hi; b += sumBlock {
 		block := buf[b:min(b+sumBlock, hi)]
 		if got, want := checksum(block), sums[b/sumBlock]; got != want {
-			return fmt.Errorf("%w: cluster %d (data slot %d at offset %d), bytes %d…%d, have checksum %08x, %08x when the cluster was last checked whole",
+			return fmt.Errorf("backstore: %w: cluster %d (data slot %d at offset %d), bytes %d…%d, have checksum %08x, %08x when the cluster was last checked whole",
 				ErrChecksum, index, slot, s.geo.slotOff(slot), b, b+len(block)-1, got, want)
 		}
 	}

@@ -2,8 +2,10 @@ package cli
 
 import (
 	"fmt"
+	"io"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -14,6 +16,7 @@ import (
 type checkOptions struct {
 	json     bool
 	skipData bool
+	progress bool
 }
 
 func newCheckCommand() *cobra.Command {
@@ -32,7 +35,11 @@ mid-batch). Exits 1 if a problem is found.`,
 				return fmt.Errorf("check: %w", err)
 			}
 			defer f.Close()
-			rep, cerr := backstore.CheckWithOptions(f, backstore.CheckOptions{SkipData: o.skipData})
+			opts := backstore.CheckOptions{SkipData: o.skipData}
+			if o.progress {
+				opts.Progress = progressPrinter(cmd.ErrOrStderr(), time.Now)
+			}
+			rep, cerr := backstore.CheckWithOptions(f, opts)
 			out := cmd.OutOrStdout()
 			if o.json {
 				if err := writeJSON(out, rep); err != nil {
@@ -55,7 +62,26 @@ mid-batch). Exits 1 if a problem is found.`,
 	}
 	cmd.Flags().BoolVar(&o.json, "json", false, "print the full report as JSON")
 	cmd.Flags().BoolVar(&o.skipData, "skip-data", false, "do not read the copied clusters to verify their checksums")
+	cmd.Flags().BoolVar(&o.progress, "progress", false, "report on stderr how many copied clusters have been verified (every 10% and every 5 seconds)")
 	return cmd
+}
+
+// progressPrinter returns a CheckOptions.Progress that writes a line to w
+// at each tenth of the clusters and at least every 5 seconds between, so
+// that a check of a large store on a slow disk is seen to move, without a
+// line per cluster.
+func progressPrinter(w io.Writer, now func() time.Time) func(done, total int) {
+	const every = 5 * time.Second
+	last := now()
+	step := 0
+	return func(done, total int) {
+		s := done * 10 / total
+		if s == step && now().Sub(last) < every {
+			return
+		}
+		step, last = s, now()
+		fmt.Fprintf(w, "check: verified %d of %d copied clusters (%d%%)\n", done, total, done*100/total)
+	}
 }
 
 func checkLine(path string, r backstore.Report) string {

@@ -47,7 +47,9 @@ func newServeCommand(version string) *cobra.Command {
 		Short: "Run the daemon for one origin (block device or file)",
 		Long: `Serve ORIGIN read-write as NBD export NAME (also the default export) and each
 snapshot as a read-only export named after the snapshot. A block device is
-opened exclusively (O_EXCL), so it cannot be mounted behind the daemon's back.
+opened exclusively (O_EXCL), so it cannot be mounted, or opened exclusively by
+another program, behind the daemon's back; a plain writer such as dd is not
+stopped, so every write must go through the daemon.
 
 Snapshots are recorded in the state directory (default ` + DefaultStateRoot + `/NAME). At
 start every recorded snapshot is settled before the origin takes a write:

@@ -2,6 +2,7 @@ package control
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -246,5 +247,78 @@ func TestHeadersOnNotFound(t *testing.T) {
 	r.Body.Close()
 	if r.StatusCode != 404 || r.Header.Get(HeaderAPI) != APIVersion || r.Header.Get(HeaderVersion) != "v9" {
 		t.Fatalf("got %d %v", r.StatusCode, r.Header)
+	}
+}
+
+// TestStatusKeysAlwaysPresent: a valid snapshot without a limit still has
+// uuid, reason and max_size (and the daemon's state_dir) in its JSON, so a
+// script reading them does not have to test whether they are there.
+func TestStatusKeysAlwaysPresent(t *testing.T) {
+	f := newFake()
+	f.snaps["s1"] = SnapshotInfo{Name: "s1", State: StateValid}
+	path := serve(t, NewHandler(f, "v9", slog.New(slog.DiscardHandler)))
+	c := NewClient(path)
+	req, _ := http.NewRequest(http.MethodGet, "http://x"+PathStatus, nil)
+	r, err := c.http.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Body.Close()
+	var st struct {
+		StateDir  *string                      `json:"state_dir"`
+		Snapshots []map[string]json.RawMessage `json:"snapshots"`
+	}
+	if err := json.NewDecoder(r.Body).Decode(&st); err != nil {
+		t.Fatal(err)
+	}
+	if st.StateDir == nil {
+		t.Error("status has no state_dir")
+	}
+	if len(st.Snapshots) != 1 {
+		t.Fatalf("snapshots %v", st.Snapshots)
+	}
+	want := map[string]string{"uuid": `""`, "reason": `""`, "max_size": "0", "cache_bytes": "0"}
+	for k, v := range want {
+		if got, ok := st.Snapshots[0][k]; !ok || string(got) != v {
+			t.Errorf("snapshot key %q: %s (present %v), want %s", k, got, ok, v)
+		}
+	}
+}
+
+// TestTrailingDataRefused: a create body with anything but white space
+// after its object is refused, and nothing is created.
+func TestTrailingDataRefused(t *testing.T) {
+	f := newFake()
+	path := serve(t, NewHandler(f, "v9", slog.New(slog.DiscardHandler)))
+	c := NewClient(path)
+	for _, body := range []string{`{"name":"s1"} garbage`, `{"name":"s1"}{"name":"s2"}`, `{"name":"s1"}]`} {
+		req, _ := http.NewRequest(http.MethodPost, "http://x"+PathSnapshots, strings.NewReader(body))
+		r, err := c.http.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(r.Body)
+		r.Body.Close()
+		var eb ErrorBody
+		if err := json.Unmarshal(b, &eb); err != nil {
+			t.Fatalf("%s: answer %s", body, b)
+		}
+		want := "invalid request: decode create request: data after the JSON object"
+		if r.StatusCode != http.StatusBadRequest || eb.Code != "invalid" || eb.Error != want {
+			t.Errorf("%s: %d %+v, want 400 %q", body, r.StatusCode, eb, want)
+		}
+	}
+	if len(f.snaps) != 0 {
+		t.Fatalf("created %v", f.snaps)
+	}
+	// Trailing white space (a newline from `curl -d @file`) is fine.
+	req, _ := http.NewRequest(http.MethodPost, "http://x"+PathSnapshots, strings.NewReader("{\"name\":\"s1\"}\n\t "))
+	r, err := c.http.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Body.Close()
+	if r.StatusCode != http.StatusCreated {
+		t.Fatalf("object and white space: %d", r.StatusCode)
 	}
 }

@@ -97,6 +97,13 @@ func (h *handler) create(w http.ResponseWriter, r *http.Request) {
 		h.fail(w, r, fmt.Errorf("%w: decode create request: %w", ErrInvalid, err))
 		return
 	}
+	// One object and nothing else: a body with more after it was not
+	// written by our client, and guessing which part was meant could
+	// create a snapshot nobody asked for.
+	if _, err := dec.Token(); err != io.EOF {
+		h.fail(w, r, fmt.Errorf("%w: decode create request: data after the JSON object", ErrInvalid))
+		return
+	}
 	info, err := h.svc.Create(r.Context(), req)
 	if err != nil {
 		h.fail(w, r, err)

@@ -34,8 +34,8 @@ type Status struct {
 	OriginSize int64    `json:"origin_size"` // bytes
 	Version    string   `json:"version"`     // the daemon's build version
 	PID        int      `json:"pid"`
-	Listen     []string `json:"listen"`              // NBD listeners, unix:PATH or tcp:HOST:PORT
-	StateDir   string   `json:"state_dir,omitempty"` // where snapshots are recorded
+	Listen     []string `json:"listen"`    // NBD listeners, unix:PATH or tcp:HOST:PORT
+	StateDir   string   `json:"state_dir"` // where snapshots are recorded
 	// OriginIdentity is the origin's stable identity (kernel identifiers
 	// and size of a block device; file system, inode, birth time and size
 	// of a file): what a restart checks before it serves a snapshot.
@@ -45,14 +45,16 @@ type Status struct {
 	Snapshots      []SnapshotInfo `json:"snapshots"`
 }
 
-// SnapshotInfo describes one snapshot.
+// SnapshotInfo describes one snapshot. Every field is always present in
+// its JSON, empty or zero when it does not apply, so that a script can read
+// any key without first testing whether it is there.
 type SnapshotInfo struct {
 	Name           string    `json:"name"`
-	Origin         string    `json:"origin"` // the daemon's (origin export's) name
-	UUID           string    `json:"uuid,omitempty"`
-	State          string    `json:"state"`            // StateValid or StateInvalid
-	Reason         string    `json:"reason,omitempty"` // why it is invalid
-	Created        time.Time `json:"created"`          // the create instant, RFC 3339 in JSON
+	Origin         string    `json:"origin"`  // the daemon's (origin export's) name
+	UUID           string    `json:"uuid"`    // the backing store's UUID
+	State          string    `json:"state"`   // StateValid or StateInvalid
+	Reason         string    `json:"reason"`  // why it is invalid; "" while valid
+	Created        time.Time `json:"created"` // the create instant, RFC 3339 in JSON
 	Persistent     bool      `json:"persistent"`
 	Served         bool      `json:"served"` // exported over NBD (false once invalid after a restart)
 	Size           int64     `json:"size"`   // bytes, the origin's size at the create instant
@@ -61,9 +63,9 @@ type SnapshotInfo struct {
 	ClustersCopied int64     `json:"clusters_copied"`
 	BackingPath    string    `json:"backing_path"`
 	BackingBytes   int64     `json:"backing_bytes"`
-	CacheBytes     int64     `json:"cache_bytes,omitempty"` // the copy-on-write cache (0 when not open)
-	MaxSize        int64     `json:"max_size,omitempty"`    // 0 = unlimited
-	Conns          int       `json:"open_connections"`      // NBD connections to this snapshot's export
+	CacheBytes     int64     `json:"cache_bytes"`      // the copy-on-write cache (0 when not open)
+	MaxSize        int64     `json:"max_size"`         // 0 = unlimited
+	Conns          int       `json:"open_connections"` // NBD connections to this snapshot's export
 	// CreatePauseMicros is how long the create instant held origin writes
 	// (0 for a snapshot reopened after a restart).
 	CreatePauseMicros int64 `json:"create_pause_us"`

@@ -216,6 +216,40 @@ func (e *Engine) Zero(ctx context.Context, off, length int64, fua bool) error {
 	return e.fua(fua)
 }
 
+// ZeroFast zeroes a range of the origin only if that is fast, as NBD's
+// fast zero asks, and otherwise fails with ErrNotFast having changed
+// nothing. It is fast only while no snapshot exists, which would need the
+// old clusters copied first (reads and writes of the whole range), and on
+// an origin that zeroes by changing extents (vfs.FastZeroer). It holds the
+// gate like any origin write, so that no snapshot is created between the
+// check and the zero.
+func (e *Engine) ZeroFast(ctx context.Context, off, length int64, noHole, fua bool) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if err := e.checkRange(off, length); err != nil {
+		return err
+	}
+	e.gate.RLock()
+	defer e.gate.RUnlock()
+	if e.closed {
+		return ErrClosed
+	}
+	z, ok := e.origin.(vfs.FastZeroer)
+	if !ok || len(e.set.groups) > 0 {
+		return ErrNotFast
+	}
+	if length > 0 {
+		if err := z.FastZeroRange(off, length, noHole); err != nil {
+			if errors.Is(err, errors.ErrUnsupported) {
+				return fmt.Errorf("%w: %w", ErrNotFast, err)
+			}
+			return fmt.Errorf("cow: zero origin at %d: %w", off, err)
+		}
+	}
+	return e.fua(fua)
+}
+
 func (e *Engine) writeZeros(off, length int64) error {
 	for length > 0 {
 		n := min(length, int64(len(e.zeros)))
@@ -425,9 +459,15 @@ func (e *Engine) reopen(st clusterStore, opts ReopenOptions) (*Snapshot, error) 
 	if !h.Persistent {
 		return nil, fmt.Errorf("cow: reopen %q: store is transient: %w", h.Name, ErrBadOption)
 	}
-	if h.OriginID != originID || h.OriginSize != e.size {
+	switch {
+	case h.OriginID != originID:
 		return nil, fmt.Errorf("%w: store %q is of origin %q (%d bytes), this is %q (%d bytes)",
 			ErrOriginMismatch, h.Name, h.OriginID, h.OriginSize, originID, e.size)
+	case h.OriginSize != e.size:
+		// The same origin, resized: say so, rather than send the user
+		// looking for another disk.
+		return nil, fmt.Errorf("cow: reopen %q: the origin's size changed from %d to %d bytes since the snapshot was taken: %w",
+			h.Name, h.OriginSize, e.size, ErrOriginResized)
 	}
 	cs := h.ClusterSize
 	if cs < MinClusterSize || cs > maxRaisedClusterSize || cs&(cs-1) != 0 ||

@@ -27,6 +27,11 @@ var (
 	ErrBadOption = fmt.Errorf("cow: bad option: %w", syscall.EINVAL)
 	// ErrOriginMismatch: Reopen was given a store of another origin.
 	ErrOriginMismatch = errors.New("cow: store belongs to another origin")
+	// ErrNotFast: ZeroFast cannot zero without copying or writing zeros.
+	ErrNotFast = errors.New("cow: zero cannot be done fast")
+	// ErrOriginResized: Reopen was given a store of this origin, taken when
+	// the origin had another size; a snapshot cannot follow a resize.
+	ErrOriginResized = errors.New("a snapshot cannot follow a resized origin")
 )
 
 // invalidError is returned by reads of an invalid snapshot: it carries the

@@ -19,7 +19,24 @@ const (
 	// takes clusters up to MaxClusterSize, so origins above 16 TiB are
 	// refused.
 	maxRaisedClusterSize = MaxClusterSize
+	// MaxOriginSize is the largest origin a snapshot can cover, 16 TiB:
+	// MaxClusters clusters of the largest size.
+	MaxOriginSize = int64(MaxClusters) * maxRaisedClusterSize
 )
+
+// ClusterSize returns the cluster size a snapshot of an origin of size
+// bytes gets when req is asked for (0 = DefaultClusterSize): req, doubled
+// until the origin has at most MaxClusters clusters. So the smallest size
+// an origin allows is size / 2^24 rounded up to a power of two: 4 KiB up to
+// 64 GiB, 64 KiB up to 1 TiB, 1 MiB up to 16 TiB. Origins over
+// MaxOriginSize cannot be snapshotted at all.
+func ClusterSize(size int64, req int) (int, error) {
+	g, err := newGeometry(size, req)
+	if err != nil {
+		return 0, err
+	}
+	return g.csize, nil
+}
 
 // geometry maps origin byte offsets to clusters for one snapshot.
 type geometry struct {
@@ -43,6 +60,10 @@ func newGeometry(size int64, req int) (geometry, error) {
 	if cs < MinClusterSize || cs > MaxClusterSize || cs&(cs-1) != 0 {
 		return geometry{}, fmt.Errorf("cow: cluster size %d is not a power of two in [%d, %d]: %w",
 			cs, MinClusterSize, MaxClusterSize, ErrBadOption)
+	}
+	if size > MaxOriginSize {
+		return geometry{}, fmt.Errorf("cow: the origin is %d bytes, over 16 TiB (%d bytes), the largest a snapshot can cover (%d clusters of at most 1 MiB): %w",
+			size, MaxOriginSize, MaxClusters, ErrBadOption)
 	}
 	for (size+int64(cs)-1)/int64(cs) > MaxClusters {
 		cs <<= 1

@@ -40,6 +40,8 @@ import (
 //     identities, unless the user said the origin moved. The record is not
 //     marked: the snapshot's own origin is not being served, so nothing
 //     happens to it, and it is served again once that origin is back.
+//   - the same origin with another size: marked invalid (and its header):
+//     that origin is served now, without copy-on-write for the snapshot.
 //   - store missing, unreadable, not this snapshot's (UUID), or not
 //     reopenable: marked invalid (and its header, if the store is ours).
 //   - otherwise reopened, served, and its record stamped with this session.
@@ -128,6 +130,14 @@ func (d *Daemon) settle(ctx context.Context, l loaded, prev uint64) (*entry, err
 	moved := false
 	if r.Origin != nil {
 		if err := devinfo.Match(*r.Origin, d.ident); err != nil {
+			var resized *devinfo.ResizedError
+			if errors.As(err, &resized) {
+				// The snapshot's own origin, resized: it is about to be
+				// served without copy-on-write for this snapshot, which
+				// cannot follow a resize, so the snapshot is lost for good.
+				return d.invalidate(e, true, fmt.Sprintf("the origin at %s is the %s this snapshot was taken of, but its size changed from %d to %d bytes since (a snapshot cannot follow a resized origin)",
+					d.cfg.Origin, resized.What, resized.From, resized.To))
+			}
 			if !d.cfg.AcceptMovedOrigin {
 				e.gone = fmt.Sprintf("the origin at %s is not the one this snapshot was taken of (%v; recorded: %s; now: %s): not served; if it is the same data on another device, restart with --accept-moved-origin",
 					d.cfg.Origin, err, r.Origin, d.ident)

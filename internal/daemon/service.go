@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -60,6 +61,10 @@ func (d *Daemon) Create(ctx context.Context, req control.CreateRequest) (control
 	if err != nil {
 		d.log.Warn("create refused", "snapshot", req.Name, "err", err)
 		return control.SnapshotInfo{}, err
+	}
+	if asked := cmp.Or(req.ClusterSize, cow.DefaultClusterSize); rec.ClusterSize != asked {
+		d.log.Warn("cluster size raised: the origin is too large for the size asked (at most 16 Mi clusters)",
+			"snapshot", rec.Name, "asked", asked, "cluster_size", rec.ClusterSize, "origin_size", d.engine.Size())
 	}
 	var undo []func()
 	fail := func(err error) (control.SnapshotInfo, error) {
@@ -171,9 +176,19 @@ func (d *Daemon) checkCreate(req control.CreateRequest) (snapRecord, error) {
 	if req.MaxSize < 0 {
 		return snapRecord{}, fmt.Errorf("%w: max size %d is negative", control.ErrInvalid, req.MaxSize)
 	}
+	size := d.engine.Size()
+	if size > cow.MaxOriginSize {
+		return snapRecord{}, refusal{control.ErrInvalid, fmt.Sprintf("origin %s is %d bytes, over 16 TiB (%d bytes): no snapshot can cover it (at most %d clusters of at most 1 MiB)",
+			d.cfg.Origin, size, cow.MaxOriginSize, cow.MaxClusters)}
+	}
+	// The engine raises the cluster size for a large origin; choosing it
+	// here lets Create say so before the snapshot is taken.
+	cs, err := cow.ClusterSize(size, req.ClusterSize)
+	if err != nil {
+		return snapRecord{}, fmt.Errorf("%w: %w", control.ErrInvalid, err)
+	}
 	id := uuid.New()
 	if req.UUID != "" {
-		var err error
 		if id, err = uuid.Parse(req.UUID); err != nil || id == (uuid.UUID{}) {
 			return snapRecord{}, fmt.Errorf("%w: store UUID %q", control.ErrInvalid, req.UUID)
 		}
@@ -186,7 +201,7 @@ func (d *Daemon) checkCreate(req control.CreateRequest) (snapRecord, error) {
 		Phase:       phaseCreating,
 		UUID:        id.String(),
 		BackingPath: filepath.Clean(req.BackingPath),
-		ClusterSize: req.ClusterSize,
+		ClusterSize: cs,
 		Transient:   req.Transient,
 		MaxSize:     req.MaxSize,
 		Created:     time.Now().UTC(),
@@ -197,14 +212,35 @@ func (d *Daemon) checkCreate(req control.CreateRequest) (snapRecord, error) {
 	switch {
 	case err == nil && isBlockDevice(fi):
 		rec.Device = true
-	case err == nil:
+	case err == nil && fi.Mode().IsRegular():
 		return snapRecord{}, fmt.Errorf("backing file %s %w", req.BackingPath, control.ErrExists)
+	case err == nil:
+		// "already exists" would send the user to delete it: say what it
+		// is instead.
+		return snapRecord{}, refusal{control.ErrInvalid, fmt.Sprintf("backing path %s is %s, not a file or block device",
+			req.BackingPath, fileKind(fi.Mode()))}
 	case !errors.Is(err, os.ErrNotExist):
 		return snapRecord{}, backingError(req.BackingPath, err)
 	case isLink(rec.BackingPath):
 		return snapRecord{}, fmt.Errorf("backing path %s is a symbolic link to nothing: %w", req.BackingPath, control.ErrExists)
 	}
 	return rec, nil
+}
+
+// fileKind names what a file that is neither a regular file nor a block
+// device is, with its article.
+func fileKind(m os.FileMode) string {
+	switch {
+	case m&os.ModeCharDevice != 0:
+		return "a character device"
+	case m.IsDir():
+		return "a directory"
+	case m&os.ModeNamedPipe != 0:
+		return "a named pipe"
+	case m&os.ModeSocket != 0:
+		return "a socket"
+	}
+	return "a special file"
 }
 
 func isLink(path string) bool {
@@ -475,13 +511,19 @@ func (d *Daemon) info(e *entry) control.SnapshotInfo {
 }
 
 // originBackend serves the engine as the origin export. It adapts the
-// engine's Zero to nbdsrv's: a zero through the engine may have to copy the
-// old clusters into every snapshot first, so it is never promised fast.
+// engine's Zero to nbdsrv's: a fast zero is done only while no snapshot
+// needs the old clusters copied first (cow.Engine.ZeroFast), and refused
+// with ErrNotFast otherwise, which tells the client (qemu-img convert,
+// nbdcopy) to write its zeros itself.
 type originBackend struct{ *cow.Engine }
 
 func (b originBackend) Zero(ctx context.Context, off, length int64, flags nbdsrv.ZeroFlags) error {
 	if flags.Fast {
-		return nbdsrv.ErrNotFast
+		err := b.Engine.ZeroFast(ctx, off, length, flags.NoHole, flags.FUA)
+		if errors.Is(err, cow.ErrNotFast) {
+			return fmt.Errorf("%w: %w", nbdsrv.ErrNotFast, err)
+		}
+		return err
 	}
 	return b.Engine.Zero(ctx, off, length, flags.FUA)
 }

@@ -148,7 +148,7 @@ func Match(recorded, current Identity) error {
 		diffs = append(diffs, fmt.Sprintf("kind %s != %s", recorded.Kind, current.Kind))
 	} else {
 		if recorded.Size != current.Size {
-			diffs = append(diffs, fmt.Sprintf("size %d != %d", recorded.Size, current.Size))
+			diffs = append(diffs, fmt.Sprintf("size changed from %d to %d bytes", recorded.Size, current.Size))
 		}
 		switch recorded.Kind {
 		case kindFile:
@@ -169,7 +169,25 @@ func Match(recorded, current Identity) error {
 	case kindBlock:
 		what = "block device"
 	}
+	if len(diffs) == 1 && recorded.Kind == current.Kind && recorded.Size != current.Size &&
+		!recorded.Weak() && !current.Weak() {
+		// Only the size differs, and the rest proves it is the same disk
+		// or file: it was grown or shrunk. Saying "not the same" would send
+		// the user looking for another. (An identity of size alone proves
+		// nothing: that is another disk.)
+		return &ResizedError{What: what, From: recorded.Size, To: current.Size}
+	}
 	return errors.New("devinfo: not the same " + what + ": " + strings.Join(diffs, ", "))
+}
+
+// ResizedError is Match's answer when the identities differ in size alone.
+type ResizedError struct {
+	What     string // "file" or "block device"
+	From, To int64  // the recorded and the current size in bytes
+}
+
+func (e *ResizedError) Error() string {
+	return fmt.Sprintf("devinfo: the same %s, but its size changed from %d to %d bytes", e.What, e.From, e.To)
 }
 
 // fileDiffs compares the keys of two regular files.

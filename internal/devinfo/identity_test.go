@@ -86,7 +86,7 @@ func TestMatch(t *testing.T) {
 			name:     "file size changed",
 			recorded: f,
 			current:  file(8192, "dev", "254:0", "fsid", "1b2c3d4e5f607182", "ino", "1234", "btime", "1700000000123456789", "gen", "987654"),
-			wantErr:  "size 4096 != 8192",
+			wantErr:  "devinfo: the same file, but its size changed from 4096 to 8192 bytes",
 		},
 		{
 			name:     "file became a block device",
@@ -112,7 +112,7 @@ func TestMatch(t *testing.T) {
 			name:     "block size differs",
 			recorded: block(8*gib, "serial", "QM00001"),
 			current:  block(4*gib, "serial", "QM00001"),
-			wantErr:  "size 8589934592 != 4294967296",
+			wantErr:  "devinfo: the same block device, but its size changed from 8589934592 to 4294967296 bytes",
 		},
 		{
 			name:      "block wwid on one side only, serial equal",

@@ -2,9 +2,11 @@ package nbdsrv
 
 import "fmt"
 
-// Wire constants of the NBD protocol (doc/proto.md of the NBD project,
-// /work/shared/refs/nbd-protocol.md). Every number the server puts on or
-// takes off the wire is named here and nowhere else.
+// Wire constants of the NBD protocol, as the NBD project's doc/proto.md
+// defines them:
+// https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md.
+// Every number the server puts on or takes off the wire is named here and
+// nowhere else.
 
 // Magic numbers.
 const (

@@ -23,10 +23,11 @@
 // (option haggling), tls.go (STARTTLS, the TLS modes, who may use an
 // export), validate.go (the one gate every request passes),
 // transmission.go (reader, handlers, reply writer), inline.go (requests
-// run on the reader, its watchdog), reply.go (reply layout), constants.go (wire constants), pool.go (buffers and the
-// per-connection budget), memory.go (the budget of all connections together),
-// loglimit.go (per-request log lines, rate-limited). docs/protocol.md lists what is supported, what is
-// refused with which error, and the limits.
+// run on the reader, its watchdog), reply.go (reply layout), constants.go
+// (wire constants), pool.go (buffers and the per-connection budget),
+// memory.go (the budget of all connections together), loglimit.go
+// (per-request log lines, rate-limited). docs/protocol.md lists what is
+// supported, what is refused with which error, and the limits.
 //
 // # Concurrency
 //

@@ -1,6 +1,7 @@
 package vfs
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -123,6 +124,29 @@ func (o *osFile) ZeroRange(off, length int64) error {
 	err := unix.Fallocate(int(o.f.Fd()), unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, length)
 	if err != nil {
 		return &os.PathError{Op: "fallocate zero-range", Path: o.f.Name(), Err: err}
+	}
+	return nil
+}
+
+// FastZeroRange zeroes a range of a regular file by changing its extents:
+// fallocate ZERO_RANGE (which keeps the range allocated), or, where the file
+// system has no ZERO_RANGE (tmpfs) and a hole is allowed, PUNCH_HOLE. Both
+// fail with EOPNOTSUPP rather than write zeros. A block device is refused:
+// BLKZEROOUT, and fallocate on a device, may write the zeros in the kernel.
+func (o *osFile) FastZeroRange(off, length int64, noHole bool) error {
+	if o.blockDev {
+		return fmt.Errorf("fast zero on block device %s: %w", o.f.Name(), errors.ErrUnsupported)
+	}
+	fd := int(o.f.Fd())
+	err := unix.Fallocate(fd, unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	if errors.Is(err, unix.EOPNOTSUPP) && !noHole {
+		err = unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	}
+	switch {
+	case errors.Is(err, unix.EOPNOTSUPP):
+		return fmt.Errorf("fast zero on %s: %w: %w", o.f.Name(), errors.ErrUnsupported, err)
+	case err != nil:
+		return &os.PathError{Op: "fallocate zero", Path: o.f.Name(), Err: err}
 	}
 	return nil
 }

@@ -46,6 +46,14 @@ type Zeroer interface {
 	ZeroRange(off, length int64) error
 }
 
+// FastZeroer is implemented by files that may zero a range in a time that
+// does not grow with its length. FastZeroRange either does that or fails
+// with an error matching errors.ErrUnsupported having changed nothing; it
+// never falls back to writing zeros. With noHole the range stays allocated.
+type FastZeroer interface {
+	FastZeroRange(off, length int64, noHole bool) error
+}
+
 // FS opens and removes files by name.
 type FS interface {
 	// OpenFile opens name with os.OpenFile flags and permissions.

@@ -9,8 +9,9 @@
 //     `dpkg-deb -x`; the uncompressed vmlinux is extracted from the bzImage,
 //     because under TCG it boots seconds faster (QEMU enters it through its
 //     PVH note). nbd.ko and ext4.ko (and for TestPowerLoss virtio_blk and
-//     dm-log-writes) with their dependencies come from the same package, in the order `modprobe --show-depends` gives. All of this
-//     is cached under $NBDSNAP_VM_CACHE, else the user's cache directory
+//     dm-log-writes) with their dependencies come from the same package,
+//     in the order `modprobe --show-depends` gives. All of this is cached
+//     under $NBDSNAP_VM_CACHE, else the user's cache directory
 //     ($XDG_CACHE_HOME or ~/.cache)/nbdsnap-vm, keyed by package name and
 //     version, so only the first run pays for it.
 //   - the initramfs is written by the test itself (cpio "newc"): busybox

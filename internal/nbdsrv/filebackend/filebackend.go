@@ -1,9 +1,9 @@
 // Package filebackend serves a regular file through nbdsrv: reads and writes
 // with pread/pwrite, flush with fdatasync, trim with a punched hole, write
 // zeroes with FALLOC_FL_ZERO_RANGE (or a punched hole when holes are
-// allowed), cache with posix_fadvise, and base:allocation from SEEK_DATA/SEEK_HOLE. The tests and the
-// benchmark server use it; it is also the reference for what a backend
-// implements.
+// allowed), cache with posix_fadvise, and base:allocation from
+// SEEK_DATA/SEEK_HOLE. The tests and the benchmark server use it; it is
+// also the reference for what a backend implements.
 package filebackend
 
 import (
