@@ -4,8 +4,8 @@ import "sync"
 
 // Partial reads. A cluster's checksum covers the whole cluster, so a read
 // of part of a cluster must read and checksum all of it: a 4 KiB read of a
-// 64 KiB cluster does 16 times the I/O and the CRC work it returns (4k
-// random reads of a snapshot ran at 0.6x without the check). So when a
+// 64 KiB cluster does 16 times the I/O and the CRC work it returns, which
+// made 4k random reads of a snapshot markedly slower. So when a
 // partial read has checked a whole cluster, the store keeps the CRC32C of
 // each of the cluster's 4 KiB blocks for a while, and a later partial read
 // of that cluster reads and checks only the blocks it returns. The block

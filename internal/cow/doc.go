@@ -107,11 +107,11 @@
 //     a reopen after a crash would serve stale data; the engine logs this at
 //     error level.
 //   - Where no disk hides it (origin and store on tmpfs), a first write of
-//     a 64 KiB cluster costs 1.5–1.6x a plain write transient and 1.9–2.1x
-//     persistent with 4 to 16 writers on 2 CPUs: besides the new data, the
-//     old cluster is read and written to the store (persistent: with its
-//     checksum, and synced before the origin write). `make bench-engine`
-//     measures it, with the floor those copies set (BenchmarkCopyBound).
+//     a cluster costs a good deal more than a plain write: besides the new
+//     data, the old cluster is read and written to the store (persistent:
+//     with its checksum, and synced before the origin write). `make
+//     bench-engine` measures it, with the floor those copies set
+//     (BenchmarkCopyBound); the figures are in bench/results.
 //   - The engine does not close the origin; it owns the stores of live
 //     snapshots and closes them on Clear and Close.
 package cow

@@ -9,8 +9,8 @@ import (
 // Running requests on the reader. Handing a request to a worker costs a
 // goroutine wake-up, often on another core, plus the scheduler work around
 // it; for a backend that answers from the page cache in a few microseconds
-// that is more than the I/O itself (a 4 KiB request spent 20–40% of the
-// server's CPU in the scheduler). So the reader runs a short request
+// that is more than the I/O itself (a 4 KiB request spent a large share
+// of the server's CPU in the scheduler). So the reader runs a short request
 // itself while the backend answers fast, and holds its reply until it has
 // no further request buffered, so that a burst of pipelined requests costs
 // one socket read and one writev.
@@ -71,7 +71,7 @@ func (s *serviceTime) fast() bool { return s.ns.Load() < int64(inlineSlow) }
 // new goroutine that reads on; the old one, once its request is done,
 // sends the reply and ends its turn. (A timer armed per request would do
 // it too, but arming one wakes the runtime's network poller thread: a
-// context switch per request, which cost a fifth of the throughput.)
+// context switch per request, which cost much of the throughput.)
 //
 // The hand-over: each turn of reading has a readTurn whose state the
 // reader sets to turnInline for the duration of a request; the watchdog
