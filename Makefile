@@ -16,10 +16,15 @@ all: build
 # the go command records, then "devel".
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null)
 
+# The binary build writes and install installs. Tests that run make set it
+# to a file of their own, so that two test packages running at once do not
+# rebuild the same file under each other.
+BIN ?= bin/nbdsnap
+
 # cgo off: the daemon sets PR_SET_IO_FLUSHER on every thread with
 # syscall.AllThreadsSyscall, which Go refuses in a cgo binary.
 build:
-	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-X main.version=$(VERSION)" -o bin/nbdsnap ./cmd/nbdsnap
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/nbdsnap
 
 # Installs the Debian packages and Go modules the tests and the demo use.
 deps:
@@ -63,10 +68,41 @@ bench: deps build
 bench-engine:
 	./test/bench/engine.sh
 
+# Units go where systemd looks for a package's units: for PREFIX=/usr,
+# Debian 12's /lib/systemd/system (what `pkg-config --variable=
+# systemdsystemunitdir systemd` says there); otherwise PREFIX/lib/systemd/
+# system, which systemd also searches for /usr/local. /etc/systemd/system is
+# the admin's, for drop-ins. The units name /usr/local/bin/nbdsnap; install
+# rewrites that to the binary of this PREFIX. Man pages are section 8 (what
+# `nbdsnap man` writes: system administration), as the units' Documentation=
+# names them; completions go where bash-completion, zsh and fish look for a
+# package's.
+SYSTEMDUNITDIR ?= $(if $(filter /usr,$(PREFIX)),/lib/systemd/system,$(PREFIX)/lib/systemd/system)
 install: build
-	install -D -m 0755 bin/nbdsnap $(DESTDIR)$(PREFIX)/bin/nbdsnap
-	install -d $(DESTDIR)/etc/systemd/system
-	install -m 0644 systemd/*.service systemd/*.target $(DESTDIR)/etc/systemd/system/
+	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/nbdsnap
+	install -d $(DESTDIR)$(SYSTEMDUNITDIR)
+	for u in systemd/*.service systemd/*.target; do \
+		sed 's|/usr/local/bin/nbdsnap|$(PREFIX)/bin/nbdsnap|g' $$u > $(DESTDIR)$(SYSTEMDUNITDIR)/$${u#systemd/} && \
+		chmod 0644 $(DESTDIR)$(SYSTEMDUNITDIR)/$${u#systemd/} || exit 1; \
+	done
+	install -d $(DESTDIR)$(PREFIX)/share/man/man8
+	man=$$(mktemp -d) && $(BIN) man --dir $$man >/dev/null && \
+		install -m 0644 $$man/*.8 $(DESTDIR)$(PREFIX)/share/man/man8/; rc=$$?; rm -rf $$man; exit $$rc
+	install -d $(DESTDIR)$(PREFIX)/share/bash-completion/completions \
+		$(DESTDIR)$(PREFIX)/share/zsh/vendor-completions $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
+	$(BIN) completion bash > $(DESTDIR)$(PREFIX)/share/bash-completion/completions/nbdsnap
+	$(BIN) completion zsh > $(DESTDIR)$(PREFIX)/share/zsh/vendor-completions/_nbdsnap
+	$(BIN) completion fish > $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/nbdsnap.fish
+	chmod 0644 $(DESTDIR)$(PREFIX)/share/bash-completion/completions/nbdsnap \
+		$(DESTDIR)$(PREFIX)/share/zsh/vendor-completions/_nbdsnap \
+		$(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/nbdsnap.fish
+
+# A .deb of `make install PREFIX=/usr`, built with dpkg-deb alone (see
+# packaging/deb/build.sh), into DEBOUT; lintian checks it in test/deb.
+DEBOUT ?= bin
+.PHONY: deb
+deb:
+	VERSION='$(VERSION)' MAKE='$(MAKE)' ./packaging/deb/build.sh '$(DEBOUT)'
 
 clean:
 	rm -rf bin

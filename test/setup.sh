@@ -15,6 +15,7 @@ pkgs=(
 	e2fsprogs       # mkfs.ext4, e2fsck
 	nbd-client      # the kernel client the systemd units call
 	systemd         # systemd-analyze verify
+	man-db          # man: systemd-analyze verify's check of the units' Documentation= pages
 	util-linux      # mount, losetup, wipefs (the daemon checks backing devices with it)
 	fdisk           # sfdisk: partition tables on loop devices in the lifecycle tests
 	kmod            # modinfo for the VM tests
@@ -27,6 +28,9 @@ pkgs=(
 	bc                  # test/bench/run.sh: ratios
 	diffutils           # cmp in the nbdsrv interop tests
 	openssl             # certificates for the TLS tests and the TLS rows of make bench
+	prometheus          # promtool: checks the /metrics output and contrib/prometheus rules
+	lintian             # test/deb: checks the package make deb builds
+	binutils            # strip, which make deb runs on the binary as dh_strip would
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -126,7 +126,7 @@ func serveFake(t *testing.T, dir, name string) *fakeDaemon {
 		Created:     time.Date(2026, 11, 20, 8, 30, 0, 0, time.UTC),
 		Persistent:  true,
 		ClusterSize: 64 << 10, ClustersTotal: 16384, ClustersCopied: 1234,
-		BackingPath: "/var/lib/nbdsnap/snap0.cow", BackingBytes: 77 << 20,
+		BackingPath: "/var/lib/nbdsnap/snap0.cow", BackingBytes: 77 << 20, StoreFree: 1 << 30,
 	}, {
 		Name: "gone1", Origin: name, State: control.StateInvalid,
 		Reason:  "transient snapshot: it did not survive the daemon restart",
@@ -168,7 +168,7 @@ func TestCommands(t *testing.T) {
 		creates int      // create requests the daemon must have seen afterwards
 	}{
 		{"status by name", []string{"status", "--name", "data"}, 0,
-			[]string{"data: origin /dev/vdb (1 GiB)", ", version v-test\n", "snap0: origin data, taken 2026-11-20 08:30:00 UTC, persistent, 64 KiB clusters, 1234/16384 copied, 77 MiB backing, valid",
+			[]string{"data: origin /dev/vdb (1 GiB)", ", version v-test\n", "snap0: origin data, taken 2026-11-20 08:30:00 UTC, persistent, 64 KiB clusters, 1234/16384 copied, 77 MiB backing, valid, 1 GiB free for the store",
 				"gone1: origin data, taken 2026-11-20 09:00:00 UTC, transient, 4 KiB clusters, 0 B backing, invalid (transient snapshot: it did not survive the daemon restart)"}, "", 0},
 		{"status by control", []string{"status", "--control", ctl}, 0, []string{"snap0: origin data"}, "", 0},
 		{"status one", []string{"status", "snap0", "--control", ctl}, 0, []string{"snap0: origin data"}, "", 0},

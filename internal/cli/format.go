@@ -10,7 +10,7 @@ import (
 
 // snapshotLine renders one snapshot the way fssconfig -l -v does:
 //
-//	snap1: origin data, taken 2026-11-21 12:00:00 UTC, persistent, 64 KiB clusters, 1234/16384 copied, 77 MiB backing, valid
+//	snap1: origin data, taken 2026-11-21 12:00:00 UTC, persistent, 64 KiB clusters, 1234/16384 copied, 77 MiB backing, valid, 12 GiB free for the store
 func snapshotLine(s control.SnapshotInfo) string {
 	var b strings.Builder
 	taken := "at an unknown time" // a damaged record
@@ -32,6 +32,9 @@ func snapshotLine(s control.SnapshotInfo) string {
 	fmt.Fprintf(&b, "%s backing, %s", formatSize(s.BackingBytes), s.State)
 	if s.Reason != "" {
 		fmt.Fprintf(&b, " (%s)", s.Reason)
+	}
+	if s.State == control.StateValid && s.StoreFree >= 0 {
+		fmt.Fprintf(&b, ", %s free for the store", formatSize(s.StoreFree))
 	}
 	if s.Conns > 0 {
 		fmt.Fprintf(&b, ", %d client(s)", s.Conns)

@@ -29,6 +29,7 @@ type serveOptions struct {
 	movedOrigin bool
 	tls         daemon.TLSConfig
 	insecureTCP bool
+	metrics     string
 }
 
 // DefaultStateRoot holds each daemon's state directory, NAME under it,
@@ -69,6 +70,12 @@ snapshots' exports to clients whose certificate names one of the IDs. A TCP
 listener on an address other than loopback is refused without
 --tls=require, unless --insecure-tcp.
 
+--metrics-listen ADDR serves Prometheus metrics at http://ADDR/metrics, without
+TLS or authentication (they are read-only; keep them on loopback or a trusted
+network). The log warns once when a snapshot's store passes 80% and 95% of its
+--max-size, and when the file system holding it has less than 5% (at most
+1 GiB) free; nbdsnap status shows the space left.
+
 SIGTERM or SIGINT: stop accepting, finish requests in flight, make every
 snapshot durable, exit 0. A stop takes at most --stop-timeout and one second:
 then each snapshot whose backing store has not caught up (a slow or stalled
@@ -106,6 +113,7 @@ TimeoutStopSec above --stop-timeout. Readiness is reported to systemd
 	f.StringVar(&o.tls.CAFile, "tls-ca", "", "PEM CA certificates: TLS clients must present a certificate one of them signed")
 	f.StringArrayVar(&o.tls.AllowOrigin, "tls-allow-origin", nil, "only TLS clients whose certificate names this ID (CN or a SAN) may use the origin's export over TCP (repeatable; needs --tls-ca)")
 	f.StringArrayVar(&o.tls.AllowSnapshots, "tls-allow-snapshots", nil, "only TLS clients whose certificate names this ID (CN or a SAN) may use the snapshots' exports over TCP (repeatable; needs --tls-ca)")
+	f.StringVar(&o.metrics, "metrics-listen", "", "serve Prometheus metrics at http://ADDR/metrics; ADDR is HOST:PORT, or :PORT for 127.0.0.1 (default off)")
 	f.BoolVar(&o.insecureTCP, "insecure-tcp", false, "allow a TCP listener on an address other than loopback without --tls=require")
 	return cmd
 }
@@ -159,6 +167,7 @@ func (o *serveOptions) run(cmd *cobra.Command, origin, version string) error {
 		AcceptMovedOrigin: o.movedOrigin,
 		TLS:               o.tls,
 		InsecureTCP:       o.insecureTCP,
+		MetricsListen:     o.metrics,
 		CrashPoint:        os.Getenv(crashPointEnv),
 		Version:           version,
 		Logger:            log,

@@ -63,9 +63,16 @@ type SnapshotInfo struct {
 	ClustersCopied int64     `json:"clusters_copied"`
 	BackingPath    string    `json:"backing_path"`
 	BackingBytes   int64     `json:"backing_bytes"`
-	CacheBytes     int64     `json:"cache_bytes"`      // the copy-on-write cache (0 when not open)
-	MaxSize        int64     `json:"max_size"`         // 0 = unlimited
-	Conns          int       `json:"open_connections"` // NBD connections to this snapshot's export
+	CacheBytes     int64     `json:"cache_bytes"` // the copy-on-write cache (0 when not open)
+	MaxSize        int64     `json:"max_size"`    // 0 = unlimited
+	// StoreFree is how many bytes the backing store may still grow: the
+	// smaller of what MaxSize leaves and FSFree; -1 when neither is known
+	// (a block device store without MaxSize, or a snapshot not open).
+	StoreFree int64 `json:"store_free"`
+	// FSFree is the free space of the file system holding a file store;
+	// -1 for a block device store or when unknown.
+	FSFree int64 `json:"fs_free"`
+	Conns  int   `json:"open_connections"` // NBD connections to this snapshot's export
 	// CreatePauseMicros is how long the create instant held origin writes
 	// (0 for a snapshot reopened after a restart).
 	CreatePauseMicros int64 `json:"create_pause_us"`

@@ -109,6 +109,45 @@ type counters struct {
 	cowCalls, clustersCopied, cacheFullWaits atomic.Int64
 	mapReads, mapWrites, bytesCopied         atomic.Int64
 	batches, syncs                           atomic.Int64
+	// commitBuckets[i] counts successful commits that took at most
+	// commitBounds[i] (the last one: longer); commitNanos sums their
+	// durations. Kept here, and not handed to a hook, so that a scrape
+	// reads them like every other counter and the writer pays two atomic
+	// adds per commit.
+	commitBuckets [len(commitBounds) + 1]atomic.Int64
+	commitNanos   atomic.Int64
+}
+
+// commitBounds are the upper bounds of the commit latency buckets: from a
+// tmpfs store's tens of microseconds to a stalled disk's seconds.
+var commitBounds = [...]time.Duration{
+	50 * time.Microsecond, 100 * time.Microsecond, 250 * time.Microsecond, 500 * time.Microsecond,
+	time.Millisecond, 2500 * time.Microsecond, 5 * time.Millisecond, 10 * time.Millisecond,
+	25 * time.Millisecond, 50 * time.Millisecond, 100 * time.Millisecond, 250 * time.Millisecond,
+	500 * time.Millisecond, time.Second, 2500 * time.Millisecond,
+}
+
+// observeCommit records one successful commit's duration.
+func (c *counters) observeCommit(d time.Duration) {
+	i := 0
+	for i < len(commitBounds) && d > commitBounds[i] {
+		i++
+	}
+	c.commitBuckets[i].Add(1)
+	c.commitNanos.Add(int64(d))
+}
+
+// commitLatency reads the commit latency histogram.
+func (c *counters) commitLatency() Histogram {
+	h := Histogram{
+		Bounds: commitBounds[:],
+		Counts: make([]int64, len(commitBounds)+1),
+		Sum:    time.Duration(c.commitNanos.Load()),
+	}
+	for i := range c.commitBuckets {
+		h.Counts[i] = c.commitBuckets[i].Load()
+	}
+	return h
 }
 
 func (e *Engine) newSnapshot(name string, st clusterStore, geo geometry, persistent bool, nslots int) *Snapshot {
@@ -396,7 +435,9 @@ func (s *Snapshot) commitLocked() {
 	for _, sl := range batch {
 		clusters = append(clusters, storeCluster{index: sl.cluster, data: sl.buf.data})
 	}
+	start := time.Now()
 	syncTime, err := s.st.commit(clusters)
+	took := time.Since(start)
 	clear(clusters)
 
 	s.mu.Lock()
@@ -407,6 +448,7 @@ func (s *Snapshot) commitLocked() {
 		s.failLocked(fmt.Sprintf("write backing store: %v", err))
 	} else {
 		s.stats.batches.Add(1)
+		s.stats.observeCommit(took)
 		if s.persistent {
 			s.stats.syncs.Add(1)
 		}
@@ -686,6 +728,19 @@ type Stats struct {
 	BytesCopied    int64 // origin bytes copied
 	Batches        int64 // commits
 	Syncs          int64 // commits that synced the store (persistent mode)
+	// CommitLatency is how long successful commits took, writes and sync
+	// together.
+	CommitLatency Histogram
+}
+
+// Histogram is a distribution of durations in fixed buckets.
+type Histogram struct {
+	// Bounds are the buckets' upper bounds, ascending; shared, read-only.
+	Bounds []time.Duration
+	// Counts[i] counts observations in (Bounds[i-1], Bounds[i]]; the last
+	// element, beyond Bounds, those above the largest bound. Not cumulative.
+	Counts []int64
+	Sum    time.Duration // of all observations
 }
 
 // Info describes a snapshot.
@@ -738,6 +793,7 @@ func (s *Snapshot) Info() Info {
 			BytesCopied:    s.stats.bytesCopied.Load(),
 			Batches:        s.stats.batches.Load(),
 			Syncs:          s.stats.syncs.Load(),
+			CommitLatency:  s.stats.commitLatency(),
 		},
 	}
 }

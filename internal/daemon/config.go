@@ -52,6 +52,13 @@ type Config struct {
 	// InsecureTCP lets a TCP listener on an address other than loopback
 	// serve without requiring TLS.
 	InsecureTCP bool
+	// MetricsListen, if set, is a TCP address ("HOST:PORT", or ":PORT"
+	// for loopback) where /metrics serves Prometheus metrics.
+	MetricsListen string
+	// SpaceInterval is how often the daemon checks every snapshot store's
+	// space against --max-size and its file system (space.go); 0 means
+	// every 5 seconds.
+	SpaceInterval time.Duration
 	// Version is the build version reported over the control socket.
 	Version string
 	// Logger receives everything the daemon logs; nil discards.

@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -45,6 +46,16 @@ type Daemon struct {
 	ctlPath   string
 
 	failed chan error // a listener died; buffered, first error wins
+
+	// metrics, metricsL and metricsSrv serve /metrics (metrics.go);
+	// metricsL is nil without Config.MetricsListen.
+	metrics    *metrics
+	metricsL   net.Listener
+	metricsSrv *http.Server
+	// spaces is the store space watch's state per snapshot (space.go),
+	// guarded by mu; spaceDone stops the watch.
+	spaces    map[string]*spaceState
+	spaceDone chan struct{}
 
 	// ops (a lock of one token, lockOps/unlockOps) serialises Create and
 	// Clear with each other, so that the check "name is free" and the act
@@ -155,6 +166,12 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	if cfg.Control == "" {
 		cfg.Control = control.DefaultPath(cfg.Name)
 	}
+	var metricsAddr listenAddr
+	if cfg.MetricsListen != "" {
+		if metricsAddr, err = parseMetricsListen(cfg.MetricsListen); err != nil {
+			return nil, err
+		}
+	}
 	tlsCfg, err := cfg.TLS.load()
 	if err != nil {
 		return nil, err
@@ -173,7 +190,9 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		ops:     make(chan struct{}, 1),
 		failed:  make(chan error, 1),
 		started: time.Now(),
+		spaces:  make(map[string]*spaceState),
 	}
+	d.metrics = newMetrics(d)
 	// Undo whatever was set up if a later step fails.
 	defer func() {
 		if err != nil {
@@ -205,6 +224,11 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 			d.addrs = append(d.addrs, "tcp:"+l.Addr().String())
 		}
 	}
+	if cfg.MetricsListen != "" {
+		if d.metricsL, err = listen(metricsAddr); err != nil {
+			return nil, fmt.Errorf("metrics: %w", err)
+		}
+	}
 	d.ctlL, err = listenUnix(cfg.Control, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("control socket: %w", err)
@@ -218,7 +242,13 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("origin %s: %w", cfg.Origin, err)
 	}
-	d.srv = nbdsrv.NewServer(nbdsrv.Config{Logger: log, MaxBytes: cfg.RequestMemory, TLS: tlsCfg})
+	srvCfg := nbdsrv.Config{Logger: log, MaxBytes: cfg.RequestMemory, TLS: tlsCfg}
+	if cfg.MetricsListen != "" {
+		// Per-request counting (label lookups, two clock reads) only
+		// where somebody scrapes it.
+		srvCfg.Observe = d.metrics.observe
+	}
+	d.srv = nbdsrv.NewServer(srvCfg)
 	if err := d.srv.AddExport(nbdsrv.Export{
 		Name:        cfg.Name,
 		Description: "nbdsnap origin " + cfg.Name, // no path: clients on the network read it
@@ -262,9 +292,14 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 			}
 		}()
 	}
+	if d.metricsL != nil {
+		d.serveMetrics(d.metricsL)
+	}
+	d.spaceDone = make(chan struct{})
+	go d.watchSpace(cmp.Or(cfg.SpaceInterval, defaultSpaceInterval), d.spaceDone)
 	log.Info("serving", "name", cfg.Name, "origin", cfg.Origin, "size", d.engine.Size(),
 		"origin_identity", d.ident.String(), "session", d.session,
-		"listen", d.addrs, "tls", cfg.TLS.mode(), "control", cfg.Control, "state_dir", cfg.StateDir)
+		"listen", d.addrs, "metrics", d.MetricsAddr(), "tls", cfg.TLS.mode(), "control", cfg.Control, "state_dir", cfg.StateDir)
 	if d.ident.Weak() {
 		log.Warn("the origin has no stable identifier (no serial, WWID or other kernel name): a restart cannot tell another device of the same size at its path from it",
 			"origin", cfg.Origin)
@@ -287,6 +322,15 @@ func (d *Daemon) fail(err error) {
 // Addrs are the NBD listen addresses (TCP ones with the port the kernel
 // chose for port 0).
 func (d *Daemon) Addrs() []string { return d.addrs }
+
+// MetricsAddr is the /metrics listener's address, HOST:PORT ("" without
+// Config.MetricsListen).
+func (d *Daemon) MetricsAddr() string {
+	if d.metricsL == nil {
+		return ""
+	}
+	return d.metricsL.Addr().String()
+}
 
 // ControlPath is the control socket's path.
 func (d *Daemon) ControlPath() string { return d.ctlPath }
@@ -322,6 +366,15 @@ func (d *Daemon) closeAll() error {
 	var errs []error
 	for _, l := range d.listeners {
 		l.Close()
+	}
+	if d.spaceDone != nil {
+		close(d.spaceDone)
+	}
+	// Scrapes are short reads: closing under one is harmless.
+	if d.metricsSrv != nil {
+		d.metricsSrv.Close()
+	} else if d.metricsL != nil {
+		d.metricsL.Close()
 	}
 	if d.ctl != nil {
 		d.ctl.Close() // a failed Start's; after Shutdown it has nothing left to close

@@ -28,6 +28,13 @@
 // error matching [ErrStopForced], even if goroutines are stuck in store
 // calls (stop.go).
 //
+// Metrics and space: with Config.MetricsListen, /metrics serves a
+// registry of the daemon's own (metrics.go): request counters fed by
+// nbdsrv's Config.Observe, and a collector that reads the engine's Info at
+// scrape time. A watch (space.go) checks every store against its max size
+// and its file system's free space every few seconds and logs each
+// threshold crossing once.
+//
 // Concurrency: Create and Clear are serialised by a one-token lock (ops),
 // which a create whose client went away stops waiting for; the snapshot
 // table has its own short-held mutex so that Status answers while a Create

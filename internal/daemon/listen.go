@@ -46,6 +46,16 @@ func parseListen(s string) (listenAddr, error) {
 	return listenAddr{}, fmt.Errorf("listen address %q: want unix:PATH or tcp:HOST:PORT", s)
 }
 
+// parseMetricsListen parses --metrics-listen: "HOST:PORT", ":PORT" (on
+// loopback, as --listen's tcp does) or "tcp:HOST:PORT".
+func parseMetricsListen(s string) (listenAddr, error) {
+	a, err := parseListen("tcp:" + strings.TrimPrefix(s, "tcp:"))
+	if err != nil {
+		return listenAddr{}, fmt.Errorf("metrics %w", err)
+	}
+	return a, nil
+}
+
 // listen opens a listener. Unix sockets get mode 0600.
 func listen(a listenAddr) (net.Listener, error) {
 	if a.network == "unix" {

@@ -328,9 +328,7 @@ func (d *Daemon) Clear(ctx context.Context, name string, force bool) (control.Cl
 		if err := d.state.removeFile(e.file); err != nil {
 			return control.ClearResult{}, fmt.Errorf("clear %q: %w", name, err)
 		}
-		d.mu.Lock()
-		delete(d.snaps, name)
-		d.mu.Unlock()
+		d.forget(name)
 		d.log.Info("damaged record cleared", "snapshot", name, "file", e.file)
 		return control.ClearResult{Kept: "the record was damaged, so any backing store it named was left in place"}, nil
 	}
@@ -366,15 +364,23 @@ func (d *Daemon) Clear(ctx context.Context, name string, force bool) (control.Cl
 	if err := d.state.remove(name); err != nil {
 		return control.ClearResult{}, fmt.Errorf("clear %q: %w", name, err)
 	}
-	d.mu.Lock()
-	delete(d.snaps, name)
-	d.mu.Unlock()
+	d.forget(name)
 	if kept != "" {
 		d.log.Warn("snapshot cleared; its backing path holds something else, left in place", "snapshot", name, "kept", kept)
 	} else {
 		d.log.Info("snapshot cleared", "snapshot", name, "forced", force)
 	}
 	return control.ClearResult{Kept: kept}, nil
+}
+
+// forget drops a cleared snapshot from the table, the space watch and the
+// metrics.
+func (d *Daemon) forget(name string) {
+	d.mu.Lock()
+	delete(d.snaps, name)
+	delete(d.spaces, name)
+	d.mu.Unlock()
+	d.metrics.forget(name)
 }
 
 // recordInvalid is the engine's RecordInvalid: it marks the snapshot's
@@ -465,6 +471,8 @@ func (d *Daemon) info(e *entry) control.SnapshotInfo {
 		MaxSize:     e.rec.MaxSize,
 		Size:        d.engine.Size(),
 		Served:      e.served,
+		StoreFree:   -1,
+		FSFree:      -1,
 	}
 	if e.served {
 		out.Conns = d.srv.OpenConns(e.rec.Name)
@@ -497,6 +505,8 @@ func (d *Daemon) info(e *entry) control.SnapshotInfo {
 		out.State = control.StateInvalid
 		out.Reason = i.Reason
 	}
+	sp := d.checkSpace(e.rec, snap, time.Now())
+	out.StoreFree, out.FSFree = sp.free, sp.fsFree
 	out.Stats = control.Stats{
 		CowCalls:       i.Stats.CowCalls,
 		ClustersCopied: i.Stats.ClustersCopied,

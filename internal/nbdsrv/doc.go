@@ -17,6 +17,10 @@
 // serves listeners, each with a TLSMode (ServeMode): TLS optional or
 // required, offered with NBD_OPT_STARTTLS when Config.TLS is set.
 //
+// Config.Observe, if set, is called once per answered request (export,
+// command, bytes, backend time, errno), so that the owner can count and
+// time requests; the package itself knows nothing of metrics libraries.
+//
 // # Files by phase
 //
 // handshake.go (greeting, client flags, connection life), options.go

@@ -162,15 +162,32 @@ func (c *conn) tick() {
 	}
 }
 
-// timedHandle is handle, timing an inline candidate into c.service.
+// timedHandle is handle, timing an inline candidate into c.service and
+// every request into Config.Observe when it is set.
 func (c *conn) timedHandle(r *request) bool {
-	if !inlineCandidate(r.reqInfo) {
+	obs := c.s.cfg.Observe
+	inline := inlineCandidate(r.reqInfo)
+	if obs == nil && !inline {
 		return c.handle(r)
 	}
 	start := time.Now()
 	ok := c.handle(r)
-	c.service.observe(time.Since(start))
+	d := time.Since(start)
+	if inline {
+		c.service.observe(d)
+	}
+	if obs != nil && ok {
+		obs(c.exp.Name, r.cmd, payloadBytes(r.reqInfo), d, r.errno)
+	}
 	return ok
+}
+
+// payloadBytes is what Config.Observe reports as a request's bytes.
+func payloadBytes(ri reqInfo) int {
+	if ri.cmd == CmdRead || ri.cmd == CmdWrite {
+		return int(ri.length)
+	}
+	return 0
 }
 
 // hold keeps r's reply for the reader's next flushHeld.

@@ -176,6 +176,9 @@ func (c *conn) readLoop(t *readTurn) error {
 				"cookie", cookie, "cmd", ri.cmd, "flags", ri.flags, "offset", ri.off, "length", ri.length,
 				"errno", errno, "reason", reason)
 			r.errno, r.reason = errno, reason
+			if obs := c.s.cfg.Observe; obs != nil {
+				obs(c.exp.Name, ri.cmd, payloadBytes(ri), 0, errno)
+			}
 			if !c.acquire(0) {
 				c.s.putRequest(r)
 				return errQuiet

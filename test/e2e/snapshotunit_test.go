@@ -99,4 +99,36 @@ func TestSnapshotUnitScripts(t *testing.T) {
 	if _, err := os.Stat(backing); !os.IsNotExist(err) {
 		t.Fatalf("backing store left after a failed attach: %v", err)
 	}
+
+	// A snapshot that survives an unclean stop (stop never ran, the
+	// snapshot persisted across the daemon's restart) is attached again,
+	// not created anew; a failed attach then leaves it alone, as this start
+	// did not create it.
+	mustCLI(t, "create", name+"/nightly", "--backing", backing)
+	created := d.status(t).Snapshots[0].Created
+	if err := os.Remove(record); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := sh(start); err != nil || !strings.Contains(out, "attaching it") {
+		t.Fatalf("ExecStart over a surviving snapshot: %v\n%s", err, out)
+	}
+	if st := d.status(t); len(st.Snapshots) != 1 || !st.Snapshots[0].Created.Equal(created) {
+		t.Fatalf("after ExecStart over a surviving snapshot: %+v", st.Snapshots)
+	}
+	args, _ = os.ReadFile(record)
+	if want := "-unix /run/nbdsnap/" + name + ".sock /dev/nbd7 -name nightly -readonly\n"; string(args) != want {
+		t.Fatalf("nbd-client called with\n%s\nwant\n%s", args, want)
+	}
+	if out, err := sh(start, "FAIL_ATTACH=1"); err == nil {
+		t.Fatalf("ExecStart succeeded although nbd-client failed\n%s", out)
+	}
+	if n := len(d.status(t).Snapshots); n != 1 {
+		t.Fatalf("%d snapshots after a failed attach of a surviving snapshot, want it kept", n)
+	}
+	if out, err := sh(stop); err != nil {
+		t.Fatalf("ExecStop: %v\n%s", err, out)
+	}
+	if n := len(d.status(t).Snapshots); n != 0 {
+		t.Fatalf("%d snapshots after ExecStop", n)
+	}
 }

@@ -88,3 +88,107 @@ func TestUnitStopTimeout(t *testing.T) {
 		t.Fatal("SuccessExitStatus does not list 3 (stop forced at --stop-timeout)")
 	}
 }
+
+// Exposure levels `systemd-analyze security` gives the installed units
+// (0 is best, 10 worst; both were 9.6 before they were sandboxed). A
+// change that raises one is a change to the sandbox, to make on purpose
+// here.
+const (
+	maxExposureDaemon   = 2.0
+	maxExposureSnapshot = 2.0
+)
+
+// TestInstall runs `make install DESTDIR=tmp PREFIX=/usr` as a package
+// build would, then checks what it put where: the units name the binary of
+// that PREFIX, and pass `systemd-analyze verify` with its man check (each
+// Documentation= man page must be among the installed ones, found through
+// MANPATH); their sandbox does not score worse than above in
+// `systemd-analyze security --offline=yes --root=tmp` (offline analysis:
+// no systemd needs to run here).
+func TestInstall(t *testing.T) {
+	e2e(t)
+	testenv.RequireTool(t, "make")
+	testenv.RequireTool(t, "systemd-analyze")
+	testenv.RequireTool(t, "man")
+	_, self, _, _ := runtime.Caller(0)
+	root := filepath.Join(filepath.Dir(self), "..", "..")
+	dest := t.TempDir()
+	// BIN: a binary of this test's own, not bin/nbdsnap, which test/deb
+	// may be building at the same time.
+	run(t, "make", "-C", root, "install", "DESTDIR="+dest, "PREFIX=/usr", "BIN="+filepath.Join(t.TempDir(), "nbdsnap"))
+
+	units := filepath.Join(dest, "lib", "systemd", "system")
+	for _, f := range []string{
+		"usr/bin/nbdsnap",
+		"lib/systemd/system/nbdsnap@.service",
+		"lib/systemd/system/nbdsnap-snapshot@.service",
+		"lib/systemd/system/nbdsnap.target",
+		"usr/share/man/man8/nbdsnap.8",
+		"usr/share/man/man8/nbdsnap-serve.8",
+		"usr/share/man/man8/nbdsnap-create.8",
+		"usr/share/bash-completion/completions/nbdsnap",
+		"usr/share/zsh/vendor-completions/_nbdsnap",
+		"usr/share/fish/vendor_completions.d/nbdsnap.fish",
+	} {
+		if fi, err := os.Stat(filepath.Join(dest, f)); err != nil || fi.Size() == 0 {
+			t.Errorf("make install: %s missing or empty (%v)", f, err)
+		}
+	}
+
+	// verify insists that ExecStart binaries exist: check copies that run
+	// the installed binary where the system's would be.
+	dir := t.TempDir()
+	for _, u := range []string{"nbdsnap@.service", "nbdsnap-snapshot@.service", "nbdsnap.target"} {
+		b, err := os.ReadFile(filepath.Join(units, u))
+		if err != nil {
+			t.Fatal(err)
+		}
+		unit := string(b)
+		if strings.Contains(unit, "/usr/local/") {
+			t.Errorf("installed %s still names /usr/local with PREFIX=/usr", u)
+		}
+		if strings.HasSuffix(u, ".service") && !strings.Contains(unit, "/usr/bin/nbdsnap ") {
+			t.Errorf("installed %s does not run /usr/bin/nbdsnap", u)
+		}
+		unit = strings.ReplaceAll(unit, "/usr/bin/nbdsnap ", filepath.Join(dest, "usr", "bin", "nbdsnap")+" ")
+		if err := os.WriteFile(filepath.Join(dir, u), []byte(unit), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for link, target := range map[string]string{
+		"nbdsnap@data.service":                  "nbdsnap@.service",
+		"nbdsnap-snapshot@data-nightly.service": "nbdsnap-snapshot@.service",
+	} {
+		if err := os.Symlink(target, filepath.Join(dir, link)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	verify := exec.Command("systemd-analyze", "verify", "--man=yes",
+		filepath.Join(dir, "nbdsnap@data.service"),
+		filepath.Join(dir, "nbdsnap-snapshot@data-nightly.service"),
+		filepath.Join(dir, "nbdsnap.target"))
+	verify.Env = append(os.Environ(), "MANPATH="+filepath.Join(dest, "usr", "share", "man"))
+	if out, err := verify.CombinedOutput(); err != nil || len(strings.TrimSpace(string(out))) != 0 {
+		t.Errorf("systemd-analyze verify --man=yes: %v\n%s", err, out)
+	}
+
+	for unit, limit := range map[string]float64{
+		"nbdsnap@data.service":                  maxExposureDaemon,
+		"nbdsnap-snapshot@data-nightly.service": maxExposureSnapshot,
+	} {
+		out, err := exec.Command("systemd-analyze", "security", "--offline=yes", "--root="+dest, "--no-pager", unit).CombinedOutput()
+		if err != nil {
+			t.Errorf("systemd-analyze security %s: %v\n%s", unit, err, out)
+			continue
+		}
+		m := regexp.MustCompile(`Overall exposure level for \S+: (\d+\.\d+)`).FindSubmatch(out)
+		if m == nil {
+			t.Errorf("systemd-analyze security %s: no overall exposure level in\n%s", unit, out)
+			continue
+		}
+		level, _ := strconv.ParseFloat(string(m[1]), 64)
+		if level > limit {
+			t.Errorf("%s: exposure level %.1f, worse than %.1f:\n%s", unit, level, limit, out)
+		}
+	}
+}
