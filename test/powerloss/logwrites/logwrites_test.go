@@ -256,10 +256,7 @@ func TestLogs(t *testing.T) {
 func testReplay(t *testing.T, ss int, devSize int64, ops []op) {
 	t.Helper()
 	b := buildLog(ss, ops)
-	l, err := logwrites.Open(bytes.NewReader(b), int64(len(b)))
-	if err != nil {
-		t.Fatalf("Open: %v", err)
-	}
+	l := mustOpen(t, b)
 	checkEntries(t, l, ops, ss)
 
 	want := make([]byte, devSize)
@@ -604,10 +601,7 @@ func TestErrorTestLogIsValid(t *testing.T) {
 	if len(b) != 4096 {
 		t.Fatalf("log is %d bytes, the error tests assume 4096", len(b))
 	}
-	l, err := logwrites.Open(bytes.NewReader(b), int64(len(b)))
-	if err != nil {
-		t.Fatalf("Open: %v", err)
-	}
+	l := mustOpen(t, b)
 	checkEntries(t, l, ops, 512)
 }
 
@@ -668,10 +662,7 @@ func TestReadErrors(t *testing.T) {
 
 func TestReadData(t *testing.T) {
 	ops, b := errorTestLog()
-	l, err := logwrites.Open(bytes.NewReader(b), int64(len(b)))
-	if err != nil {
-		t.Fatalf("Open: %v", err)
-	}
+	l := mustOpen(t, b)
 	w := l.Entries[0]
 	got := make([]byte, w.Length)
 	if err := l.ReadData(w, got); err != nil || !bytes.Equal(got, ops[0].data) {
@@ -702,10 +693,7 @@ func TestReadData(t *testing.T) {
 
 func TestApplyThroughErrors(t *testing.T) {
 	ops, b := errorTestLog()
-	l, err := logwrites.Open(bytes.NewReader(b), int64(len(b)))
-	if err != nil {
-		t.Fatalf("Open: %v", err)
-	}
+	l := mustOpen(t, b)
 	dev := &memDev{b: make([]byte, 8*512)}
 	r := logwrites.NewReplayer(l, dev)
 	if err := r.ApplyThrough(4); err == nil {
@@ -747,14 +735,11 @@ func TestApplyThroughErrors(t *testing.T) {
 // entry, and stops the replay for good.
 func TestDeviceTooSmall(t *testing.T) {
 	_, b := errorTestLog()
-	l, err := logwrites.Open(bytes.NewReader(b), int64(len(b)))
-	if err != nil {
-		t.Fatalf("Open: %v", err)
-	}
+	l := mustOpen(t, b)
 	// Entry 0 writes sectors 4..5: past the end of a 5-sector device.
 	dev := &memDev{b: make([]byte, 5*512)}
 	r := logwrites.NewReplayer(l, dev)
-	err = r.ApplyThrough(3)
+	err := r.ApplyThrough(3)
 	if err == nil || !strings.Contains(err.Error(), "entry 0") {
 		t.Fatalf("ApplyThrough onto a too small device: %v, want an error naming entry 0", err)
 	}
@@ -764,4 +749,14 @@ func TestDeviceTooSmall(t *testing.T) {
 	if err2 := r.ApplyThrough(3); err2 == nil || err2.Error() != err.Error() {
 		t.Errorf("ApplyThrough after a failure: %v, want the same error again", err2)
 	}
+}
+
+// mustOpen opens the log in b, failing the test if it cannot.
+func mustOpen(t *testing.T, b []byte) *logwrites.Log {
+	t.Helper()
+	l, err := logwrites.Open(bytes.NewReader(b), int64(len(b)))
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	return l
 }

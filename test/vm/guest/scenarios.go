@@ -121,6 +121,17 @@ func (g *guest) setA(ctx context.Context, files int) (fsModel, error) {
 	return a, err
 }
 
+// setAFrozen writes file set A (files files) on the mounted origin and
+// takes snap1 of it with create --freeze.
+func (g *guest) setAFrozen(ctx context.Context, files int) (fsModel, error) {
+	a, err := g.setA(ctx, files)
+	if err != nil {
+		return nil, err
+	}
+	err = g.step("create --freeze", func() error { return g.createSnap1(ctx, "--freeze", originMnt) })
+	return a, err
+}
+
 // setB changes the origin after the create instant: new files (set B),
 // deletions, in-place overwrites and appends to set A. It returns the
 // origin's new model.
@@ -145,11 +156,8 @@ func scenarioFreeze(ctx context.Context, g *guest) error {
 	if err != nil {
 		return err
 	}
-	a, err := g.setA(ctx, 32)
+	a, err := g.setAFrozen(ctx, 32)
 	if err != nil {
-		return err
-	}
-	if err := g.step("create --freeze", func() error { return g.createSnap1(ctx, "--freeze", originMnt) }); err != nil {
 		return err
 	}
 	origin, err := g.setB(ctx, a)
@@ -752,11 +760,8 @@ func scenarioReadOnly(ctx context.Context, g *guest) error {
 	if err != nil {
 		return err
 	}
-	a, err := g.setA(ctx, 8)
+	a, err := g.setAFrozen(ctx, 8)
 	if err != nil {
-		return err
-	}
-	if err := g.step("create --freeze", func() error { return g.createSnap1(ctx, "--freeze", originMnt) }); err != nil {
 		return err
 	}
 	// Attached without -readonly: the read-only flag must come from the

@@ -319,11 +319,8 @@ func scenarioTLS(ctx context.Context, g *guest) error {
 	if err != nil {
 		return err
 	}
-	a, err := g.setA(ctx, 32)
+	a, err := g.setAFrozen(ctx, 32)
 	if err != nil {
-		return err
-	}
-	if err := g.step("create --freeze", func() error { return g.createSnap1(ctx, "--freeze", originMnt) }); err != nil {
 		return err
 	}
 	origin, err := g.setB(ctx, a)
