@@ -5,6 +5,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -26,10 +27,20 @@ import (
 // memory frees: a well-behaved client is slowed by a flood of writes on
 // other connections, never shut out.
 type memory struct {
+	max int64
+	// used and peak (the highest use since the last trim) change without
+	// the mutex on the fast path: a request that fits while nobody waits,
+	// and a release while nobody waits, cost an atomic operation or two,
+	// not a lock every connection's requests would share.
+	used, peak atomic.Int64
+	// waiting is len(waiters), readable without the mutex. A waiter adds
+	// itself (and counts itself here) before it checks whether it fits,
+	// and a release lowers used before it reads waiting: so either the
+	// waiter sees the bytes freed, or the release sees the waiter and
+	// grants under the mutex. No wake-up is lost.
+	waiting atomic.Int32
+
 	mu      sync.Mutex
-	max     int64
-	used    int64
-	peak    int64 // highest use since the last trim
 	waiters []*memWaiter
 	trimmer *time.Timer // pending trim, or nil
 }
@@ -52,24 +63,26 @@ const (
 
 func newMemory(max int64) *memory { return &memory{max: max} }
 
-// fits reports whether n more bytes may be granted now. A request larger
-// than the whole budget is granted alone, so no configuration deadlocks.
-func (m *memory) fits(n int64) bool { return m.used == 0 || m.used+n <= m.max }
-
-func (m *memory) take(n int64) {
-	m.used += n
-	m.peak = max(m.peak, m.used)
+// take grants n bytes if they fit now: a request larger than the whole
+// budget is granted alone, so no configuration deadlocks.
+func (m *memory) take(n int64) bool {
+	for {
+		u := m.used.Load()
+		if u != 0 && u+n > m.max {
+			return false
+		}
+		if m.used.CompareAndSwap(u, u+n) {
+			if p := m.peak.Load(); u+n > p {
+				m.peak.CompareAndSwap(p, u+n) // a lost race lowers it a little; it is a hint
+			}
+			return true
+		}
+	}
 }
 
-// tryAcquire grants n bytes if they fit now and nobody waits before.
+// tryAcquire grants n bytes if they fit now and nobody waits in line.
 func (m *memory) tryAcquire(n int64) bool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if len(m.waiters) > 0 || !m.fits(n) {
-		return false
-	}
-	m.take(n)
-	return true
+	return m.waiting.Load() == 0 && m.take(n)
 }
 
 // acquire grants n bytes, waiting in line until they fit. It reports false
@@ -78,14 +91,11 @@ func (m *memory) acquire(ctx context.Context, n int64) bool {
 	if m.tryAcquire(n) {
 		return true
 	}
-	m.mu.Lock()
-	if len(m.waiters) == 0 && m.fits(n) {
-		m.take(n)
-		m.mu.Unlock()
-		return true
-	}
 	w := &memWaiter{n: n, ready: make(chan struct{})}
+	m.mu.Lock()
 	m.waiters = append(m.waiters, w)
+	m.waiting.Add(1)
+	m.grantLocked() // w may fit already, or be behind others that do
 	m.mu.Unlock()
 	select {
 	case <-w.ready:
@@ -96,11 +106,12 @@ func (m *memory) acquire(ctx context.Context, n int64) bool {
 	defer m.mu.Unlock()
 	select {
 	case <-w.ready: // granted meanwhile: give it back
-		m.used -= n
+		m.used.Add(-n)
 	default:
 		for i, x := range m.waiters {
 			if x == w {
 				m.waiters = append(m.waiters[:i], m.waiters[i+1:]...)
+				m.waiting.Add(-1)
 				break
 			}
 		}
@@ -114,21 +125,25 @@ func (m *memory) release(n int64) {
 	if n == 0 {
 		return
 	}
+	u := m.used.Add(-n)
+	trim := u < trimBelow && m.peak.Load() > trimAfterPeak
+	if m.waiting.Load() == 0 && !trim {
+		return
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	m.used -= n
 	m.grantLocked()
-	if m.used < trimBelow && m.peak > trimAfterPeak && m.trimmer == nil {
+	if trim && m.trimmer == nil {
 		m.trimmer = time.AfterFunc(trimDelay, m.trim)
 	}
 }
 
 func (m *memory) grantLocked() {
-	for len(m.waiters) > 0 && m.fits(m.waiters[0].n) {
+	for len(m.waiters) > 0 && m.take(m.waiters[0].n) {
 		w := m.waiters[0]
 		m.waiters[0] = nil
 		m.waiters = m.waiters[1:]
-		m.take(w.n)
+		m.waiting.Add(-1)
 		close(w.ready)
 	}
 }
@@ -140,9 +155,9 @@ func (m *memory) grantLocked() {
 func (m *memory) trim() {
 	m.mu.Lock()
 	m.trimmer = nil
-	quiet := m.used < trimBelow
+	quiet := m.used.Load() < trimBelow
 	if quiet {
-		m.peak = m.used
+		m.peak.Store(m.used.Load())
 	}
 	m.mu.Unlock()
 	if quiet {

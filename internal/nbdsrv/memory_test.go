@@ -38,8 +38,8 @@ func TestMemoryGrantsInOrder(t *testing.T) {
 	m.release(80)
 	<-order
 	<-order
-	if m.used != 60 {
-		t.Fatalf("used %d after both grants, want 60", m.used)
+	if m.used.Load() != 60 {
+		t.Fatalf("used %d after both grants, want 60", m.used.Load())
 	}
 	m.release(60)
 	// More than the whole budget is granted alone.
@@ -50,8 +50,8 @@ func TestMemoryGrantsInOrder(t *testing.T) {
 		t.Fatal("granted beside a request over the budget")
 	}
 	m.release(500)
-	if m.used != 0 || len(m.waiters) != 0 {
-		t.Fatalf("used %d, %d waiters at the end", m.used, len(m.waiters))
+	if m.used.Load() != 0 || len(m.waiters) != 0 {
+		t.Fatalf("used %d, %d waiters at the end", m.used.Load(), len(m.waiters))
 	}
 }
 
@@ -78,8 +78,8 @@ func TestMemoryWaiterCancelled(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("the waiter behind a cancelled one was not granted")
 	}
-	if m.used != 90 {
-		t.Fatalf("used %d, want 90", m.used)
+	if m.used.Load() != 90 {
+		t.Fatalf("used %d, want 90", m.used.Load())
 	}
 }
 
@@ -260,7 +260,7 @@ func TestMemoryTrimAfterBurst(t *testing.T) {
 		t.Fatal("no trim scheduled after a burst")
 	}
 	waitFor(t, func() bool { m.mu.Lock(); defer m.mu.Unlock(); return m.trimmer == nil })
-	if m.peak != 0 {
-		t.Fatalf("peak %d after the trim, want 0", m.peak)
+	if m.peak.Load() != 0 {
+		t.Fatalf("peak %d after the trim, want 0", m.peak.Load())
 	}
 }
