@@ -42,7 +42,7 @@ func newMetrics(d *Daemon) *metrics {
 		}, labels),
 		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "nbdsnap_export_request_duration_seconds",
-			Help:    "Time the backend took for an NBD request (for a READ over 2 MiB, its first piece), by export and command.",
+			Help:    "Time the backend took for an NBD request (for a READ over 1 MiB, its first MiB), by export and command.",
 			Buckets: []float64{10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1},
 		}, labels),
 		collector: &collector{d: d},
