@@ -101,8 +101,8 @@ func CheckWithOptions(f vfs.File, opts CheckOptions) (Report, error) {
 		rep.Problems = append(rep.Problems, rep.Recovery.Corrupt)
 	}
 
-	if !opts.SkipData {
-		// recoverMap has verified the committed batch's data; the older
+	if !opts.SkipData && !h.Bookmark {
+		// A bookmark has no data to verify. Otherwise recoverMap has verified the committed batch's data; the older
 		// batches' data is verified here, slot by slot.
 		block := make([]byte, blockSize)
 		data := make([]byte, r.geo.clusterSize)

@@ -34,6 +34,8 @@ var (
 	// ErrBadCluster: a batch names a cluster out of range, already copied,
 	// twice, or with data of the wrong length. Nothing is written.
 	ErrBadCluster = errors.New("bad cluster in batch")
+	// ErrBookmark: the store is a bookmark, which holds no data.
+	ErrBookmark = errors.New("store is a bookmark: its data was dropped")
 	// ErrChecksum: a cluster read from the store does not match the
 	// checksum recorded when it was committed: the store was damaged.
 	ErrChecksum = errors.New("cluster fails its checksum")

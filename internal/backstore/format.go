@@ -1,7 +1,10 @@
 package backstore
 
-// On-disk format, version 1. Every integer is little-endian; every checksum
-// is CRC32C (Castagnoli). Offsets are in bytes.
+// On-disk format, versions 1 and 2. Every integer is little-endian; every
+// checksum is CRC32C (Castagnoli). Offsets are in bytes. Version 2 adds
+// the base table and the bookmark flag (see "Changed blocks" below) and is
+// written only by a store that uses them, so a store without either stays
+// version 1 and opens with programs that predate version 2.
 //
 // # Layout
 //
@@ -22,8 +25,9 @@ package backstore
 //
 //	off   len   field
 //	0     8     magic "NBSSTORE"
-//	8     4     format version (1)
-//	12    4     flags: bit 0 persistent, bit 1 fixed size (block device); others 0
+//	8     4     format version (1 or 2)
+//	12    4     flags: bit 0 persistent, bit 1 fixed size (block device),
+//	            bit 2 bookmark (version 2, persistent only); others 0
 //	16    8     generation: the slot with the higher valid generation is current
 //	24    16    store UUID (binds metadata blocks to this store)
 //	40    4     cluster size (power of two, 512 … 1 MiB)
@@ -48,7 +52,10 @@ package backstore
 //	128   256   name, then zeros
 //	384   1024  origin identity, then zeros
 //	1408  2048  invalidation reason, then zeros
-//	3456  636   zero
+//	3456  2     base count n ≤ 31 (version 2; 0 in version 1)
+//	3458  2     zero
+//	3460  20n   bases: store UUID (16), entries (4)
+//	…           zero up to 4092
 //	4092  4     CRC32C of bytes 0 … 4091
 //
 // The magic and the version stay at offsets 0 and 8 in every future version,
@@ -74,6 +81,30 @@ package backstore
 //
 // A block version is valid when its magic, CRC, L, UUID and counts check; the
 // batch that wrote it touched it (505L < T and 505(L+1) > F).
+//
+// # Changed blocks: bases and bookmarks (version 2)
+//
+// Data slots are filled in commit order, so a store's entries say not only
+// which clusters the origin overwrote since the create instant but also in
+// which order: entry k was committed before entry k+1. The owner commits a
+// cluster's copy before it lets the origin write of that cluster go on, and
+// a create instant waits for every origin write in flight. So when snapshot
+// S is created while snapshot B (same origin) holds n entries, B's entries
+// 0 … n−1 are exactly the clusters (in B's cluster size) written between
+// B's create instant and S's. S's header records that as a base: B's UUID
+// and n. The changed blocks between B and S are then "cluster c of B with
+// entry number below n", read from B's in-memory map; no bitmap per pair is
+// stored. A base holds only while B's store is alive and valid; the owner
+// checks that before it reports anything.
+//
+// A bookmark is a store whose data was dropped (flag bit 2): its entries
+// keep growing with the clusters written to the origin, committed (and
+// synced) before the origin write like a snapshot's, but no data is
+// written, every CRC is zero, and recovery and Check verify no data. It
+// lets a later snapshot name it as a base after its image is gone.
+// Turning a store into a bookmark is one header write (the flag, version
+// 2); the data region is then punched out (a crash before that leaves the
+// bytes allocated until the next Open punches them).
 //
 // # Worked example (testdata/store-v1.golden, built by TestGolden)
 //
@@ -272,8 +303,12 @@ import (
 	"github.com/google/uuid"
 )
 
-// Version is the format version this package writes and the newest it reads.
-const Version = 1
+// Version is the newest format version this package reads and writes. It
+// writes version 1 for a store that has no base and is no bookmark.
+const Version = 2
+
+// MaxBases is how many bases a header holds.
+const MaxBases = 31
 
 const (
 	headerMagic = "NBSSTORE"
@@ -306,6 +341,10 @@ const (
 
 	flagPersistent = 1 << 0
 	flagFixedSize  = 1 << 1
+	flagBookmark   = 1 << 2
+
+	basesOff     = 3456
+	baseEntryLen = 20
 
 	cleanBatchOff = 96
 	cleanCountOff = 104
@@ -361,6 +400,28 @@ type Header struct {
 	Clean      bool
 	CleanBatch uint64
 	CleanCount uint32
+	// Bookmark: the store's data was dropped; it records which clusters
+	// were written, not their old contents (version 2).
+	Bookmark bool
+	// Bases are the stores this one can report changed blocks against
+	// (version 2); see "Changed blocks" above.
+	Bases []Base
+}
+
+// Base is one entry of a header's base table: when this store was created,
+// the store UUID held Entries entries.
+type Base struct {
+	UUID    uuid.UUID
+	Entries uint32
+}
+
+// version is the format version a header needs: 2 if it uses anything
+// version 1 lacks.
+func (h *Header) version() uint32 {
+	if h.Bookmark || len(h.Bases) > 0 {
+		return 2
+	}
+	return 1
 }
 
 // geometry is what the header's fields imply about the layout.
@@ -405,13 +466,18 @@ func (g geometry) slotOff(slot uint32) int64 { return g.dataStart + int64(slot)*
 // metaOff is the offset of physical slot s of logical block l.
 func metaOff(l int64, s int) int64 { return metaStart + (2*l+int64(s))*blockSize }
 
-// encodeHeader writes h into a 4096-byte slot.
+// encodeHeader writes h into a 4096-byte slot, with (and into h.Version)
+// the lowest format version that holds it.
 func encodeHeader(h *Header, b []byte) {
 	clear(b[:headerSize])
+	h.Version = h.version()
 	copy(b[0:8], headerMagic)
 	le := binary.LittleEndian
 	le.PutUint32(b[8:], h.Version)
 	var flags uint32
+	if h.Bookmark {
+		flags |= flagBookmark
+	}
 	if h.Persistent {
 		flags |= flagPersistent
 	}
@@ -439,6 +505,12 @@ func encodeHeader(h *Header, b []byte) {
 	copy(b[nameOff:], h.Name)
 	copy(b[originIDOff:], h.OriginID)
 	copy(b[reasonOff:], h.Reason)
+	le.PutUint16(b[basesOff:], uint16(len(h.Bases)))
+	for i, base := range h.Bases {
+		p := b[basesOff+4+baseEntryLen*i:]
+		copy(p[:16], base.UUID[:])
+		le.PutUint32(p[16:], base.Entries)
+	}
 	le.PutUint32(b[crcOff:], checksum(b[:crcOff]))
 }
 
@@ -465,11 +537,16 @@ func decodeHeader(b []byte) (Header, error) {
 		return Header{}, fmt.Errorf("%w: header checksum %08x, stored %08x", ErrNotStore, got, want)
 	}
 	flags := le.Uint32(b[12:])
-	if flags&^(flagPersistent|flagFixedSize) != 0 {
+	known := uint32(flagPersistent | flagFixedSize)
+	if h.Version >= 2 {
+		known |= flagBookmark
+	}
+	if flags&^known != 0 {
 		return Header{}, fmt.Errorf("%w: unknown header flags %#x", ErrCorrupt, flags)
 	}
 	h.Persistent = flags&flagPersistent != 0
 	h.FixedSize = flags&flagFixedSize != 0
+	h.Bookmark = flags&flagBookmark != 0
 	h.Generation = le.Uint64(b[16:])
 	copy(h.UUID[:], b[24:40])
 	h.ClusterSize = int(le.Uint32(b[40:]))
@@ -484,6 +561,8 @@ func decodeHeader(b []byte) (Header, error) {
 	h.Clean = mark == cleanMark
 	h.CleanBatch = le.Uint64(b[cleanBatchOff:])
 	h.CleanCount = le.Uint32(b[cleanCountOff:])
+	nbases := int(le.Uint16(b[basesOff:]))
+	basesEnd := basesOff + 4 + baseEntryLen*min(nbases, MaxBases)
 	switch {
 	case h.State != StateValid && h.State != StateInvalid:
 		return Header{}, fmt.Errorf("%w: header state %d", ErrCorrupt, h.State)
@@ -499,16 +578,31 @@ func decodeHeader(b []byte) (Header, error) {
 		return Header{}, fmt.Errorf("%w: clean batch %d and count %d without the clean mark", ErrCorrupt, h.CleanBatch, h.CleanCount)
 	case h.Clean && !h.Persistent:
 		return Header{}, fmt.Errorf("%w: clean mark on a transient store", ErrCorrupt)
+	case nbases > MaxBases || h.Version < 2 && nbases > 0:
+		return Header{}, fmt.Errorf("%w: %d bases in a version %d header", ErrCorrupt, nbases, h.Version)
+	case h.Bookmark && !h.Persistent:
+		return Header{}, fmt.Errorf("%w: a transient bookmark", ErrCorrupt)
 	case h.Clean && (h.CleanBatch == 0) != (h.CleanCount == 0):
 		// Every batch adds at least one entry, and batch numbers start at 1.
 		return Header{}, fmt.Errorf("%w: clean at batch %d with %d entries", ErrCorrupt, h.CleanBatch, h.CleanCount)
 	case !allZero(b[94:cleanBatchOff]) || !allZero(b[cleanEnd:nameOff]) || !allZero(b[nameOff+nameLen:originIDOff]) ||
-		!allZero(b[originIDOff+idLen:reasonOff]) || !allZero(b[reasonOff+reasonLen:crcOff]):
+		!allZero(b[originIDOff+idLen:reasonOff]) || !allZero(b[reasonOff+reasonLen:basesOff]) ||
+		!allZero(b[basesOff+2:basesOff+4]) || !allZero(b[basesEnd:crcOff]):
 		return Header{}, fmt.Errorf("%w: nonzero reserved header bytes", ErrCorrupt)
 	}
 	h.Name = string(b[nameOff : nameOff+nameLen])
 	h.OriginID = string(b[originIDOff : originIDOff+idLen])
 	h.Reason = string(b[reasonOff : reasonOff+reasonLen])
+	for i := range nbases {
+		p := b[basesOff+4+baseEntryLen*i:]
+		var base Base
+		copy(base.UUID[:], p[:16])
+		base.Entries = le.Uint32(p[16:])
+		if base.UUID == (uuid.UUID{}) || base.UUID == h.UUID || base.Entries > MaxClusters {
+			return Header{}, fmt.Errorf("%w: base %d (%s, %d entries)", ErrCorrupt, i, base.UUID, base.Entries)
+		}
+		h.Bases = append(h.Bases, base)
+	}
 	g, err := geometryOf(h.ClusterSize, h.OriginSize, h.Persistent)
 	if err != nil {
 		return Header{}, fmt.Errorf("%w: %v", ErrCorrupt, err)

@@ -7,6 +7,7 @@ import (
 	"flag"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -23,7 +24,7 @@ var goldenUUID = uuid.MustParse("6e627364-6e61-7073-8000-000000000001")
 func goldenHeader() Header {
 	g, _ := geometryOf(4096, 64<<10, true)
 	return Header{
-		Version: Version, Generation: 1, UUID: goldenUUID, Name: "snap0", OriginID: "disk0",
+		Version: 1, Generation: 1, UUID: goldenUUID, Name: "snap0", OriginID: "disk0",
 		OriginSize: 64 << 10, ClusterSize: 4096, Created: time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC),
 		Persistent: true, State: StateValid, BatchBase: 1, DataStart: g.dataStart,
 	}
@@ -43,19 +44,19 @@ func TestHeaderEncoding(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got != h {
+	if !reflect.DeepEqual(got, h) {
 		t.Fatalf("round trip:\n got %+v\nwant %+v", got, h)
 	}
 	clean := h
 	clean.Clean, clean.CleanBatch, clean.CleanCount = true, 9, 16
 	cb := make([]byte, headerSize)
 	encodeHeader(&clean, cb)
-	if got, err := decodeHeader(cb); err != nil || got != clean {
+	if got, err := decodeHeader(cb); err != nil || !reflect.DeepEqual(got, clean) {
 		t.Fatalf("clean round trip: %+v, %v", got, err)
 	}
 	clean.CleanBatch, clean.CleanCount = 0, 0 // an empty store closed cleanly
 	encodeHeader(&clean, cb)
-	if got, err := decodeHeader(cb); err != nil || got != clean {
+	if got, err := decodeHeader(cb); err != nil || !reflect.DeepEqual(got, clean) {
 		t.Fatalf("clean empty round trip: %+v, %v", got, err)
 	}
 	le := binary.LittleEndian
@@ -66,8 +67,9 @@ func TestHeaderEncoding(t *testing.T) {
 	}{
 		{"bad magic", func(b []byte) { b[0] = 'X'; reseal(b) }, ErrNotStore},
 		{"zeros", func(b []byte) { clear(b) }, ErrNotStore},
-		{"newer version, bad crc", func(b []byte) { le.PutUint32(b[8:], 2) }, ErrVersion},
-		{"newer version", func(b []byte) { le.PutUint32(b[8:], 2); reseal(b) }, ErrVersion},
+		{"newer version, bad crc", func(b []byte) { le.PutUint32(b[8:], 3) }, ErrVersion},
+		{"newer version", func(b []byte) { le.PutUint32(b[8:], 3); reseal(b) }, ErrVersion},
+		{"bases in version 1", func(b []byte) { le.PutUint16(b[basesOff:], 1); reseal(b) }, ErrCorrupt},
 		{"version 0", func(b []byte) { le.PutUint32(b[8:], 0); reseal(b) }, ErrNotStore},
 		{"checksum", func(b []byte) { b[200] ^= 1 }, ErrNotStore},
 		{"unknown flag", func(b []byte) { b[12] |= 4; reseal(b) }, ErrCorrupt},
@@ -122,6 +124,51 @@ func TestHeaderEncoding(t *testing.T) {
 	}
 	if got := truncateUTF8("a"+strings.Repeat("é", 1500), maxReasonLen); len(got) != 2047 {
 		t.Errorf("truncateUTF8 split a rune: %d bytes", len(got))
+	}
+}
+
+// TestHeaderV2 pins version 2's additions: the base table and the bookmark
+// flag round-trip, make the header version 2, and are checked on decode.
+func TestHeaderV2(t *testing.T) {
+	h := goldenHeader()
+	h.Bookmark = true
+	for i := range MaxBases {
+		h.Bases = append(h.Bases, Base{UUID: uuid.UUID{15: byte(i + 1)}, Entries: uint32(i * 1000)})
+	}
+	good := make([]byte, headerSize)
+	encodeHeader(&h, good)
+	le := binary.LittleEndian
+	if h.Version != 2 || le.Uint32(good[8:]) != 2 || good[12] != flagPersistent|flagBookmark {
+		t.Fatalf("version %d, flags %#x: want version 2 with the bookmark flag", le.Uint32(good[8:]), good[12])
+	}
+	got, err := decodeHeader(good)
+	if err != nil || !reflect.DeepEqual(got, h) {
+		t.Fatalf("round trip: %v\n got %+v\nwant %+v", err, got, h)
+	}
+	if end := basesOff + 4 + baseEntryLen*MaxBases; end > crcOff {
+		t.Fatalf("the base table ends at %d, past the CRC", end)
+	}
+	for _, tc := range []struct {
+		name   string
+		change func(b []byte)
+	}{
+		{"too many bases", func(b []byte) { le.PutUint16(b[basesOff:], MaxBases+1) }},
+		{"byte after count", func(b []byte) { b[basesOff+2] = 1 }},
+		{"zero base UUID", func(b []byte) { clear(b[basesOff+4 : basesOff+20]) }},
+		{"own UUID as base", func(b []byte) { copy(b[basesOff+4:], goldenUUID[:]) }},
+		{"entries past any origin", func(b []byte) { le.PutUint32(b[basesOff+20:], MaxClusters+1) }},
+		{"bookmark of a transient store", func(b []byte) {
+			le.PutUint32(b[12:], flagBookmark)
+			le.PutUint64(b[80:], 8192)
+		}},
+		{"after the bases", func(b []byte) { le.PutUint16(b[basesOff:], 3) }},
+	} {
+		b := bytes.Clone(good)
+		tc.change(b)
+		reseal(b)
+		if _, err := decodeHeader(b); !errors.Is(err, ErrCorrupt) {
+			t.Errorf("%s: %v, want ErrCorrupt", tc.name, err)
+		}
 	}
 }
 
@@ -273,19 +320,19 @@ func TestGolden(t *testing.T) {
 		s.Close()
 	}
 
-	// The same store claiming format version 2 is refused, untouched.
-	v2 := bytes.Clone(want)
+	// The same store claiming format version 3 is refused, untouched.
+	v3 := bytes.Clone(want)
 	for slot := 0; slot < 2; slot++ {
-		b := v2[slot*headerSize : (slot+1)*headerSize]
-		binary.LittleEndian.PutUint32(b[8:], 2)
+		b := v3[slot*headerSize : (slot+1)*headerSize]
+		binary.LittleEndian.PutUint32(b[8:], 3)
 		reseal(b)
 	}
-	f2 := openMem(t, fs, "v2")
-	f2.WriteAt(v2, 0)
-	if _, err := Open(f2, nil); !errors.Is(err, ErrVersion) || !strings.Contains(err.Error(), "version 2") {
-		t.Fatalf("open of a version-2 store: %v, want ErrVersion naming the version", err)
+	f3 := openMem(t, fs, "v3")
+	f3.WriteAt(v3, 0)
+	if _, err := Open(f3, nil); !errors.Is(err, ErrVersion) || !strings.Contains(err.Error(), "version 3") {
+		t.Fatalf("open of a version-3 store: %v, want ErrVersion naming the version", err)
 	}
-	if b, _ := fs.Contents("v2"); !bytes.Equal(b, v2) {
+	if b, _ := fs.Contents("v3"); !bytes.Equal(b, v3) {
 		t.Error("refused store was modified")
 	}
 }

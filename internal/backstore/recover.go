@@ -49,7 +49,8 @@ func Open(f vfs.File, origin io.ReaderAt) (*Store, error) {
 		return nil, fmt.Errorf("backstore: open %q: %w", h.Name, err)
 	}
 	rec := r.recovery(h)
-	if origin != nil && rec.Corrupt == "" {
+	// A bookmark keeps no data to hold against the origin.
+	if origin != nil && rec.Corrupt == "" && !h.Bookmark {
 		if rec.Corrupt, err = verifyDropped(origin, r.geo, rec); err != nil {
 			return nil, fmt.Errorf("backstore: open %q: %w", h.Name, err)
 		}
@@ -83,6 +84,9 @@ func Open(f vfs.File, origin io.ReaderAt) (*Store, error) {
 		return nil, fmt.Errorf("backstore: open %q: record batch base: %w", h.Name, err)
 	}
 	s.nextBatch = h.BatchBase
+	if h.Bookmark {
+		s.dropData() // again, in case a crash came before the first time
+	}
 	return s, nil
 }
 
@@ -554,8 +558,8 @@ func batchComplete(f vfs.File, g geometry, h Header, stamps [][2]stamp, bi batch
 				continue // an older batch's entry, synced before this batch began
 			}
 			known = append(known, e)
-			if why != "" {
-				continue // incomplete already: its data need not be read
+			if why != "" || h.Bookmark {
+				continue // incomplete already, or no data to check
 			}
 			ok, err := slotMatches(f, g, data, slot, e)
 			if err != nil {

@@ -26,6 +26,10 @@ type Options struct {
 	// recognise its store before Create returns (a record written ahead
 	// of the store) chooses it.
 	UUID uuid.UUID
+	// Bases are the stores of the same origin this one will report
+	// changed blocks against, with their entry counts at the create
+	// instant (persistent only; see "Changed blocks" in format.go).
+	Bases []Base
 }
 
 // Cluster is one cluster's copied contents. Data holds the whole cluster:
@@ -107,6 +111,8 @@ func Create(f vfs.File, opts Options) (*Store, error) {
 		return nil, fmt.Errorf("backstore: create: %w: name is %d bytes, at most %d", ErrOptions, len(opts.Name), maxNameLen)
 	case len(opts.OriginID) > maxOriginIDLen:
 		return nil, fmt.Errorf("backstore: create: %w: origin identity is %d bytes, at most %d", ErrOptions, len(opts.OriginID), maxOriginIDLen)
+	case len(opts.Bases) > 0 && !opts.Persistent || len(opts.Bases) > MaxBases:
+		return nil, fmt.Errorf("backstore: create: %w: %d bases (at most %d, persistent stores only)", ErrOptions, len(opts.Bases), MaxBases)
 	case opts.MaxSize < 0 || opts.MaxSize > 0 && opts.MaxSize < g.dataStart+g.clusterSize:
 		return nil, fmt.Errorf("backstore: create: %w: max size %d leaves no room for data (data starts at %d)", ErrOptions, opts.MaxSize, g.dataStart)
 	}
@@ -121,8 +127,12 @@ func Create(f vfs.File, opts Options) (*Store, error) {
 			return nil, fmt.Errorf("backstore: create: uuid: %w", err)
 		}
 	}
+	for _, b := range opts.Bases {
+		if b.UUID == (uuid.UUID{}) || b.UUID == id || b.Entries > MaxClusters {
+			return nil, fmt.Errorf("backstore: create: %w: base %s with %d entries", ErrOptions, b.UUID, b.Entries)
+		}
+	}
 	h := Header{
-		Version:     Version,
 		UUID:        id,
 		Name:        opts.Name,
 		OriginID:    opts.OriginID,
@@ -134,7 +144,9 @@ func Create(f vfs.File, opts Options) (*Store, error) {
 		State:       StateValid,
 		BatchBase:   1,
 		DataStart:   g.dataStart,
+		Bases:       slices.Clone(opts.Bases),
 	}
+	h.Version = h.version()
 	if err := f.Truncate(0); err != nil {
 		if !errors.Is(err, syscall.EINVAL) {
 			return nil, fmt.Errorf("backstore: create: truncate: %w", err)
@@ -206,7 +218,7 @@ func (s *Store) Commit(batch []Cluster) error {
 	s.commitMu.Lock()
 	defer s.commitMu.Unlock()
 	s.mu.RLock()
-	closed, state := s.closed, s.hdr.State
+	closed, state, bookmark := s.closed, s.hdr.State, s.hdr.Bookmark
 	s.mu.RUnlock()
 	switch {
 	case closed:
@@ -223,12 +235,17 @@ func (s *Store) Commit(batch []Cluster) error {
 	}
 	first := s.count
 	total := first + uint32(len(batch))
-	if end := s.geo.slotOff(total); s.limit > 0 && end > s.limit {
+	if end := s.geo.slotOff(total); s.limit > 0 && end > s.limit && !bookmark {
 		return fmt.Errorf("backstore: commit of %d clusters needs %d bytes, limit %d: %w", len(batch), end, s.limit, ErrFull)
 	}
 
 	entries := make([]entry, len(batch))
 	for i, c := range batch {
+		if bookmark {
+			// No data: the entry records that the cluster was written.
+			entries[i] = entry{cluster: c.Index}
+			continue
+		}
 		data := c.Data[:s.geo.clusterLen(c.Index)]
 		entries[i] = entry{cluster: c.Index, crc: checksum(data)}
 		slot := first + uint32(i)
@@ -275,7 +292,8 @@ func (s *Store) checkBatch(batch []Cluster) error {
 		switch {
 		case c.Index >= s.geo.maxClusters:
 			return fmt.Errorf("%w: cluster %d out of range (origin has %d)", ErrBadCluster, c.Index, s.geo.maxClusters)
-		case int64(len(c.Data)) < s.geo.clusterLen(c.Index) || int64(len(c.Data)) > s.geo.clusterSize:
+		case (!s.hdr.Bookmark || c.Data != nil) && // a bookmark needs no data
+			(int64(len(c.Data)) < s.geo.clusterLen(c.Index) || int64(len(c.Data)) > s.geo.clusterSize):
 			return fmt.Errorf("%w: cluster %d has %d bytes of data, want %d", ErrBadCluster, c.Index, len(c.Data), s.geo.clusterLen(c.Index))
 		case s.idx.has(c.Index):
 			return fmt.Errorf("%w: cluster %d already copied", ErrBadCluster, c.Index)
@@ -354,7 +372,7 @@ func ioErr(err error) error {
 // truncated under a snapshot fails the check for every other cluster.
 func (s *Store) ReadCluster(index uint32, p []byte, off int) (ok bool, err error) {
 	s.mu.RLock()
-	closed := s.closed
+	closed, bookmark := s.closed, s.hdr.Bookmark
 	var slot, want uint32
 	if index < s.geo.maxClusters {
 		if slot, ok = s.idx.lookup(index); ok {
@@ -367,6 +385,9 @@ func (s *Store) ReadCluster(index uint32, p []byte, off int) (ok bool, err error
 	}
 	if !ok {
 		return false, nil
+	}
+	if bookmark {
+		return true, fmt.Errorf("backstore: read cluster %d: %w", index, ErrBookmark)
 	}
 	n := s.geo.clusterLen(index)
 	if off < 0 || int64(off)+int64(len(p)) > n {
@@ -454,6 +475,18 @@ func (s *Store) ForEachCopied(fn func(index uint32)) {
 	}
 }
 
+// Entry returns the entry number of cluster index: its data slot, which
+// follows commit order (see "Changed blocks" in format.go); ok is false
+// if the store does not hold the cluster.
+func (s *Store) Entry(index uint32) (entry uint32, ok bool) {
+	if index >= s.geo.maxClusters {
+		return 0, false
+	}
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.idx.lookup(index)
+}
+
 // CopiedCount returns how many clusters the store holds.
 func (s *Store) CopiedCount() int {
 	s.mu.RLock()
@@ -467,7 +500,10 @@ func (s *Store) Bytes() int64 {
 	s.mu.RLock()
 	n := int64(s.idx.n)
 	s.mu.RUnlock()
-	b := int64(2*headerSize) + n*s.geo.clusterSize
+	b := int64(2 * headerSize)
+	if !s.hdr.Bookmark {
+		b += n * s.geo.clusterSize
+	}
 	if s.persistent {
 		b += 2 * blockSize * ((n + entriesPerBlock - 1) / entriesPerBlock)
 	}
@@ -517,6 +553,48 @@ func (s *Store) Invalidate(reason string) error {
 		return fmt.Errorf("backstore: invalidate: %w", err)
 	}
 	return nil
+}
+
+// Bookmark turns a valid persistent store into a bookmark: its data is
+// dropped, and from now on Commit records clusters without their data (see
+// "Changed blocks" in format.go). The header write, synced, is the point
+// of no return: ReadCluster fails with ErrBookmark from then on. The data
+// region is then deallocated where the file can (a regular file on a file
+// system that punches holes; a block device keeps its bytes).
+func (s *Store) Bookmark() error {
+	s.commitMu.Lock()
+	defer s.commitMu.Unlock()
+	s.hdrMu.Lock()
+	defer s.hdrMu.Unlock()
+	s.mu.RLock()
+	h, closed := s.hdr, s.closed
+	s.mu.RUnlock()
+	switch {
+	case closed:
+		return fmt.Errorf("backstore: bookmark: %w", ErrClosed)
+	case !s.persistent:
+		return fmt.Errorf("backstore: bookmark: %w: a transient store keeps no map", ErrOptions)
+	case s.failed != nil:
+		return fmt.Errorf("backstore: bookmark: %w: %v", ErrFailed, s.failed)
+	case h.State != StateValid:
+		return fmt.Errorf("backstore: bookmark: %w", ErrInvalid)
+	case h.Bookmark:
+		return nil
+	}
+	h.Bookmark = true
+	if err := s.writeHeader(&h); err != nil {
+		return fmt.Errorf("backstore: bookmark: %w", err)
+	}
+	s.dropData()
+	return nil
+}
+
+// dropData deallocates the data slots of a bookmark, best effort: the
+// bytes are never read again, so failing to free them costs space only.
+func (s *Store) dropData() {
+	if d, ok := s.f.(vfs.Deallocator); ok && !s.hdr.FixedSize && s.count > 0 {
+		_ = d.Deallocate(s.geo.dataStart, s.geo.slotOff(s.count)-s.geo.dataStart)
+	}
 }
 
 // writeHeader writes h with the next generation into the slot that does
