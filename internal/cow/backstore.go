@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/google/uuid"
+
 	"github.com/nbdsnap/nbdsnap/internal/backstore"
 	"github.com/nbdsnap/nbdsnap/internal/vfs"
 )
@@ -32,6 +34,14 @@ type storeFile struct {
 
 func (*storeFile) Close() error { return nil }
 
+// Deallocate passes hole punching through (a bookmark drops its data).
+func (f *storeFile) Deallocate(off, length int64) error {
+	if d, ok := f.File.(vfs.Deallocator); ok {
+		return d.Deallocate(off, length)
+	}
+	return errors.ErrUnsupported
+}
+
 func (f *storeFile) Sync() error {
 	start := time.Now()
 	err := f.File.Sync()
@@ -41,6 +51,14 @@ func (f *storeFile) Sync() error {
 
 func createBackstore(f vfs.File, o storeOptions) (clusterStore, error) {
 	sf := &storeFile{File: f}
+	var bases []backstore.Base
+	for _, b := range o.Bases {
+		id, err := uuid.Parse(b.UUID)
+		if err != nil {
+			return nil, fmt.Errorf("base %q: %w", b.UUID, err)
+		}
+		bases = append(bases, backstore.Base{UUID: id, Entries: b.Entries})
+	}
 	s, err := backstore.Create(sf, backstore.Options{
 		Name:        o.Name,
 		ClusterSize: o.ClusterSize,
@@ -50,6 +68,7 @@ func createBackstore(f vfs.File, o storeOptions) (clusterStore, error) {
 		MaxSize:     o.MaxSize,
 		Created:     o.Created,
 		UUID:        o.UUID,
+		Bases:       bases,
 	})
 	if err != nil {
 		return nil, err
@@ -100,10 +119,17 @@ func (b *bstore) readCluster(index uint32, p []byte, off int) (bool, error) {
 	return b.s.ReadCluster(index, p, off)
 }
 
-func (b *bstore) forEachCopied(fn func(uint32)) { b.s.ForEachCopied(fn) }
+func (b *bstore) forEachCopied(fn func(uint32))     { b.s.ForEachCopied(fn) }
+func (b *bstore) entry(index uint32) (uint32, bool) { return b.s.Entry(index) }
+func (b *bstore) count() uint32                     { return uint32(b.s.CopiedCount()) }
+func (b *bstore) bookmark() error                   { return b.s.Bookmark() }
 
 func (b *bstore) header() storeHeader {
 	h := b.s.Header()
+	var bases []storeBase
+	for _, base := range h.Bases {
+		bases = append(bases, storeBase{UUID: base.UUID.String(), Entries: base.Entries})
+	}
 	return storeHeader{
 		UUID:        h.UUID.String(),
 		Name:        h.Name,
@@ -114,6 +140,8 @@ func (b *bstore) header() storeHeader {
 		Persistent:  h.Persistent,
 		Valid:       h.State == backstore.StateValid,
 		Reason:      h.Reason,
+		Bookmark:    h.Bookmark,
+		Bases:       bases,
 	}
 }
 

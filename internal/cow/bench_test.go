@@ -174,6 +174,9 @@ type nullStore struct{ o storeOptions }
 func (nullStore) commit([]storeCluster) (time.Duration, error)  { return 0, nil }
 func (nullStore) readCluster(uint32, []byte, int) (bool, error) { return false, nil }
 func (nullStore) forEachCopied(func(uint32))                    {}
+func (nullStore) entry(uint32) (uint32, bool)                   { return 0, false }
+func (nullStore) count() uint32                                 { return 0 }
+func (nullStore) bookmark() error                               { return nil }
 func (n nullStore) header() storeHeader {
 	return storeHeader{Name: n.o.Name, ClusterSize: n.o.ClusterSize, OriginSize: n.o.OriginSize, Persistent: n.o.Persistent, Valid: true}
 }

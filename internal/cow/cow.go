@@ -190,7 +190,12 @@ func (e *Engine) copyCluster(r *cowReq, g *group, c uint32) {
 
 	buf := g.pool.get(len(r.reserved))
 	n := g.geo.clusterLen(c)
-	err := readFull(e.origin, buf.data[:n], g.geo.off(c))
+	// Bookmarks record that the cluster was written, not its contents:
+	// if only bookmarks need it, the origin is not read.
+	var err error
+	if slices.ContainsFunc(r.reserved, func(rv reservation) bool { return !rv.s.bookmark.Load() }) {
+		err = readFull(e.origin, buf.data[:n], g.geo.off(c))
+	}
 	clear(buf.data[n:])
 	for _, rv := range r.reserved {
 		s, sl := rv.s, rv.sl

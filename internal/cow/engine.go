@@ -369,7 +369,12 @@ func (e *Engine) Create(ctx context.Context, store vfs.File, opts SnapshotOption
 	if err := e.origin.Sync(); err != nil {
 		return nil, fmt.Errorf("cow: create %q: sync origin: %w", opts.Name, err)
 	}
+	var bases []storeBase
+	if !opts.Transient {
+		bases = e.basesNow()
+	}
 	st, err := e.newStore(store, storeOptions{
+		Bases:       bases,
 		Name:        opts.Name,
 		ClusterSize: geo.csize,
 		OriginSize:  e.size,
@@ -507,6 +512,7 @@ func (e *Engine) reopen(st clusterStore, opts ReopenOptions) (*Snapshot, error) 
 		s.released.Store(true)
 		s.reason = h.Reason
 	}
+	s.bookmark.Store(h.Bookmark)
 	e.register(s)
 	return s, nil
 }
@@ -551,6 +557,55 @@ func (e *Engine) Clear(name string) error {
 	e.set = e.set.without(s)
 	e.gate.Unlock()
 	return s.stop(true)
+}
+
+// Bookmark drops the image of snapshot name but keeps it recording which
+// clusters the origin writes (see "Changed blocks" in backstore's
+// format.go), so that snapshots created later can report the changes since
+// its create instant. It holds the gate like Create: no origin write is in
+// flight, so everything copied is committed, and the store is turned into
+// a bookmark between two commits. Reads of the snapshot fail with
+// ErrBookmark from then on. Only a valid persistent snapshot can become a
+// bookmark; one that already is one is left as it is. If the store cannot
+// be changed the snapshot stays as it was, valid, and the error says why.
+func (e *Engine) Bookmark(name string) error {
+	e.gate.Lock()
+	defer e.gate.Unlock()
+	s, ok := e.Snapshot(name)
+	if !ok {
+		return fmt.Errorf("%w: %q", ErrNotFound, name)
+	}
+	if !s.persistent {
+		return fmt.Errorf("cow: bookmark %q: a transient snapshot cannot become a bookmark (it is not kept across a restart): %w", name, ErrBadOption)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for s.committing {
+		s.durCond.Wait()
+	}
+	switch {
+	case s.invalid.Load():
+		return fmt.Errorf("cow: bookmark %q: %w", name, &invalidError{reason: s.reason})
+	case s.bookmark.Load():
+		return nil
+	case len(s.pending) > 0:
+		// Every origin write waits for its clusters' commit, and none is
+		// in flight.
+		return fmt.Errorf("cow: bookmark %q: %d clusters not committed with no origin write in flight", name, len(s.pending))
+	}
+	s.committing = true // the store is ours: no commit starts meanwhile
+	s.mu.Unlock()
+	err := s.st.bookmark()
+	s.mu.Lock()
+	s.committing = false
+	s.durCond.Broadcast()
+	s.workCond.Signal()
+	if err != nil {
+		return fmt.Errorf("cow: bookmark %q: %w", name, err)
+	}
+	s.bookmark.Store(true)
+	s.log.Info("snapshot turned into a bookmark")
+	return nil
 }
 
 // Snapshot returns the snapshot called name.

@@ -17,6 +17,14 @@ var (
 	// ErrInvalid: the snapshot is invalid (a store error or a full store);
 	// reads fail with it. It wraps EIO.
 	ErrInvalid = fmt.Errorf("cow: snapshot invalid: %w", syscall.EIO)
+	// ErrBookmark: the snapshot is a bookmark, which keeps no image; reads
+	// fail with it. It wraps ESHUTDOWN, as the image is gone like a
+	// cleared snapshot's.
+	ErrBookmark = fmt.Errorf("cow: snapshot is a bookmark, its image was dropped: %w", syscall.ESHUTDOWN)
+	// ErrNoBase: changed blocks were asked against a snapshot that cannot
+	// answer exactly (see dirty.go); nothing is reported rather than too
+	// little.
+	ErrNoBase = errors.New("cow: no exact changed blocks against that snapshot")
 	// ErrExists: a snapshot of that name exists.
 	ErrExists = errors.New("cow: snapshot exists")
 	// ErrNotFound: no snapshot of that name.

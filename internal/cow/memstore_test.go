@@ -3,6 +3,7 @@ package cow
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 )
@@ -13,6 +14,7 @@ type memStore struct {
 	mu      sync.Mutex
 	hdr     storeHeader
 	data    map[uint32][]byte
+	order   []uint32 // clusters in commit order: entry numbers
 	commits int
 	// fail, if set, is asked before every commit (numbered from 1)
 	// whether to fail it; the time it takes counts as the commit's sync.
@@ -25,7 +27,7 @@ func newMemStore(o storeOptions) *memStore {
 		hdr: storeHeader{
 			UUID: fmt.Sprintf("mem-%s", o.Name), Name: o.Name, Created: o.Created,
 			ClusterSize: o.ClusterSize, OriginSize: o.OriginSize, OriginID: o.OriginID,
-			Persistent: o.Persistent, Valid: true,
+			Persistent: o.Persistent, Valid: true, Bases: o.Bases,
 		},
 		data: make(map[uint32][]byte),
 	}
@@ -55,6 +57,7 @@ func (m *memStore) commit(batch []storeCluster) (time.Duration, error) {
 			return syncTime, fmt.Errorf("memstore: cluster %d committed twice", c.index)
 		}
 		m.data[c.index] = append([]byte(nil), c.data...)
+		m.order = append(m.order, c.index)
 	}
 	return syncTime, nil
 }
@@ -71,6 +74,26 @@ func (m *memStore) readCluster(index uint32, p []byte, off int) (bool, error) {
 	}
 	copy(p, d[off:])
 	return true, nil
+}
+
+func (m *memStore) entry(index uint32) (uint32, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	i := slices.Index(m.order, index)
+	return uint32(i), i >= 0
+}
+
+func (m *memStore) count() uint32 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return uint32(len(m.order))
+}
+
+func (m *memStore) bookmark() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.hdr.Bookmark = true
+	return nil
 }
 
 func (m *memStore) forEachCopied(fn func(uint32)) {

@@ -62,6 +62,10 @@ type Snapshot struct {
 	// invalidation (see recordInvalid).
 	released atomic.Bool
 	closed   atomic.Bool // reads refused: the snapshot was cleared or the engine closed
+	// bookmark: the store dropped its data (Engine.Bookmark); the snapshot
+	// only records which clusters the origin wrote, and reads are refused.
+	// Set with the engine's gate held exclusively, never cleared.
+	bookmark atomic.Bool
 
 	mu       sync.Mutex
 	slotCond sync.Cond // a slot was freed or a BUSY cluster resolved (cowwait2, cowwait3)
@@ -709,6 +713,9 @@ func (s *Snapshot) readable() error {
 	if s.closed.Load() {
 		return ErrCleared
 	}
+	if s.bookmark.Load() {
+		return ErrBookmark
+	}
 	if s.invalid.Load() {
 		s.mu.Lock()
 		reason := s.reason
@@ -754,6 +761,7 @@ type Info struct {
 	Persistent     bool
 	Valid          bool
 	Reason         string // why the snapshot is invalid
+	Bookmark       bool   // its data was dropped (Engine.Bookmark)
 	StoreBytes     int64
 	CacheSlots     int
 	CreatePause    time.Duration // how long Create held origin writes (0 after Reopen)
@@ -781,6 +789,7 @@ func (s *Snapshot) Info() Info {
 		Persistent:     s.persistent,
 		Valid:          !s.invalid.Load(),
 		Reason:         reason,
+		Bookmark:       s.bookmark.Load(),
 		StoreBytes:     bytes,
 		CacheSlots:     s.nslots,
 		CreatePause:    s.pause,

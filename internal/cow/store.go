@@ -22,6 +22,13 @@ type clusterStore interface {
 	// into p; ok is false if the cluster is not in the store.
 	readCluster(index uint32, p []byte, off int) (ok bool, err error)
 	forEachCopied(fn func(index uint32))
+	// entry is cluster index's entry number (commit order), count the
+	// entries committed; see "Changed blocks" in backstore's format.go.
+	entry(index uint32) (n uint32, ok bool)
+	count() uint32
+	// bookmark drops the store's data: later commits record clusters
+	// only. Called like commit, never concurrently with it.
+	bookmark() error
 	header() storeHeader
 	invalidate(reason string) error
 	bytes() int64
@@ -49,6 +56,15 @@ type storeHeader struct {
 	Persistent  bool
 	Valid       bool
 	Reason      string
+	Bookmark    bool
+	Bases       []storeBase
+}
+
+// storeBase is a base recorded in a store: when it was created, the store
+// UUID held Entries entries.
+type storeBase struct {
+	UUID    string
+	Entries uint32
 }
 
 // storeOptions are the parameters of a new store.
@@ -61,4 +77,5 @@ type storeOptions struct {
 	MaxSize     int64
 	Created     time.Time
 	UUID        uuid.UUID // zero: random
+	Bases       []storeBase
 }
