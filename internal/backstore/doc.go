@@ -17,6 +17,12 @@
 // safety are in format.go. A transient store writes data only, never syncs, and cannot be
 // reopened; its map lives only in memory.
 //
+// Entries are numbered in commit order ([Store.Entry]), which is what lets a
+// later store record how far an earlier one had got (its bases) and so
+// answer "what changed between the two"; a store can drop its data and
+// become a bookmark ([Store.Bookmark]) that keeps recording clusters only.
+// See "Changed blocks" in format.go.
+//
 // Main types: [Store] (Create, Open, Commit, ReadCluster, Invalidate),
 // [Header], [Check] and its [Report].
 //

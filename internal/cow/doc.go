@@ -47,6 +47,16 @@
 // A snapshot read reads the origin and overlays the copied clusters from
 // the cache or the store; [Snapshot.ReadAt] says why that is race-free.
 //
+// # Changed blocks and bookmarks
+//
+// A persistent store lists its clusters in commit order, so a snapshot
+// records, at its create instant, how many entries every older persistent
+// snapshot holds (its bases): [Snapshot.Changed] then says which blocks
+// changed between a base and the snapshot, [Engine.ChangedSince] which
+// changed on the origin since a snapshot, exactly or not at all (dirty.go).
+// [Engine.Bookmark] drops a snapshot's image but keeps it recording which
+// clusters the origin writes, so later snapshots can still diff against it.
+//
 // # Concurrency
 //
 // All methods are safe for concurrent use. The engine's gate (a RWMutex) is
