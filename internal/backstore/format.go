@@ -467,10 +467,11 @@ func (g geometry) slotOff(slot uint32) int64 { return g.dataStart + int64(slot)*
 func metaOff(l int64, s int) int64 { return metaStart + (2*l+int64(s))*blockSize }
 
 // encodeHeader writes h into a 4096-byte slot, with (and into h.Version)
-// the lowest format version that holds it.
+// its version, raised to the lowest that holds it: a version 1 store
+// becomes version 2 when it turns into a bookmark.
 func encodeHeader(h *Header, b []byte) {
 	clear(b[:headerSize])
-	h.Version = h.version()
+	h.Version = max(h.Version, h.version())
 	copy(b[0:8], headerMagic)
 	le := binary.LittleEndian
 	le.PutUint32(b[8:], h.Version)

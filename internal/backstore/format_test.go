@@ -374,3 +374,70 @@ func TestTornHeaderWrite(t *testing.T) {
 		t.Errorf("torn header writes gave states %v; want both outcomes", states)
 	}
 }
+
+// TestGoldenV2 pins version 2: the worked example's store created with two
+// bases, turned into a bookmark after its first commit, given one more
+// cluster (without data) and closed. The bytes must not change, and the file
+// must keep opening with its bases, its bookmark flag and its entries in
+// commit order.
+func TestGoldenV2(t *testing.T) {
+	path := filepath.Join("testdata", "store-v2.golden")
+	bases := []Base{
+		{UUID: uuid.MustParse("6e627364-6e61-7073-8000-0000000000b1"), Entries: 12},
+		{UUID: uuid.MustParse("6e627364-6e61-7073-8000-0000000000b2"), Entries: 0},
+	}
+	fs := vfstest.NewMemFS()
+	h := goldenHeader()
+	s, err := Create(openMem(t, fs, "store"), Options{
+		Name: h.Name, OriginID: h.OriginID, OriginSize: h.OriginSize, ClusterSize: h.ClusterSize,
+		Persistent: true, Created: h.Created, UUID: goldenUUID, Bases: bases,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	commitClusters(t, s, 7, 3, 9)
+	if err := s.Bookmark(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Commit([]Cluster{{Index: 5}}); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	got, err := fs.Contents("store")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if *update {
+		if err := os.WriteFile(path, got, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("store bytes differ from %s (len %d vs %d): the format changed", path, len(got), len(want))
+	}
+	if binary.LittleEndian.Uint32(want[8:]) != 2 {
+		t.Fatal("the golden bookmark is not version 2")
+	}
+	f := openMem(t, fs, "copy")
+	if _, err := f.WriteAt(want, 0); err != nil {
+		t.Fatal(err)
+	}
+	s, err = Open(f, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	hdr := s.Header()
+	if !hdr.Bookmark || !reflect.DeepEqual(hdr.Bases, bases) || hdr.Version != 2 {
+		t.Fatalf("golden v2 header: %+v", hdr)
+	}
+	for i, c := range []uint32{3, 9, 5} {
+		if e, ok := s.Entry(c); !ok || e != uint32(i) {
+			t.Fatalf("cluster %d: entry %d, %v; want %d", c, e, ok, i)
+		}
+	}
+}
