@@ -226,7 +226,9 @@ func (e *Engine) copyCluster(r *cowReq, g *group, c uint32) {
 		}
 		s.pending = append(s.pending, sl)
 		s.stats.clustersCopied.Add(1)
-		s.stats.bytesCopied.Add(int64(n))
+		if !s.bookmark.Load() {
+			s.stats.bytesCopied.Add(int64(n))
+		}
 		if s.persistent {
 			// No writer wake-up: this request commits the cluster
 			// itself, or finds it in a commit in progress
