@@ -56,13 +56,16 @@ type (
 	}
 )
 
-// MetaContext is a further metadata context a backend offers besides
-// base:allocation, for example a changed-block bitmap named
-// "qemu:dirty-bitmap:NAME" (flag ExtentDirty).
+// MetaContext is a further metadata context an export offers besides
+// base:allocation (Export.MetaContexts), for example a changed-block bitmap
+// named "qemu:dirty-bitmap:NAME" (flag ExtentDirty). A connection that
+// selected it keeps calling it after it left the export's list, so once
+// what it describes is gone, Extents should fail.
 type MetaContext interface {
-	// Name is the full context name, "namespace:leaf".
+	// Name is the full context name, "namespace:leaf"; it must not change.
 	Name() string
-	// Extents describes the range starting at off.
+	// Extents describes the range starting at off. It is called
+	// concurrently.
 	Extents(ctx context.Context, off, length int64) ([]Extent, error)
 }
 

@@ -9,7 +9,10 @@
 // Trimmer, Zeroer, Cacher and Extenter, found by type assertion, turn on the
 // matching transmission flags. An Export names a Backend and its size, and
 // may add MetaContexts (for example a qemu:dirty-bitmap:NAME changed-block
-// map) besides the built-in base:allocation, and an Allow function that
+// map) besides the built-in base:allocation: a function asked at every
+// LIST and SET_META_CONTEXT, so that the list can change while the export
+// is served; a connection keeps the contexts its SET selected
+// (metacontext.go). It may also have an Allow function that
 // decides, from the client's Peer (addresses, TLS state, the identities of
 // its verified certificate), whether the client may see and use it. A
 // Server holds the exports, which can be added and removed at run time
@@ -24,7 +27,8 @@
 // # Files by phase
 //
 // handshake.go (greeting, client flags, connection life), options.go
-// (option haggling), tls.go (STARTTLS, the TLS modes, who may use an
+// (option haggling), metacontext.go (LIST and SET_META_CONTEXT, the
+// query rules), tls.go (STARTTLS, the TLS modes, who may use an
 // export), validate.go (the one gate every request passes),
 // transmission.go (reader, handlers, reply writer), inline.go (requests
 // run on the reader, its watchdog), reply.go (reply layout), constants.go

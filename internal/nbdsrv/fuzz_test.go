@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"runtime"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -66,8 +67,7 @@ func fuzzServer(t *testing.T, logs io.Writer, tlsCfg *tls.Config) *Server {
 	m := newMem(1 << 20)
 	m.setExtents([]Extent{{4096, 0}, {65536, ExtentHole | ExtentZero}, {1<<20 - 69632, 0}})
 	for _, e := range []Export{
-		{Name: "a", Size: 1 << 20, Backend: m,
-			MetaContexts: []MetaContext{staticContext{name: "qemu:dirty-bitmap:x", exts: []Extent{{1 << 19, 1}, {1 << 19, 0}}}}},
+		{Name: "a", Size: 1 << 20, Backend: m, MetaContexts: changingContexts()},
 		{Name: "ro", Size: 1<<20 + 100, Backend: readOnlyMem{m}, MinBlock: 512, MaxBlock: 64 << 10},
 		{Name: "secret", Size: 1 << 20, Backend: m, Allow: allowAlice},
 	} {
@@ -77,6 +77,29 @@ func fuzzServer(t *testing.T, logs io.Writer, tlsCfg *tls.Config) *Server {
 	}
 	s.SetDefaultExport("a")
 	return s
+}
+
+// changingContexts is the fuzz export's context list: it changes at every
+// call, as the daemon's does when snapshots come and go, between one dirty
+// bitmap and a longer list with a second bitmap (which fails once off the
+// list) and names the server must skip.
+func changingContexts() func() []MetaContext {
+	x := staticContext{name: "qemu:dirty-bitmap:x", exts: []Extent{{1 << 19, 1}, {1 << 19, 0}}}
+	var mu sync.Mutex
+	calls := 0
+	var y *droppable
+	return func() []MetaContext {
+		mu.Lock()
+		defer mu.Unlock()
+		if y != nil {
+			y.dropped.Store(true)
+		}
+		if calls++; calls%2 == 1 {
+			return []MetaContext{x}
+		}
+		y = &droppable{staticContext: staticContext{name: "qemu:dirty-bitmap:y", exts: []Extent{{4096, 0}, {1<<20 - 4096, 1}}}}
+		return []MetaContext{y, x, staticContext{name: "nocolon"}, staticContext{name: "base:allocation"}, x}
+	}
 }
 
 // fuzzCheck serves one connection, srv, in mode while client drives the

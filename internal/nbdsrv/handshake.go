@@ -47,8 +47,8 @@ type conn struct {
 	tlsConn       *tls.Conn            // nil until STARTTLS succeeded
 	tlsState      *tls.ConnectionState // tlsConn's, for Export.Allow
 	structured    bool
-	metaExp       *export // export the last SET_META_CONTEXT named
-	meta          []int   // indices into metaExp.contexts; context id = index+1
+	metaExp       *export           // export the last SET_META_CONTEXT named
+	meta          []selectedContext // what that SET selected (metacontext.go)
 	flags         TransFlags
 	state         exportState
 

@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -13,6 +14,8 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -178,6 +181,60 @@ func (s staticContext) Name() string { return s.name }
 func (s staticContext) Extents(ctx context.Context, off, length int64) ([]Extent, error) {
 	m := memBackend{extents: s.exts}
 	return m.Extents(ctx, off, length)
+}
+
+// contextList is an Export.MetaContexts that always offers mcs.
+func contextList(mcs ...MetaContext) func() []MetaContext {
+	return func() []MetaContext { return mcs }
+}
+
+// contextSet is an Export.MetaContexts whose list a test changes while the
+// export is served, as the daemon does when snapshots come and go. A
+// context dropped from it fails its Extents from then on.
+type contextSet struct {
+	mu   sync.Mutex
+	list []*droppable
+}
+
+// droppable is a staticContext that fails once dropped.
+type droppable struct {
+	staticContext
+	dropped atomic.Bool
+}
+
+func (d *droppable) Extents(ctx context.Context, off, length int64) ([]Extent, error) {
+	if d.dropped.Load() {
+		return nil, fmt.Errorf("meta context %s is gone: %w", d.name, syscall.EIO)
+	}
+	return d.staticContext.Extents(ctx, off, length)
+}
+
+func (s *contextSet) add(name string, exts ...Extent) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.list = append(s.list, &droppable{staticContext: staticContext{name: name, exts: exts}})
+}
+
+func (s *contextSet) drop(name string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i, d := range s.list {
+		if d.name == name {
+			d.dropped.Store(true)
+			s.list = append(s.list[:i:i], s.list[i+1:]...)
+			return
+		}
+	}
+}
+
+func (s *contextSet) contexts() []MetaContext {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	l := make([]MetaContext, len(s.list))
+	for i, d := range s.list {
+		l[i] = d
+	}
+	return l
 }
 
 type testServer struct {

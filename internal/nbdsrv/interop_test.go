@@ -54,7 +54,7 @@ func tempDir(t *testing.T) string {
 type fileExport struct {
 	name, path string
 	readOnly   bool
-	contexts   []nbdsrv.MetaContext
+	contexts   func() []nbdsrv.MetaContext
 }
 
 // startOurs serves files with nbdsrv in this process.
@@ -451,7 +451,8 @@ func (d dirtyBitmap) Extents(ctx context.Context, off, length int64) ([]nbdsrv.E
 func dirtyExport(t *testing.T) (*server, string) {
 	src := sparseImage(t, 8<<20, [2]int64{0, 1 << 20})
 	bm := dirtyBitmap{name: "snap1", size: 8 << 20, dirty: [][2]int64{{64 << 10, 128 << 10}, {4 << 20, 6 << 20}}}
-	return startOurs(t, fileExport{name: "disk", path: src, contexts: []nbdsrv.MetaContext{bm}}), src
+	contexts := func() []nbdsrv.MetaContext { return []nbdsrv.MetaContext{bm} }
+	return startOurs(t, fileExport{name: "disk", path: src, contexts: contexts}), src
 }
 
 func TestDirtyBitmapContext(t *testing.T) {

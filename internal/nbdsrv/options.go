@@ -3,7 +3,6 @@ package nbdsrv
 import (
 	"encoding/binary"
 	"io"
-	"strings"
 )
 
 // Bounds of option haggling. Every length a client sends is checked against
@@ -300,77 +299,6 @@ func (c *conn) transFlags(ex *export) TransFlags {
 		f |= FlagCanMultiConn
 	}
 	return f
-}
-
-// optMetaContext answers NBD_OPT_LIST_META_CONTEXT and
-// NBD_OPT_SET_META_CONTEXT.
-//
-//	C: u32 name length, name, u32 number of queries, (u32 length, query)*
-//
-// LIST: no query lists every context; a query matches a context by its full
-// name, or by prefix when it ends in ':' ("qemu:", "qemu:dirty-bitmap:").
-// SET: only full names select; the selection is per connection and replaced
-// by every SET, even a failed one.
-func (c *conn) optMetaContext(opt Opt, data []byte) error {
-	if opt == OptSetMetaContext {
-		c.meta, c.metaExp = nil, nil
-	}
-	if !c.structured {
-		return c.optReply(opt, RepErrInvalid, []byte("structured replies not negotiated"))
-	}
-	p := parser{b: data}
-	name, ok := p.str()
-	nq, ok2 := p.u32()
-	if !ok || !ok2 || uint64(nq)*4 > uint64(len(p.b)) {
-		return c.optReply(opt, RepErrInvalid, []byte("malformed request"))
-	}
-	queries := make([]string, 0, nq)
-	for i := uint32(0); i < nq; i++ {
-		q, ok := p.str()
-		if !ok {
-			return c.optReply(opt, RepErrInvalid, []byte("malformed query"))
-		}
-		queries = append(queries, q)
-	}
-	if len(p.b) != 0 {
-		return c.optReply(opt, RepErrInvalid, []byte("trailing bytes"))
-	}
-	ex, found := c.s.lookup(name)
-	if !found {
-		return c.optReply(opt, RepErrUnknown, []byte("no such export"))
-	}
-	if !c.allowed(ex) {
-		return c.refuse(opt, ex)
-	}
-	var selected []int
-	for i, mc := range ex.contexts {
-		cn := mc.Name()
-		match := opt == OptListMetaContext && len(queries) == 0
-		for _, q := range queries {
-			if q == cn || (opt == OptListMetaContext && strings.HasSuffix(q, ":") && strings.HasPrefix(cn, q)) {
-				match = true
-				break
-			}
-		}
-		if !match {
-			continue
-		}
-		id := uint32(0) // LIST: reserved, zero
-		if opt == OptSetMetaContext {
-			id = uint32(i + 1)
-			selected = append(selected, i)
-		}
-		b := make([]byte, 4+len(cn))
-		binary.BigEndian.PutUint32(b, id)
-		copy(b[4:], cn)
-		if err := c.optReply(opt, RepMetaContext, b); err != nil {
-			return err
-		}
-	}
-	if opt == OptSetMetaContext {
-		c.meta, c.metaExp = selected, ex
-	}
-	return c.optReply(opt, RepAck, nil)
 }
 
 // parser reads big-endian fields from an option payload, reporting whether

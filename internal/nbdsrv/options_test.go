@@ -3,7 +3,10 @@ package nbdsrv
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
+	"maps"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 )
@@ -13,7 +16,7 @@ func threeExports() []Export {
 		{Name: "alpha", Description: "first", Size: 1 << 20, Backend: newMem(1 << 20)},
 		{Name: "beta", Size: 2 << 20, Backend: readOnlyMem{newMem(2 << 20)}},
 		{Name: "gamma", Description: "third", Size: 3 << 20, Backend: newMem(3 << 20), MinBlock: 512, PreferredBlock: 8192, MaxBlock: 1 << 20,
-			MetaContexts: []MetaContext{staticContext{name: "qemu:dirty-bitmap:snap1"}, staticContext{name: "x-test:thing"}}},
+			MetaContexts: contextList(staticContext{name: "qemu:dirty-bitmap:snap1"}, staticContext{name: "x-test:thing"})},
 	}
 }
 
@@ -269,6 +272,166 @@ func TestMetaContextOptions(t *testing.T) {
 	}
 	if ids := rc.setMeta("gamma"); len(ids) != 0 {
 		t.Errorf("SET with no query = %v", ids)
+	}
+}
+
+// SET selects by full name only: wildcards, empty leaves, unknown
+// namespaces and queries without a colon select nothing and are no error.
+func TestMetaContextSetQueries(t *testing.T) {
+	ts := startServer(t, Config{}, threeExports()...)
+	rc := dialRaw(t, ts.addr)
+	rc.handshake(ClientFlagFixedNewstyle)
+	rc.sendOpt(OptStructuredReply, nil)
+	rc.expectRep(OptStructuredReply, RepAck)
+	for _, tt := range []struct {
+		queries []string
+		want    []string
+	}{
+		{[]string{"qemu:"}, nil},
+		{[]string{"qemu:dirty-bitmap:"}, nil},
+		{[]string{"base:"}, nil},
+		{[]string{"x-foo:bar", "nocolon", ":", "", "qemu:dirty-bitmap:nope"}, nil},
+		{[]string{"qemu:", "x-test:thing"}, []string{"x-test:thing"}},
+		{[]string{"x-test:thing", "base:allocation", "x-test:thing"}, []string{"base:allocation", "x-test:thing"}},
+	} {
+		ids := rc.setMeta("gamma", tt.queries...)
+		var got []string
+		for id, n := range ids {
+			if id == 0 {
+				t.Errorf("SET %q: id 0 for %s", tt.queries, n)
+			}
+			got = append(got, n)
+		}
+		slices.Sort(got)
+		if len(ids) != len(tt.want) || !slices.Equal(got, tt.want) {
+			t.Errorf("SET %q = %v, want %q", tt.queries, ids, tt.want)
+		}
+	}
+}
+
+// Names the export's owner got wrong are left out of every answer, and
+// logged; the valid ones are still offered.
+func TestMetaContextInvalidNames(t *testing.T) {
+	long := "x-long:" + strings.Repeat("a", maxStringLen)
+	ts := startServer(t, Config{}, Export{Name: "a", Size: 1 << 20, Backend: newMem(1 << 20),
+		MetaContexts: contextList(staticContext{name: "base:allocation"}, staticContext{name: "nocolon"},
+			staticContext{name: ":leaf"}, staticContext{name: "ns:"}, staticContext{name: "x-ok:one"},
+			staticContext{name: "x-ok:one"}, staticContext{name: long}, nil, staticContext{name: "x-ok:two"})})
+	rc := dialRaw(t, ts.addr)
+	rc.handshake(ClientFlagFixedNewstyle)
+	rc.sendOpt(OptStructuredReply, nil)
+	rc.expectRep(OptStructuredReply, RepAck)
+	want := []string{"base:allocation", "x-ok:one", "x-ok:two"}
+	if got, rep := rc.listMeta("a"); rep != RepAck || !slices.Equal(got, want) {
+		t.Errorf("LIST = %q %v, want %q", got, rep, want)
+	}
+	if ids := rc.setMeta("a", "base:allocation", "nocolon", "ns:", "x-ok:one"); len(ids) != 2 {
+		t.Errorf("SET = %v, want base:allocation and x-ok:one", ids)
+	}
+	for _, why := range []string{"base:allocation is built in", "name not namespace:leaf", "duplicate name", "name over 4096 bytes", "reason=nil"} {
+		waitLog(t, ts, why)
+	}
+}
+
+// The export's list is read at every LIST and SET; a connection keeps what
+// its SET selected, with the same ids, whatever happens to the list later,
+// and a context dropped after the SET answers with an error, not with
+// another context's extents.
+func TestMetaContextListChanges(t *testing.T) {
+	set := &contextSet{}
+	set.add("qemu:dirty-bitmap:a", Extent{4096, ExtentDirty}, Extent{1<<20 - 4096, 0})
+	ts := startServer(t, Config{}, Export{Name: "e", Size: 1 << 20, Backend: newMem(1 << 20), MetaContexts: set.contexts})
+	rc := dialRaw(t, ts.addr)
+	rc.handshake(ClientFlagFixedNewstyle | ClientFlagNoZeroes)
+	rc.sendOpt(OptStructuredReply, nil)
+	rc.expectRep(OptStructuredReply, RepAck)
+	list := func(want ...string) {
+		t.Helper()
+		if got, rep := rc.listMeta("e", "qemu:"); rep != RepAck || !slices.Equal(got, want) {
+			t.Errorf("LIST qemu: = %q %v, want %q", got, rep, want)
+		}
+	}
+	list("qemu:dirty-bitmap:a")
+	set.add("qemu:dirty-bitmap:b", Extent{8192, 0}, Extent{1<<20 - 8192, ExtentDirty})
+	list("qemu:dirty-bitmap:a", "qemu:dirty-bitmap:b")
+	set.drop("qemu:dirty-bitmap:a")
+	list("qemu:dirty-bitmap:b")
+	set.add("qemu:dirty-bitmap:a", Extent{4096, ExtentDirty}, Extent{1<<20 - 4096, 0})
+	list("qemu:dirty-bitmap:b", "qemu:dirty-bitmap:a")
+
+	ids := rc.setMeta("e", "qemu:dirty-bitmap:a", "qemu:dirty-bitmap:b")
+	byName := map[string]uint32{}
+	for id, n := range ids {
+		byName[n] = id
+	}
+	if len(byName) != 2 {
+		t.Fatalf("SET = %v", ids)
+	}
+	rc.info(OptGo, "e")
+	// Later changes: a new context before b, b dropped and a new b.
+	set.drop("qemu:dirty-bitmap:b")
+	set.add("qemu:dirty-bitmap:c", Extent{1 << 20, ExtentDirty})
+	set.add("qemu:dirty-bitmap:b", Extent{1 << 20, 0})
+
+	// The request as a whole fails for the dropped b.
+	rc.request(CmdBlockStatus, 0, 1, 0, 65536, nil)
+	if e, _ := chunkErrno(t, rc.chunk()); e != EIO {
+		t.Errorf("block status with a dropped context: %v, want EIO", e)
+	}
+	waitLog(t, ts, "meta context qemu:dirty-bitmap:b is gone")
+
+	// A second connection selects the new b and c; then a, listed before
+	// both, is dropped: their places in the list change, their ids and
+	// extents on this connection do not.
+	rc2 := dialRaw(t, ts.addr)
+	_, ids2 := rc2.open("e", true, "qemu:dirty-bitmap:c", "qemu:dirty-bitmap:b")
+	set.drop("qemu:dirty-bitmap:a")
+	set.add("qemu:dirty-bitmap:d", Extent{1 << 20, ExtentDirty})
+	rc2.request(CmdBlockStatus, 0, 2, 0, 65536, nil)
+	got := map[string][2]uint32{}
+	for i := 0; i < 2; i++ {
+		c := rc2.chunk()
+		if c.typ != ReplyBlockStatus {
+			t.Fatalf("chunk %v", c.typ)
+		}
+		n, ok := ids2[binary.BigEndian.Uint32(c.payload)]
+		if !ok {
+			t.Fatalf("unknown id %d, selected %v", binary.BigEndian.Uint32(c.payload), ids2)
+		}
+		got[n] = [2]uint32{binary.BigEndian.Uint32(c.payload[4:]), binary.BigEndian.Uint32(c.payload[8:])}
+	}
+	if want := map[string][2]uint32{"qemu:dirty-bitmap:c": {65536, ExtentDirty}, "qemu:dirty-bitmap:b": {65536, 0}}; !maps.Equal(got, want) {
+		t.Errorf("second connection: %v, want %v", got, want)
+	}
+}
+
+// One SET may select at most maxSelectedContexts contexts.
+func TestMetaContextTooMany(t *testing.T) {
+	var mcs []MetaContext
+	var names []string
+	for i := range maxSelectedContexts {
+		n := fmt.Sprintf("x-many:%d", i)
+		mcs = append(mcs, staticContext{name: n})
+		names = append(names, n)
+	}
+	ts := startServer(t, Config{}, Export{Name: "m", Size: 1 << 20, Backend: newMem(1 << 20), MetaContexts: contextList(mcs...)})
+	rc := dialRaw(t, ts.addr)
+	rc.handshake(ClientFlagFixedNewstyle | ClientFlagNoZeroes)
+	rc.sendOpt(OptStructuredReply, nil)
+	rc.expectRep(OptStructuredReply, RepAck)
+	if got, _ := rc.listMeta("m"); len(got) != maxSelectedContexts+1 {
+		t.Errorf("LIST: %d contexts, want %d", len(got), maxSelectedContexts+1)
+	}
+	if ids := rc.setMeta("m", names...); len(ids) != maxSelectedContexts {
+		t.Errorf("SET of %d: %d", maxSelectedContexts, len(ids))
+	}
+	rc.sendOpt(OptSetMetaContext, metaPayload("m", append(names, "base:allocation")...))
+	rc.expectRep(OptSetMetaContext, RepErrTooBig)
+	// The refused SET cleared the selection.
+	rc.info(OptGo, "m")
+	rc.request(CmdBlockStatus, 0, 1, 0, 4096, nil)
+	if e, _ := chunkErrno(t, rc.chunk()); e != EINVAL {
+		t.Errorf("block status after a refused SET: %v, want EINVAL", e)
 	}
 }
 

@@ -9,7 +9,6 @@ import (
 	"math/bits"
 	"net"
 	"sort"
-	"strings"
 	"sync"
 	"time"
 )
@@ -41,7 +40,17 @@ type Export struct {
 	// Block size constraints advertised with NBD_INFO_BLOCK_SIZE and
 	// enforced on requests; 0 = server defaults (1, 4096, 32 MiB).
 	MinBlock, PreferredBlock, MaxBlock uint32
-	MetaContexts                       []MetaContext // further contexts besides base:allocation
+	// MetaContexts, if set, returns the further metadata contexts the
+	// export offers besides base:allocation (nil: none). The list may
+	// change while the export is served: it is asked for again at every
+	// NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT, and a
+	// connection keeps the contexts its SET selected, so a context taken
+	// off the list stays selected where it was (its Extents should then
+	// fail). A name that is not "namespace:leaf", is base:allocation,
+	// repeats an earlier one or is over 4096 bytes is skipped and logged.
+	// It is called during negotiation, concurrently for different
+	// connections.
+	MetaContexts func() []MetaContext
 	// Allow, if set, decides which clients may see and use the export
 	// (tls.go); nil allows every client. It is called during negotiation,
 	// concurrently for different connections.
@@ -96,9 +105,9 @@ type Server struct {
 // export is an Export plus what the server derives from it once.
 type export struct {
 	Export
-	open     int // connections in transmission on this export; guarded by Server.mu
-	removed  bool
-	contexts []MetaContext // base:allocation first, then Export.MetaContexts
+	open    int // connections in transmission on this export; guarded by Server.mu
+	removed bool
+	base    baseAllocationContext
 }
 
 // NewServer returns a server with no exports and no listeners.
@@ -190,18 +199,7 @@ func newExport(e Export) (*export, error) {
 	if e.MaxBlock%e.MinBlock != 0 || e.MaxBlock < e.MinBlock || e.MaxBlock > hardMaxBlock {
 		return nil, bad("maximum block %d is not a multiple of the minimum up to 32 MiB", e.MaxBlock)
 	}
-	ex := &export{Export: e}
-	ex.contexts = append(ex.contexts, baseAllocationContext{e.Backend, e.Size})
-	seen := map[string]bool{baseAllocation: true}
-	for _, mc := range e.MetaContexts {
-		n := mc.Name()
-		if seen[n] || !strings.Contains(n, ":") || len(n) > maxStringLen {
-			return nil, bad("meta context %q is a duplicate or not namespace:leaf", n)
-		}
-		seen[n] = true
-		ex.contexts = append(ex.contexts, mc)
-	}
-	return ex, nil
+	return &export{Export: e, base: baseAllocationContext{e.Backend, e.Size}}, nil
 }
 
 // RemoveExport stops serving name. With connections open on it, it returns

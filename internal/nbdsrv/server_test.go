@@ -21,9 +21,6 @@ func TestAddExportValidation(t *testing.T) {
 		{Name: "pref", Backend: b, MinBlock: 4096, PreferredBlock: 512},
 		{Name: "max", Backend: b, MaxBlock: 64 << 20},
 		{Name: "maxmul", Backend: b, MinBlock: 512, MaxBlock: 1000},
-		{Name: "ctx", Backend: b, MetaContexts: []MetaContext{staticContext{name: "base:allocation"}}},
-		{Name: "ctx2", Backend: b, MetaContexts: []MetaContext{staticContext{name: "nocolon"}}},
-		{Name: "ctx3", Backend: b, MetaContexts: []MetaContext{staticContext{name: "a:b"}, staticContext{name: "a:b"}}},
 	} {
 		if err := s.AddExport(e); !errors.Is(err, ErrInvalidExport) {
 			t.Errorf("AddExport(%.20q): %v, want ErrInvalidExport", e.Name, err)

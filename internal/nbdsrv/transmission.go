@@ -427,15 +427,14 @@ func (c *conn) blockStatus(ctx context.Context, r *request) error {
 	}
 	r.buf = c.s.pool.get(int(r.cost))
 	out := (*r.buf)[:0]
-	for k, i := range c.meta {
-		mc := c.exp.contexts[i]
-		exts, err := mc.Extents(ctx, int64(r.off), int64(r.length))
+	for k, sc := range c.meta {
+		exts, err := sc.mc.Extents(ctx, int64(r.off), int64(r.length))
 		if err != nil {
-			return fmt.Errorf("block status %s: %w", mc.Name(), err)
+			return fmt.Errorf("block status %s: %w", sc.name, err)
 		}
 		start := len(out)
 		out = out[:start+structReplyLen+4]
-		binary.BigEndian.PutUint32(out[start+structReplyLen:], uint32(i+1))
+		binary.BigEndian.PutUint32(out[start+structReplyLen:], sc.id)
 		left := uint64(r.length)
 		descs := 0
 		var last []byte
@@ -462,7 +461,7 @@ func (c *conn) blockStatus(ctx context.Context, r *request) error {
 			descs++
 		}
 		if descs == 0 {
-			return fmt.Errorf("block status %s: backend returned no extent at %d", mc.Name(), r.off)
+			return fmt.Errorf("block status %s: backend returned no extent at %d", sc.name, r.off)
 		}
 		var flags uint16
 		if k == len(c.meta)-1 {

@@ -154,7 +154,7 @@ func TestBlockStatus(t *testing.T) {
 	m.extents = []Extent{{4096, 0}, {4096, 0}, {8192, ExtentHole | ExtentZero}, {1<<20 - 16384, ExtentZero}}
 	dirty := staticContext{name: "qemu:dirty-bitmap:b", exts: []Extent{{65536, ExtentDirty}, {1<<20 - 65536, 0}}}
 	ts := startServer(t, Config{},
-		Export{Name: "a", Size: 1 << 20, Backend: m, MetaContexts: []MetaContext{dirty}},
+		Export{Name: "a", Size: 1 << 20, Backend: m, MetaContexts: contextList(dirty)},
 		Export{Name: "plain", Size: 1 << 20, Backend: readOnlyMem{newMem(1 << 20)}})
 
 	descs := func(p []byte) [][2]uint32 {
@@ -225,6 +225,41 @@ func TestBlockStatus(t *testing.T) {
 	c := rc.chunk()
 	if d := descs(c.payload); c.flags != replyFlagDone || !slices.Equal(d, [][2]uint32{{8192, 0}}) {
 		t.Errorf("default base:allocation: %v", d)
+	}
+}
+
+// However many runs a context answers, a reply carries at most
+// maxBlockStatusDescs descriptors (one with REQ_ONE), consecutive and
+// within the request; the client asks again for the rest.
+func TestBlockStatusBounded(t *testing.T) {
+	const n = 3 * maxBlockStatusDescs
+	var exts []Extent
+	for i := range n {
+		exts = append(exts, Extent{Length: 512, Flags: uint32(i % 2)})
+	}
+	ts := startServer(t, Config{}, Export{Name: "a", Size: n * 512, Backend: newMem(n * 512),
+		MetaContexts: contextList(staticContext{name: "x-test:striped", exts: exts})})
+	rc := dialRaw(t, ts.addr)
+	rc.open("a", true, "x-test:striped")
+	for _, tc := range []struct {
+		flags CmdFlags
+		want  int
+	}{{0, maxBlockStatusDescs}, {FlagReqOne, 1}} {
+		rc.request(CmdBlockStatus, tc.flags, 1, 512, n*512-512, nil)
+		c := rc.chunk()
+		if c.typ != ReplyBlockStatus || c.flags != replyFlagDone {
+			t.Fatalf("flags %v: chunk %v", tc.flags, c.typ)
+		}
+		d := c.payload[4:]
+		if len(d) != 8*tc.want {
+			t.Fatalf("flags %v: %d descriptors, want %d", tc.flags, len(d)/8, tc.want)
+		}
+		for i := 0; i < tc.want; i++ {
+			l, f := binary.BigEndian.Uint32(d[8*i:]), binary.BigEndian.Uint32(d[8*i+4:])
+			if l != 512 || f != uint32((i+1)%2) {
+				t.Fatalf("flags %v: descriptor %d = %d, %d", tc.flags, i, l, f)
+			}
+		}
 	}
 }
 
