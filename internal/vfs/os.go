@@ -3,6 +3,7 @@ package vfs
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 
@@ -157,4 +158,37 @@ func (o *osFile) blkZeroOut(off, length int64) error {
 		return &os.PathError{Op: "BLKZEROOUT", Path: o.f.Name(), Err: err}
 	}
 	return nil
+}
+
+// SeekData implements DataSeeker with lseek(2) SEEK_DATA. lseek moves the
+// descriptor's file offset, which nothing here uses (reads and writes are
+// pread and pwrite), so concurrent calls need no lock.
+//
+// A block device reports errors.ErrUnsupported. Linux answers SEEK_DATA
+// on a block device as if all of it were data, even where the device is
+// thin-provisioned (dm-thin, LVM thin pools) and knows which blocks are
+// unmapped, since no lseek or generic ioctl reports that; the error says
+// "all data" without the system call.
+func (o *osFile) SeekData(off int64) (int64, error) {
+	return o.seek(off, unix.SEEK_DATA, "lseek SEEK_DATA")
+}
+
+// SeekHole implements DataSeeker with lseek(2) SEEK_HOLE; see SeekData.
+func (o *osFile) SeekHole(off int64) (int64, error) {
+	return o.seek(off, unix.SEEK_HOLE, "lseek SEEK_HOLE")
+}
+
+func (o *osFile) seek(off int64, whence int, op string) (int64, error) {
+	if o.blockDev {
+		return 0, fmt.Errorf("%s on block device %s: %w", op, o.f.Name(), errors.ErrUnsupported)
+	}
+	n, err := unix.Seek(int(o.f.Fd()), off, whence)
+	switch {
+	case errors.Is(err, unix.ENXIO) && whence == unix.SEEK_DATA:
+		// No data at or after off (or off at or past the end).
+		return 0, io.EOF
+	case err != nil:
+		return 0, &os.PathError{Op: op, Path: o.f.Name(), Err: err}
+	}
+	return n, nil
 }

@@ -3,9 +3,11 @@ package vfs
 import (
 	"bytes"
 	"errors"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -137,5 +139,91 @@ func TestOSBlockDevice(t *testing.T) {
 	clear(want[8192:])
 	if !bytes.Equal(got, want) {
 		t.Error("BLKZEROOUT ranges do not read back as zeros, or their neighbour changed")
+	}
+	// A block device does not tell holes: callers take it all for data.
+	ds := f.(DataSeeker)
+	if _, err := ds.SeekData(0); !errors.Is(err, errors.ErrUnsupported) {
+		t.Errorf("SeekData on a block device: %v, want ErrUnsupported", err)
+	}
+	if _, err := ds.SeekHole(0); !errors.Is(err, errors.ErrUnsupported) {
+		t.Errorf("SeekHole on a block device: %v, want ErrUnsupported", err)
+	}
+}
+
+// TestOSFileSeekData: SEEK_DATA and SEEK_HOLE on a regular file find the
+// data written, the holes never written and the hole punched, on the file
+// system of the test's temporary directory and on tmpfs.
+func TestOSFileSeekData(t *testing.T) {
+	dirs := []string{t.TempDir()}
+	if fi, err := os.Stat("/dev/shm"); err == nil && fi.IsDir() {
+		d, err := os.MkdirTemp("/dev/shm", "vfs-seek")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(d) })
+		dirs = append(dirs, d)
+	}
+	const k = 1 << 10
+	for _, dir := range dirs {
+		f, err := OS{}.OpenFile(filepath.Join(dir, "sparse"), os.O_RDWR|os.O_CREATE, 0o600)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		const size = 1 << 20
+		if err := f.Truncate(size); err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range [][2]int64{{64 * k, 128 * k}, {512 * k, 516 * k}} {
+			if _, err := f.WriteAt(bytes.Repeat([]byte{0xA5}, int(r[1]-r[0])), r[0]); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// Zeros written are data; a punched range is a hole.
+		if _, err := f.WriteAt(make([]byte, 4*k), 256*k); err != nil {
+			t.Fatal(err)
+		}
+		if err := f.(Deallocator).Deallocate(96*k, 4*k); err != nil {
+			t.Fatal(err)
+		}
+		ds := f.(DataSeeker)
+		// Walk the file as a map: data, then the next hole, and so on.
+		var got [][2]int64
+		for pos := int64(0); ; {
+			d, err := ds.SeekData(pos)
+			if errors.Is(err, io.EOF) {
+				break
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			h, err := ds.SeekHole(d)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got = append(got, [2]int64{d, h})
+			pos = h
+			if pos >= size {
+				break
+			}
+		}
+		want := [][2]int64{{64 * k, 96 * k}, {100 * k, 128 * k}, {256 * k, 260 * k}, {512 * k, 516 * k}}
+		if !slices.Equal(got, want) {
+			t.Errorf("%s: data %v, want %v", dir, got, want)
+		}
+		if n, err := ds.SeekHole(70 * k); err != nil || n != 96*k {
+			t.Errorf("%s: SeekHole inside data = %d, %v; want %d", dir, n, err, 96*k)
+		}
+		if n, err := ds.SeekData(70 * k); err != nil || n != 70*k {
+			t.Errorf("%s: SeekData inside data = %d, %v; want %d", dir, n, err, 70*k)
+		}
+		if n, err := ds.SeekHole(900 * k); err != nil || n != 900*k {
+			t.Errorf("%s: SeekHole inside a hole = %d, %v; want %d", dir, n, err, 900*k)
+		}
+		for _, off := range []int64{600 * k, size, size + 1} {
+			if _, err := ds.SeekData(off); !errors.Is(err, io.EOF) {
+				t.Errorf("%s: SeekData(%d) after the last data: %v, want io.EOF", dir, off, err)
+			}
+		}
 	}
 }

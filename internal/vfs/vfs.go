@@ -54,6 +54,23 @@ type FastZeroer interface {
 	FastZeroRange(off, length int64, noHole bool) error
 }
 
+// DataSeeker is implemented by files that know where their holes are, as
+// lseek(2) SEEK_DATA and SEEK_HOLE tell on a regular file. A hole reads as
+// zeros and holds no storage; a file system may report a hole as data
+// (some cannot tell them apart), never data as a hole. An answer describes
+// the file at one moment and may be out of date at once if the file is
+// modified meanwhile. A file that cannot tell at all (a block device)
+// fails both methods with an error matching errors.ErrUnsupported, and
+// callers then take all of it for data.
+type DataSeeker interface {
+	// SeekData returns the offset of the first byte of data at or after
+	// off, or io.EOF if there is none before the end of the file.
+	SeekData(off int64) (int64, error)
+	// SeekHole returns the offset of the first hole at or after off, which
+	// must lie inside the file; the end of the file counts as a hole.
+	SeekHole(off int64) (int64, error)
+}
+
 // FS opens and removes files by name.
 type FS interface {
 	// OpenFile opens name with os.OpenFile flags and permissions.

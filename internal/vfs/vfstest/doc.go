@@ -9,6 +9,10 @@
 // mutating operation, so a test can loop k = 1, 2, … until the workload no
 // longer reaches k (Pebble's crash loops).
 //
+// A MemFS file is a [vfs.DataSeeker] whose holes are its all-zero blocks
+// of [HoleBlock] bytes (seek.go); the wrappers below do not pass that
+// capability on, so a wrapped file is all data to its user.
+//
 // [FaultFS] wraps any [vfs.FS] (and [FaultFS.Wrap] any single [vfs.File]) and
 // fails chosen operations with an errno (ENOSPC, EIO, …) returned as an
 // *os.PathError, so errors.Is(err, syscall.ENOSPC) holds as it does for the
