@@ -110,6 +110,26 @@ func (f *fakeDaemon) Clear(_ context.Context, name string, force bool) (control.
 }
 
 // startFake serves a fake daemon at DIR/data.ctl and returns it and DIR.
+func (f *fakeDaemon) Bookmark(_ context.Context, name string, force bool) (control.SnapshotInfo, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for i, s := range f.snaps {
+		if s.Name == name {
+			f.snaps[i].Bookmark = true
+			return f.snaps[i], nil
+		}
+	}
+	return control.SnapshotInfo{}, fmt.Errorf("snapshot %q: %w", name, control.ErrNotFound)
+}
+
+func (f *fakeDaemon) Diff(_ context.Context, base, target string) (control.Diff, error) {
+	if base == "gone" {
+		return control.Diff{}, fmt.Errorf("%w: %s cannot report exact changes since %q", control.ErrInvalid, target, base)
+	}
+	return control.Diff{Base: base, Target: target, Granularity: 65536, ChangedBytes: 3 << 16,
+		Ranges: []control.Range{{Offset: 0, Length: 65536}, {Offset: 1 << 20, Length: 2 << 16}}}, nil
+}
+
 func startFake(t *testing.T) (*fakeDaemon, string) {
 	t.Helper()
 	dir := t.TempDir()
@@ -299,6 +319,36 @@ func TestClearBusy(t *testing.T) {
 	}
 	if len(f.clears) != 1 {
 		t.Fatalf("clears %v", f.clears)
+	}
+}
+
+func TestBookmarkAndDiff(t *testing.T) {
+	f, dir := startFake(t)
+	out, errs, code := run(t, dir, "clear", "snap0", "--name", "data", "--bookmark")
+	if code != 0 || !strings.Contains(out, "kept as a bookmark") || len(f.clears) != 0 {
+		t.Fatalf("clear --bookmark: exit %d, %q %q, clears %v", code, out, errs, f.clears)
+	}
+	if out, _, _ := run(t, dir, "list", "--name", "data"); !strings.Contains(out, "snap0: origin data, taken 2026-11-20 08:30:00 UTC, bookmark, persistent, 64 KiB clusters, 1234/16384 written since, ") {
+		t.Fatalf("list does not show the bookmark: %q", out)
+	}
+	out, errs, code = run(t, dir, "diff", "data/snap0", "later")
+	want := "Offset               Length               Type\n" +
+		"0                    65536                data\n" +
+		"1048576              131072               data\n" +
+		"192 KiB changed in 2 range(s) since snap0 (granularity 64 KiB)\n"
+	if code != 0 || out != want {
+		t.Fatalf("diff: exit %d %q, stdout\n%s\nwant\n%s", code, errs, out, want)
+	}
+	out, _, code = run(t, dir, "diff", "snap0", "--name", "data", "--json")
+	var d control.Diff
+	if err := json.Unmarshal([]byte(out), &d); code != 0 || err != nil || d.Target != "" || d.ChangedBytes != 3<<16 || len(d.Ranges) != 2 {
+		t.Fatalf("diff --json against the origin: exit %d, %v, %+v", code, err, d)
+	}
+	if _, errs, code := run(t, dir, "diff", "gone", "later", "--name", "data"); code != 1 || !strings.Contains(errs, "cannot report exact changes") {
+		t.Fatalf("diff against a missing base: exit %d, %q", code, errs)
+	}
+	if _, errs, code := run(t, dir, "diff", "--name", "data"); code != 2 || !strings.Contains(errs, "diff needs BASE") {
+		t.Fatalf("diff without BASE: exit %d, %q", code, errs)
 	}
 }
 

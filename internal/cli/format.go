@@ -18,6 +18,9 @@ func snapshotLine(s control.SnapshotInfo) string {
 		taken = s.Created.UTC().Format("2006-01-02 15:04:05 MST")
 	}
 	fmt.Fprintf(&b, "%s: origin %s, taken %s, ", s.Name, s.Origin, taken)
+	if s.Bookmark {
+		b.WriteString("bookmark, ")
+	}
 	if s.Persistent {
 		b.WriteString("persistent, ")
 	} else {
@@ -26,7 +29,11 @@ func snapshotLine(s control.SnapshotInfo) string {
 	if s.ClusterSize > 0 {
 		fmt.Fprintf(&b, "%s clusters, ", formatSize(int64(s.ClusterSize)))
 	}
-	if s.ClustersTotal > 0 {
+	switch {
+	case s.ClustersTotal > 0 && s.Bookmark:
+		// A bookmark copies nothing: it counts the clusters written.
+		fmt.Fprintf(&b, "%d/%d written since, ", s.ClustersCopied, s.ClustersTotal)
+	case s.ClustersTotal > 0:
 		fmt.Fprintf(&b, "%d/%d copied, ", s.ClustersCopied, s.ClustersTotal)
 	}
 	fmt.Fprintf(&b, "%s backing, %s", formatSize(s.BackingBytes), s.State)
@@ -35,6 +42,9 @@ func snapshotLine(s control.SnapshotInfo) string {
 	}
 	if s.State == control.StateValid && s.StoreFree >= 0 {
 		fmt.Fprintf(&b, ", %s free for the store", formatSize(s.StoreFree))
+	}
+	if len(s.DiffBases) > 0 {
+		fmt.Fprintf(&b, ", diff against %s", strings.Join(s.DiffBases, " "))
 	}
 	if s.Conns > 0 {
 		fmt.Fprintf(&b, ", %d client(s)", s.Conns)

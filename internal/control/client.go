@@ -85,6 +85,31 @@ func (c *Client) Clear(ctx context.Context, name string, force bool) (ClearResul
 	return res, err
 }
 
+// Bookmark drops a snapshot's image and keeps it as a bookmark. Without
+// force it fails with an error wrapping ErrBusy while a client has the
+// snapshot's export open.
+func (c *Client) Bookmark(ctx context.Context, name string, force bool) (SnapshotInfo, error) {
+	p := PathSnapshots + "/" + url.PathEscape(name) + "/bookmark"
+	if force {
+		p += "?force=1"
+	}
+	var s SnapshotInfo
+	_, err := c.do(ctx, http.MethodPost, p, nil, &s)
+	return s, err
+}
+
+// Diff lists the ranges changed between base and target (a snapshot; ""
+// for the origin).
+func (c *Client) Diff(ctx context.Context, base, target string) (Diff, error) {
+	q := url.Values{"base": {base}}
+	if target != "" {
+		q.Set("target", target)
+	}
+	var d Diff
+	_, err := c.do(ctx, http.MethodGet, PathDiff+"?"+q.Encode(), nil, &d)
+	return d, err
+}
+
 // DaemonVersion asks the daemon for its build version.
 func (c *Client) DaemonVersion(ctx context.Context) (string, error) {
 	st, err := c.Status(ctx)

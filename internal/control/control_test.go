@@ -59,6 +59,29 @@ func (f *fakeService) Create(_ context.Context, req CreateRequest) (SnapshotInfo
 	return s, nil
 }
 
+func (f *fakeService) Bookmark(_ context.Context, name string, force bool) (SnapshotInfo, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	s, ok := f.snaps[name]
+	if !ok {
+		return SnapshotInfo{}, fmt.Errorf("snapshot %q: %w", name, ErrNotFound)
+	}
+	if f.busy[name] && !force {
+		return SnapshotInfo{}, fmt.Errorf("snapshot %q is open by a client: %w", name, ErrBusy)
+	}
+	s.Bookmark = true
+	f.snaps[name] = s
+	return s, nil
+}
+
+func (f *fakeService) Diff(_ context.Context, base, target string) (Diff, error) {
+	if base != "s1" {
+		return Diff{}, fmt.Errorf("no base %q: %w", base, ErrInvalid)
+	}
+	return Diff{Base: base, Target: target, Granularity: 4096, ChangedBytes: 8192,
+		Ranges: []Range{{Offset: 0, Length: 4096}, {Offset: 65536, Length: 4096}}}, nil
+}
+
 func (f *fakeService) Clear(_ context.Context, name string, force bool) (ClearResult, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -117,6 +140,24 @@ func TestRoundTrip(t *testing.T) {
 		t.Fatalf("version %q, %v", v, err)
 	}
 
+	d, err := c.Diff(ctx, "s1", "s2")
+	if err != nil || d.Base != "s1" || d.Target != "s2" || d.ChangedBytes != 8192 || len(d.Ranges) != 2 || d.Ranges[1].Offset != 65536 {
+		t.Fatalf("diff: %+v, %v", d, err)
+	}
+	if d, err := c.Diff(ctx, "s1", ""); err != nil || d.Target != "" {
+		t.Fatalf("diff against the origin: %+v, %v", d, err)
+	}
+	if _, err := c.Diff(ctx, "nope", "s2"); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("diff against a missing base: %v", err)
+	}
+
+	f.busy["s1"] = true
+	if _, err := c.Bookmark(ctx, "s1", false); !errors.Is(err, ErrBusy) {
+		t.Fatalf("bookmark busy: %v", err)
+	}
+	if b, err := c.Bookmark(ctx, "s1", true); err != nil || !b.Bookmark {
+		t.Fatalf("bookmark --force: %+v, %v", b, err)
+	}
 	f.busy["s1"] = true
 	_, err = c.Clear(ctx, "s1", false)
 	if !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), "open by a client") {

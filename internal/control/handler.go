@@ -19,6 +19,10 @@ type Service interface {
 	Snapshot(ctx context.Context, name string, settled bool) (SnapshotInfo, error)
 	Create(ctx context.Context, req CreateRequest) (SnapshotInfo, error)
 	Clear(ctx context.Context, name string, force bool) (ClearResult, error)
+	// Bookmark drops a snapshot's image and keeps it as a bookmark.
+	Bookmark(ctx context.Context, name string, force bool) (SnapshotInfo, error)
+	// Diff lists the changes between base and target ("": the origin).
+	Diff(ctx context.Context, base, target string) (Diff, error)
 }
 
 // maxBody caps request bodies: a CreateRequest is a few hundred bytes.
@@ -34,6 +38,8 @@ func NewHandler(svc Service, version string, log *slog.Logger) http.Handler {
 	mux.HandleFunc("POST "+PathSnapshots, h.create)
 	mux.HandleFunc("GET "+PathSnapshots+"/{name}", h.get)
 	mux.HandleFunc("DELETE "+PathSnapshots+"/{name}", h.clear)
+	mux.HandleFunc("POST "+PathSnapshots+"/{name}/bookmark", h.bookmark)
+	mux.HandleFunc("GET "+PathDiff, h.diff)
 	return h.headers(mux)
 }
 
@@ -119,6 +125,34 @@ func (h *handler) clear(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	res, err := h.svc.Clear(r.Context(), r.PathValue("name"), force)
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	h.reply(w, http.StatusOK, res)
+}
+
+func (h *handler) bookmark(w http.ResponseWriter, r *http.Request) {
+	force, err := boolParam(r, "force")
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	info, err := h.svc.Bookmark(r.Context(), r.PathValue("name"), force)
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	h.reply(w, http.StatusOK, info)
+}
+
+func (h *handler) diff(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	if q.Get("base") == "" {
+		h.fail(w, r, fmt.Errorf("%w: diff needs base=SNAPSHOT", ErrInvalid))
+		return
+	}
+	res, err := h.svc.Diff(r.Context(), q.Get("base"), q.Get("target"))
 	if err != nil {
 		h.fail(w, r, err)
 		return

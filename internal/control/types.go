@@ -18,7 +18,9 @@ const (
 	PathSnapshots = "/v1/snapshots" // GET: []SnapshotInfo; POST CreateRequest: SnapshotInfo
 	// PathSnapshots + "/" + name: GET SnapshotInfo (?settled=1: after any
 	// create or clear under way has finished); DELETE (?force=1) clears it,
-	// answering ClearResult.
+	// answering ClearResult. PathSnapshots + "/" + name + "/bookmark":
+	// POST (?force=1) turns it into a bookmark, answering SnapshotInfo.
+	PathDiff = "/v1/diff" // GET ?base=B&target=S (no target: the origin): Diff
 )
 
 // Snapshot states.
@@ -76,7 +78,39 @@ type SnapshotInfo struct {
 	// CreatePauseMicros is how long the create instant held origin writes
 	// (0 for a snapshot reopened after a restart).
 	CreatePauseMicros int64 `json:"create_pause_us"`
-	Stats             Stats `json:"stats"`
+	// Bookmark: the snapshot's image was dropped (clear --bookmark); it
+	// only records which blocks the origin writes, so that later snapshots
+	// can report the changes since it. It is not exported.
+	Bookmark bool `json:"bookmark"`
+	// Granularity is the size, in bytes, of the blocks changes since this
+	// snapshot are counted in (its cluster size).
+	Granularity int `json:"granularity"`
+	// DiffBases names the snapshots and bookmarks this snapshot can report
+	// exact changed blocks against (`nbdsnap diff BASE SNAP`, the
+	// qemu:dirty-bitmap:BASE context of its export), oldest first.
+	DiffBases []string `json:"diff_bases"`
+	// Generation identifies this snapshot's create instant for good (its
+	// store's UUID): a backup tool that recorded it knows whether a base
+	// of the same name is still the one it copied.
+	Generation string `json:"generation"`
+	Stats      Stats  `json:"stats"`
+}
+
+// Diff is the answer to a diff: the byte ranges that may have changed
+// between Base's create instant and Target's (or now, for the origin),
+// at Granularity.
+type Diff struct {
+	Base         string  `json:"base"`
+	Target       string  `json:"target"` // a snapshot, or the origin's name
+	Granularity  int     `json:"granularity"`
+	ChangedBytes int64   `json:"changed_bytes"`
+	Ranges       []Range `json:"ranges"`
+}
+
+// Range is a byte range.
+type Range struct {
+	Offset int64 `json:"offset"`
+	Length int64 `json:"length"`
 }
 
 // Stats are the copy-on-write engine's counters for one snapshot.

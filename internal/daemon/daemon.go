@@ -255,6 +255,9 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		Allow:       allow(cfg.TLS.AllowOrigin),
 		Size:        d.engine.Size(),
 		Backend:     originBackend{d.engine},
+		MetaContexts: func() []nbdsrv.MetaContext {
+			return dirtyContexts(d.engine.Tracked(), d.engine.ChangedSince)
+		},
 		// Every write has completed on the origin before it is answered,
 		// and a flush on any connection syncs the whole origin.
 		MultiConn: true,

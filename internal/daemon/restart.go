@@ -191,14 +191,31 @@ func (d *Daemon) settle(ctx context.Context, l loaded, prev uint64) (*entry, err
 	if r.Origin == nil || moved {
 		r.Origin = &d.ident
 	}
+	switch info := snap.Info(); {
+	case info.Bookmark && !r.Bookmark:
+		// Its store became a bookmark, and a crash came before the
+		// record said so: the image is gone, so the bookmark stands.
+		d.log.Warn("completing a bookmark interrupted by a crash", "snapshot", r.Name)
+		r.Bookmark = true
+	case r.Bookmark && !info.Bookmark && info.Valid:
+		// The record is written only after the store's header said
+		// bookmark, so that header write was lost: make it again.
+		if err := d.engine.Bookmark(r.Name); err != nil {
+			d.log.Warn("a bookmark's store still holds its image and cannot drop it; it is kept as a bookmark", "snapshot", r.Name, "err", err)
+		}
+	}
 	if err := d.state.put(r); err != nil {
 		d.engine.Clear(r.Name)
 		return nil, fmt.Errorf("snapshot %q: %w", r.Name, err)
 	}
+	e.rec, e.snap = r, snap
+	if r.Bookmark {
+		return e, nil
+	}
 	if err := d.export(snap); err != nil {
 		return nil, err
 	}
-	e.rec, e.snap, e.served = r, snap, true
+	e.served = true
 	return e, nil
 }
 

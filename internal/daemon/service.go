@@ -274,10 +274,13 @@ func (d *Daemon) export(snap *cow.Snapshot) error {
 		Name:        snap.Name(),
 		Description: fmt.Sprintf("nbdsnap snapshot of %s taken %s", d.cfg.Name, info.Created.UTC().Format(time.RFC3339)),
 		Size:        snap.Size(),
-		Backend:     snap,
+		Backend:     snapshotBackend{snap},
 		ReadOnly:    true,
 		MultiConn:   true,
 		Allow:       allow(d.cfg.TLS.AllowSnapshots),
+		MetaContexts: func() []nbdsrv.MetaContext {
+			return dirtyContexts(snap.Bases(), snap.Changed)
+		},
 	})
 	if errors.Is(err, nbdsrv.ErrExportExists) {
 		return fmt.Errorf("export %q %w", snap.Name(), control.ErrExists)
@@ -371,6 +374,75 @@ func (d *Daemon) Clear(ctx context.Context, name string, force bool) (control.Cl
 		d.log.Info("snapshot cleared", "snapshot", name, "forced", force)
 	}
 	return control.ClearResult{Kept: kept}, nil
+}
+
+// Bookmark turns a snapshot into a bookmark (clear --bookmark): its export
+// goes (refused with ErrBusy while a client has it open, unless force) and
+// its store drops the image, but it keeps recording which blocks the origin
+// writes, so that snapshots created later can report the changes since it.
+//
+// The store's header is the point of no return (cow.Engine.Bookmark); the
+// record says "bookmark" after it. A crash between the two leaves a ready
+// record whose store is a bookmark, which a restart completes (settle), as
+// the image is gone either way.
+func (d *Daemon) Bookmark(ctx context.Context, name string, force bool) (control.SnapshotInfo, error) {
+	if err := d.ready(); err != nil {
+		return control.SnapshotInfo{}, err
+	}
+	if err := d.lockOps(ctx); err != nil {
+		return control.SnapshotInfo{}, err
+	}
+	defer d.unlockOps()
+	d.mu.Lock()
+	e, ok := d.snaps[name]
+	d.mu.Unlock()
+	switch {
+	case !ok:
+		return control.SnapshotInfo{}, fmt.Errorf("snapshot %q: %w", name, control.ErrNotFound)
+	case e.rec.Bookmark:
+		return control.SnapshotInfo{}, fmt.Errorf("%w: %q is a bookmark already", control.ErrInvalid, name)
+	case e.snap == nil || !e.snap.Info().Valid:
+		return control.SnapshotInfo{}, fmt.Errorf("%w: %q is invalid: only a valid snapshot can become a bookmark (clear it instead)", control.ErrInvalid, name)
+	case e.rec.Transient:
+		return control.SnapshotInfo{}, fmt.Errorf("%w: %q is transient: it is not kept across a restart, so it cannot become a bookmark", control.ErrInvalid, name)
+	}
+	if e.served {
+		err := d.srv.RemoveExport(name, force)
+		if errors.Is(err, nbdsrv.ErrExportBusy) {
+			return control.SnapshotInfo{}, fmt.Errorf("snapshot %q is open by %d NBD client(s); disconnect them or use --force: %w",
+				name, d.srv.OpenConns(name), control.ErrBusy)
+		}
+		if err != nil && !errors.Is(err, nbdsrv.ErrNoExport) {
+			return control.SnapshotInfo{}, fmt.Errorf("bookmark %q: remove export: %w", name, err)
+		}
+		d.mu.Lock()
+		e.served = false
+		d.mu.Unlock()
+	}
+	if err := d.engine.Bookmark(name); err != nil {
+		// Still the snapshot it was: serve it again.
+		if xerr := d.export(e.snap); xerr == nil {
+			d.mu.Lock()
+			e.served = true
+			d.mu.Unlock()
+		}
+		if errors.Is(err, cow.ErrInvalid) || errors.Is(err, cow.ErrBadOption) {
+			return control.SnapshotInfo{}, fmt.Errorf("%w: %v", control.ErrInvalid, err)
+		}
+		return control.SnapshotInfo{}, fmt.Errorf("bookmark %q: %w", name, err)
+	}
+	d.crashpoint("bookmark:store")
+	rec := e.rec
+	rec.Bookmark = true
+	if err := d.state.put(rec); err != nil {
+		return control.SnapshotInfo{}, fmt.Errorf("bookmark %q: the store is a bookmark, but its record could not say so (a restart completes it): %w", name, err)
+	}
+	d.mu.Lock()
+	e.rec.Bookmark = true
+	c := *e
+	d.mu.Unlock()
+	d.log.Info("snapshot turned into a bookmark", "snapshot", name, "forced", force)
+	return d.info(&c), nil
 }
 
 // forget drops a cleared snapshot from the table, the space watch and the
@@ -473,6 +545,10 @@ func (d *Daemon) info(e *entry) control.SnapshotInfo {
 		Served:      e.served,
 		StoreFree:   -1,
 		FSFree:      -1,
+		Bookmark:    e.rec.Bookmark,
+		Granularity: e.rec.ClusterSize,
+		DiffBases:   []string{},
+		Generation:  e.rec.UUID,
 	}
 	if e.served {
 		out.Conns = d.srv.OpenConns(e.rec.Name)
@@ -491,6 +567,10 @@ func (d *Daemon) info(e *entry) control.SnapshotInfo {
 	}
 	i := snap.Info()
 	out.UUID = i.UUID
+	out.Generation = i.UUID
+	out.Granularity = i.ClusterSize
+	out.Bookmark = i.Bookmark
+	out.DiffBases = diffBases(snap)
 	out.Created = i.Created
 	out.Persistent = i.Persistent
 	out.ClusterSize = i.ClusterSize

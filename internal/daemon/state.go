@@ -53,6 +53,12 @@ import (
 //     the last session that served the origin; a ready record older than it
 //     missed copy-on-write for a whole session (its record was damaged and
 //     repaired by hand, or restored from a backup) and is invalid.
+//   - bookmark: the snapshot was turned into a bookmark (clear
+//     --bookmark): its store dropped the image and only records which
+//     blocks the origin writes; it is reopened like a snapshot but not
+//     exported. Written after the store became a bookmark, so a ready
+//     record whose store is a bookmark is one a crash interrupted, and a
+//     restart completes it.
 //   - invalid, reason: the snapshot turned invalid; written before origin
 //     writes go on without copying for it (the engine's RecordInvalid hook,
 //     and a restart that cannot reopen the store). A record marked invalid
@@ -103,6 +109,9 @@ type snapRecord struct {
 	// again. See the comment at the top.
 	Invalid bool   `json:"invalid,omitempty"`
 	Reason  string `json:"reason,omitempty"`
+	// Bookmark: the snapshot's image was dropped; it records changed
+	// blocks only and is not exported. See the comment at the top.
+	Bookmark bool `json:"bookmark,omitempty"`
 }
 
 // storeUUID is the record's store UUID; zero for a version 1 record.
