@@ -498,10 +498,10 @@ func (s *Store) CopiedCount() int {
 // metadata block version in use, and the copied data.
 func (s *Store) Bytes() int64 {
 	s.mu.RLock()
-	n := int64(s.idx.n)
+	n, bookmark := int64(s.idx.n), s.hdr.Bookmark
 	s.mu.RUnlock()
 	b := int64(2 * headerSize)
-	if !s.hdr.Bookmark {
+	if !bookmark {
 		b += n * s.geo.clusterSize
 	}
 	if s.persistent {

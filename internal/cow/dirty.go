@@ -52,10 +52,13 @@ type Base struct {
 // store records. Called with the gate held exclusively, so no origin write
 // is in flight and every copy a write waited for is committed; a snapshot
 // whose counts disagree anyway is left out rather than recorded wrong.
-// Only the newest backstore.MaxBases are kept.
+// Only the newest backstore.MaxBases are kept, by create instant (a
+// reopen registers snapshots in the order it finds them).
 func (e *Engine) basesNow() []storeBase {
+	snaps := e.Snapshots()
+	slices.SortStableFunc(snaps, func(a, b *Snapshot) int { return a.hdr.Created.Compare(b.hdr.Created) })
 	var out []storeBase
-	for _, s := range e.Snapshots() {
+	for _, s := range snaps {
 		if !s.persistent {
 			continue
 		}
@@ -89,8 +92,16 @@ func (e *Engine) baseOf(uuid string) (*Snapshot, bool) {
 }
 
 // exactBase reports whether b can answer for changes up to n entries.
+// The caller holds b.life shared, so that b's store is not closed under it.
 func (b *Snapshot) exactBase(n uint32) bool {
 	return b.persistent && !b.invalid.Load() && !b.closed.Load() && b.st.count() >= n
+}
+
+// liveBase is exactBase for a caller that does not hold b.life.
+func (b *Snapshot) liveBase(n uint32) bool {
+	b.life.RLock()
+	defer b.life.RUnlock()
+	return b.exactBase(n)
 }
 
 // tracks reports whether s can be the far end of a changed-blocks answer.
@@ -107,7 +118,7 @@ func (s *Snapshot) Bases() []Base {
 	}
 	var out []Base
 	for _, rb := range s.hdr.Bases {
-		if b, ok := s.e.baseOf(rb.UUID); ok && b.exactBase(rb.Entries) {
+		if b, ok := s.e.baseOf(rb.UUID); ok && b.liveBase(rb.Entries) {
 			out = append(out, Base{Name: b.name, UUID: b.hdr.UUID, Granularity: b.geo.csize})
 		}
 	}
@@ -130,6 +141,13 @@ func (s *Snapshot) Changed(ctx context.Context, base string, off, length int64) 
 	b, n, err := s.base(base)
 	if err != nil {
 		return nil, err
+	}
+	// b.life held shared: b's map and store are not released under us
+	// (stop takes it exclusively).
+	b.life.RLock()
+	defer b.life.RUnlock()
+	if !b.exactBase(n) {
+		return nil, fmt.Errorf("cow: %q cannot report changes since %q: %q is invalid or cleared: %w", s.name, base, base, ErrNoBase)
 	}
 	runs := changedRuns(b.geo, off, length, func(c uint32) bool {
 		e, ok := b.st.entry(c)
@@ -158,7 +176,7 @@ func (s *Snapshot) base(name string) (*Snapshot, uint32, error) {
 			s.name, name, s.name, ErrNoBase)
 	}
 	n := s.hdr.Bases[i].Entries
-	if !b.exactBase(n) {
+	if !b.liveBase(n) {
 		return nil, 0, fmt.Errorf("cow: %q cannot report changes since %q: %q is invalid: %w", s.name, name, name, ErrNoBase)
 	}
 	return b, n, nil
@@ -180,6 +198,9 @@ func (e *Engine) ChangedSince(ctx context.Context, name string, off, length int6
 	if !ok {
 		return nil, fmt.Errorf("%w: %q", ErrNotFound, name)
 	}
+	// s.life held shared: stop releases the copied map under it exclusively.
+	s.life.RLock()
+	defer s.life.RUnlock()
 	if !s.tracks() {
 		return nil, fmt.Errorf("cow: changes since %q: it is transient, invalid or cleared: %w", name, ErrNoBase)
 	}
