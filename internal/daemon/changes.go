@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 
 	"github.com/nbdsnap/nbdsnap/internal/control"
 	"github.com/nbdsnap/nbdsnap/internal/cow"
@@ -72,6 +73,12 @@ func (d *Daemon) Diff(ctx context.Context, base, target string) (control.Diff, e
 	} else {
 		snap, ok := d.engine.Snapshot(target)
 		if !ok {
+			d.mu.Lock()
+			_, listed := d.snaps[target]
+			d.mu.Unlock()
+			if listed { // not open: invalid since a restart
+				return control.Diff{}, d.noBase(base, target)
+			}
 			return control.Diff{}, fmt.Errorf("snapshot %q: %w", target, control.ErrNotFound)
 		}
 		changed, bases = snap.Changed, snap.Bases()
@@ -83,11 +90,7 @@ func (d *Daemon) Diff(ctx context.Context, base, target string) (control.Diff, e
 		}
 	}
 	if out.Granularity == 0 {
-		if _, ok := d.engine.Snapshot(base); !ok {
-			return control.Diff{}, fmt.Errorf("snapshot %q: %w", base, control.ErrNotFound)
-		}
-		return control.Diff{}, fmt.Errorf("%w: %s cannot report exact changes since %q (see `nbdsnap status`: each snapshot lists its diff bases; a base must be a valid persistent snapshot or bookmark that existed when the later snapshot was created)",
-			control.ErrInvalid, target, base)
+		return control.Diff{}, d.noBase(base, target)
 	}
 	size := d.engine.Size()
 	for off := int64(0); off < size; {
@@ -111,6 +114,43 @@ func (d *Daemon) Diff(ctx context.Context, base, target string) (control.Diff, e
 		}
 	}
 	return out, nil
+}
+
+// noBase explains why target cannot report changes since base.
+func (d *Daemon) noBase(base, target string) error {
+	d.mu.Lock()
+	b, okB := d.snaps[base]
+	t, okT := d.snaps[target]
+	var be, te entry
+	if okB {
+		be = *b
+	}
+	if okT {
+		te = *t
+	}
+	d.mu.Unlock()
+	qb, qt := strconv.Quote(base), strconv.Quote(target)
+	why := "it was not a valid persistent snapshot or bookmark when " + qt + " was created"
+	switch {
+	case !okB:
+		return fmt.Errorf("snapshot %q: %w", base, control.ErrNotFound)
+	case base == target:
+		why = "they are the same snapshot"
+	case be.rec.Transient:
+		why = qb + " is transient (its changes are not kept across a restart)"
+	case be.snap == nil || !be.snap.Info().Valid:
+		why = qb + " is invalid"
+	case okT && te.rec.Bookmark:
+		why = qt + " is a bookmark, which has no image to compare"
+	case okT && te.rec.Transient:
+		why = qt + " is transient"
+	case okT && (te.snap == nil || !te.snap.Info().Valid):
+		why = qt + " is invalid"
+	case okT && !be.rec.Created.Before(te.rec.Created):
+		why = qb + " was taken after " + qt
+	}
+	return fmt.Errorf("%w: %s cannot report exact changes since %s: %s (`nbdsnap status` lists each snapshot's diff bases)",
+		control.ErrInvalid, qt, qb, why)
 }
 
 // diffBases names the bases of a snapshot, for status.
