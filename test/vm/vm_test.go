@@ -21,13 +21,14 @@ import (
 // every scenario starts from a VM the previous ones left clean (the agent
 // checks). The guest agent (test/vm/guest) implements them.
 var scenarios = []string{
-	"reference", // the harness itself, against nbdkit: attach, ext4, kill -9 + reconnect
-	"freeze",    // scenario 1: create --freeze, snapshot == set A exactly
-	"nofreeze",  // scenario 2: sync + create, snapshot mounts ro,noload
-	"crash",     // scenario 3: kill -9 during a write load, restart, reconnect
-	"full",      // scenario 4: backing store too small, snapshot invalid, origin fine
-	"readonly",  // scenario 5: the snapshot device is read-only to the kernel
-	"tls",       // the kernel client over TCP with TLS: client certificates, allow-lists, plain TCP refused
+	"reference",   // the harness itself, against nbdkit: attach, ext4, kill -9 + reconnect
+	"freeze",      // scenario 1: create --freeze, snapshot == set A exactly
+	"nofreeze",    // scenario 2: sync + create, snapshot mounts ro,noload
+	"crash",       // scenario 3: kill -9 during a write load, restart, reconnect
+	"full",        // scenario 4: backing store too small, snapshot invalid, origin fine
+	"readonly",    // scenario 5: the snapshot device is read-only to the kernel
+	"tls",         // the kernel client over TCP with TLS: client certificates, allow-lists, plain TCP refused
+	"incremental", // full dd of s1, then only the ranges `nbdsnap diff s1 s2` lists: equals s2, e2fsck clean
 }
 
 // A boot may last bootTimeout per scenario it runs, and its console may stay

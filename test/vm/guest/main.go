@@ -34,6 +34,11 @@
 //     certificate on the origin and plain TCP are refused, leaving the
 //     device unattached and the daemon serving; each detach ends the TLS
 //     relay process nbd-client leaves running.
+//   - incremental: an incremental backup with dd: s1 (create --freeze)
+//     copied whole from /dev/nbd1, files changed, s2; the ranges `nbdsnap
+//     diff s1 s2 --json` lists copied from s2 (/dev/nbd1, -readonly) into
+//     the copy make it equal a full copy of s2 (cmp), and e2fsck -fn finds
+//     it clean.
 //
 // Reconnecting: Debian 12's nbd-client (3.24) attaches through netlink and
 // exits; it cannot reconnect such a device (in 3.24 -persist is handled only
@@ -68,14 +73,15 @@ const (
 )
 
 var scenarios = map[string]func(context.Context, *guest) error{
-	"reference": scenarioReference,
-	"freeze":    scenarioFreeze,
-	"nofreeze":  scenarioNoFreeze,
-	"crash":     scenarioCrash,
-	"full":      scenarioFull,
-	"readonly":  scenarioReadOnly,
-	"tls":       scenarioTLS,
-	"powerloss": scenarioPowerLoss,
+	"reference":   scenarioReference,
+	"freeze":      scenarioFreeze,
+	"nofreeze":    scenarioNoFreeze,
+	"crash":       scenarioCrash,
+	"full":        scenarioFull,
+	"readonly":    scenarioReadOnly,
+	"tls":         scenarioTLS,
+	"incremental": scenarioIncremental,
+	"powerloss":   scenarioPowerLoss,
 }
 
 func main() {
