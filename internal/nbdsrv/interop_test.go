@@ -103,7 +103,13 @@ func startNbdkit(t *testing.T, args ...string) *server {
 	t.Helper()
 	nbdkit := testenv.RequireTool(t, "nbdkit")
 	sock := filepath.Join(tempDir(t), "kit.sock")
-	cmd := exec.Command(nbdkit, append([]string{"-f", "-U", sock}, args...)...)
+	return runPeer(t, "nbdkit", exec.Command(nbdkit, append([]string{"-f", "-U", sock}, args...)...), sock)
+}
+
+// runPeer starts cmd, another NBD server that listens on the unix socket
+// sock, stops it when the test ends, and waits for the socket.
+func runPeer(t *testing.T, kind string, cmd *exec.Cmd, sock string) *server {
+	t.Helper()
 	cmd.Stderr = testWriter{t}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -117,11 +123,11 @@ func startNbdkit(t *testing.T, args ...string) *server {
 			break
 		}
 		if i == 500 {
-			t.Fatal("nbdkit did not create its socket")
+			t.Fatalf("%s did not create its socket", kind)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	return &server{kind: "nbdkit", sock: sock}
+	return &server{kind: kind, sock: sock}
 }
 
 type testWriter struct{ t *testing.T }

@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
@@ -104,24 +103,7 @@ func startQemuMeta(t *testing.T) metaServer {
 	run(t, "qemu-io", "-f", "qcow2", "-c", w(metaData[1]), img)
 	sock := filepath.Join(dir, "qemu.sock")
 	cmd := exec.Command(qemuNbd, "-k", sock, "-t", "-r", "-f", "qcow2", "-x", "disk", "-B", "a", "-B", "b", img)
-	cmd.Stderr = testWriter{t}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-	})
-	for i := 0; ; i++ {
-		if _, err := os.Stat(sock); err == nil {
-			break
-		}
-		if i == 500 {
-			t.Fatal("qemu-nbd did not create its socket")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	return metaServer{server: &server{kind: "qemu-nbd", sock: sock}}
+	return metaServer{server: runPeer(t, "qemu-nbd", cmd, sock)}
 }
 
 // metaScript is the libnbd side. It prints one JSON document; with drop
