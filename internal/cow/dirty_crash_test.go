@@ -183,9 +183,9 @@ func runDirtyCrash(t *testing.T, seed uint64, k int64) (res dirtyCrashResult) {
 // the crash. DIRTY_CRASHES=N checks N crash points; -seed or DIRTY_SEED
 // replays one.
 func TestChangedCrash(t *testing.T) {
-	want := 40
+	want := 100
 	if testing.Short() {
-		want = 15
+		want = 30
 	}
 	if n := dirtyEnvInt(t, "DIRTY_CRASHES"); n != 0 {
 		want = int(n)
