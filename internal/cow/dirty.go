@@ -223,11 +223,13 @@ func (e *Engine) Tracked() []Base {
 	return out
 }
 
+// checkSpan is checkRange for a changed-blocks question, which needs at
+// least one byte to answer about.
 func checkSpan(size, off, length int64) error {
-	if off < 0 || length <= 0 || off >= size || length > size-off {
-		return fmt.Errorf("%w: offset %d length %d, size %d", ErrRange, off, length, size)
+	if length == 0 {
+		return fmt.Errorf("%w: empty range at offset %d", ErrRange, off)
 	}
-	return nil
+	return checkRange(size, off, length)
 }
 
 // changedRuns builds the runs of [off, off+length) from changed, a test of

@@ -1011,15 +1011,8 @@ func TestChangedModel(t *testing.T) {
 func TestChangedSinceConcurrentClear(t *testing.T) {
 	ctx := context.Background()
 	fs := vfstest.NewMemFS()
-	origin := mustOpen(t, fs, "origin")
 	const size = 256<<10 + 100
-	if _, err := origin.WriteAt(make([]byte, size), 0); err != nil {
-		t.Fatal(err)
-	}
-	e, err := NewEngine(origin, EngineOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	e, _, _ := testEngine(t, fs, size, 1, true)
 	defer e.Close()
 	answers := 0
 	for i := range 30 {
@@ -1065,15 +1058,8 @@ func TestChangedSinceConcurrentClear(t *testing.T) {
 func TestBasesNewestAfterReopen(t *testing.T) {
 	ctx := context.Background()
 	fs := vfstest.NewMemFS()
-	origin := mustOpen(t, fs, "origin")
 	const size = 64<<10 + 100
-	if _, err := origin.WriteAt(make([]byte, size), 0); err != nil {
-		t.Fatal(err)
-	}
-	e, err := NewEngine(origin, EngineOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	e, origin, _ := testEngine(t, fs, size, 1, true)
 	const n = maxBases + 3
 	var names []string
 	for i := range n {
@@ -1089,7 +1075,7 @@ func TestBasesNewestAfterReopen(t *testing.T) {
 	if err := e.Close(); err != nil {
 		t.Fatal(err)
 	}
-	e, err = NewEngine(origin, EngineOptions{})
+	e, err := NewEngine(origin, EngineOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1126,15 +1112,8 @@ func TestBasesNewestAfterReopen(t *testing.T) {
 func TestInfoConcurrentBookmark(t *testing.T) {
 	ctx := context.Background()
 	fs := vfstest.NewMemFS()
-	origin := mustOpen(t, fs, "origin")
 	const size = 64<<10 + 100
-	if _, err := origin.WriteAt(make([]byte, size), 0); err != nil {
-		t.Fatal(err)
-	}
-	e, err := NewEngine(origin, EngineOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	e, _, _ := testEngine(t, fs, size, 1, true)
 	defer e.Close()
 	for i := range 10 {
 		name := fmt.Sprintf("b%d", i)

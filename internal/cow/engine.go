@@ -145,9 +145,13 @@ func NewEngine(origin vfs.File, opts EngineOptions) (*Engine, error) {
 // Size is the origin size in bytes.
 func (e *Engine) Size() int64 { return e.size }
 
-func (e *Engine) checkRange(off, n int64) error {
-	if off < 0 || n < 0 || off > e.size || n > e.size-off {
-		return fmt.Errorf("%w: offset %d length %d, size %d", ErrRange, off, n, e.size)
+func (e *Engine) checkRange(off, n int64) error { return checkRange(e.size, off, n) }
+
+// checkRange refuses [off, off+n) unless it lies within a device of size
+// bytes.
+func checkRange(size, off, n int64) error {
+	if off < 0 || n < 0 || off > size || n > size-off {
+		return fmt.Errorf("%w: offset %d length %d, size %d", ErrRange, off, n, size)
 	}
 	return nil
 }

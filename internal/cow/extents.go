@@ -133,8 +133,8 @@ func (s *Snapshot) Extents(ctx context.Context, off, length int64) ([]Extent, er
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	if off < 0 || length < 0 || off > s.geo.size || length > s.geo.size-off {
-		return nil, fmt.Errorf("%w: offset %d length %d, size %d", ErrRange, off, length, s.geo.size)
+	if err := checkRange(s.geo.size, off, length); err != nil {
+		return nil, err
 	}
 	s.life.RLock()
 	defer s.life.RUnlock()

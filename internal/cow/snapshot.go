@@ -616,8 +616,8 @@ func (s *Snapshot) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	if off < 0 || off > s.geo.size || int64(len(p)) > s.geo.size-off {
-		return fmt.Errorf("%w: offset %d length %d, size %d", ErrRange, off, len(p), s.geo.size)
+	if err := checkRange(s.geo.size, off, int64(len(p))); err != nil {
+		return err
 	}
 	s.life.RLock()
 	defer s.life.RUnlock()
