@@ -718,13 +718,20 @@ func incNotServed(t *testing.T, d *daemon, export string) {
 // s2 (cmp), reading no more than the clusters written and every byte that
 // changed. Then more writes, kill -9 at once, a restart: the contexts
 // report exactly what they did, the writes before the kill are not lost
-// from them, and the next incremental (s2 -> s3) is exact too.
-func TestIncrementalBackup(t *testing.T) {
+// incRequire skips (or, in CI, fails) unless the e2e tests run as root
+// (nbdfuse mounts) with every tool the incremental tests use.
+func incRequire(t *testing.T) {
+	t.Helper()
 	e2e(t)
-	testenv.RequireRoot(t) // nbdfuse
+	testenv.RequireRoot(t)
 	for _, tool := range []string{"nbdcopy", "nbdinfo", "nbdfuse", "qemu-img", "qemu-io", "dd", "cmp"} {
 		testenv.RequireTool(t, tool)
 	}
+}
+
+// from them, and the next incremental (s2 -> s3) is exact too.
+func TestIncrementalBackup(t *testing.T) {
+	incRequire(t)
 	const size = 1 << 30
 	r := incRand(t)
 	dir := t.TempDir()
@@ -796,11 +803,7 @@ func TestIncrementalBackup(t *testing.T) {
 // with its file, and the context goes from every export; a connection
 // that had selected it gets an error from its next block status.
 func TestIncrementalBookmark(t *testing.T) {
-	e2e(t)
-	testenv.RequireRoot(t) // nbdfuse
-	for _, tool := range []string{"nbdcopy", "nbdinfo", "nbdfuse", "qemu-img", "qemu-io", "dd", "cmp"} {
-		testenv.RequireTool(t, tool)
-	}
+	incRequire(t)
 	const size = 64 << 20
 	r := incRand(t)
 	dir := t.TempDir()
@@ -896,11 +899,7 @@ func TestIncrementalBookmark(t *testing.T) {
 // restart, reports exactly the clusters written since s1, before the crash
 // and after; the incremental backup through it is exact.
 func TestIncrementalBookmarkCrash(t *testing.T) {
-	e2e(t)
-	testenv.RequireRoot(t) // nbdfuse
-	for _, tool := range []string{"nbdcopy", "nbdinfo", "nbdfuse", "qemu-img", "qemu-io", "dd", "cmp"} {
-		testenv.RequireTool(t, tool)
-	}
+	incRequire(t)
 	const point = "bookmark:store"
 	for _, kind := range crashStoreKinds {
 		t.Run(kind, func(t *testing.T) {
@@ -1177,11 +1176,7 @@ func incWaitWrites(t *testing.T, d *daemon, name string, from, n int64) int64 {
 // after the load the origin's qemu:dirty-bitmap:s3 covers every byte that
 // differs from s3.
 func TestIncrementalUnderWriteLoad(t *testing.T) {
-	e2e(t)
-	testenv.RequireRoot(t) // nbdfuse
-	for _, tool := range []string{"nbdcopy", "nbdinfo", "nbdfuse", "qemu-img", "dd", "cmp"} {
-		testenv.RequireTool(t, tool)
-	}
+	incRequire(t)
 	const (
 		size     = 64 << 20
 		bs       = 16 << 10
