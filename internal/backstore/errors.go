@@ -42,6 +42,9 @@ var (
 	// ErrOtherStore: the file holds a store, but not the one asked for
 	// (its UUID differs).
 	ErrOtherStore = errors.New("another store")
+	// ErrNoProgress: a rollback progress file whose rollback was never
+	// committed (a crash came before its header was durable).
+	ErrNoProgress = errors.New("no rollback committed in the progress file")
 	// ErrOptions: Create was given options it cannot honour.
 	ErrOptions = errors.New("bad options")
 )

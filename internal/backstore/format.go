@@ -106,6 +106,49 @@ package backstore
 // 2); the data region is then punched out (a crash before that leaves the
 // bytes allocated until the next Open punches them).
 //
+// # Rollback progress (a file of its own, version 1)
+//
+// A rollback writes a persistent snapshot's copied clusters back onto the
+// origin (the engine's Engine.Rollback). Its owner keeps a progress file
+// next to its records:
+//
+//	0          4096
+//	+----------+---------------------------------------------------+
+//	| header   | restored bitmap: ceil(clusters/8) bytes; bit c    |
+//	|          | (byte c/8, bit c%8) set: cluster c is restored    |
+//	+----------+---------------------------------------------------+
+//
+//	off   len   field
+//	0     8     magic "NBSROLLB"
+//	8     4     version 1
+//	12    4     flags: bit 0 consume (the owner clears the snapshot when
+//	            the rollback is complete); others 0
+//	16    16    the source store's UUID
+//	32    4     cluster size (the source store's)
+//	36    4     clusters: ceil(origin size / cluster size)
+//	40    8     origin size
+//	48    4     entries: the source store's entry count at the rollback
+//	            instant; the clusters to restore are those whose entry
+//	            number is below it (see "Changed blocks"): the clusters
+//	            copied before the instant, and not those copied after it,
+//	            which hold writes made on top of the rollback
+//	52    4     zero
+//	56    8     rollback instant, Unix nanoseconds
+//	64    8     rate bound, bytes per second (0: none)
+//	72    …     zero up to 4092
+//	4092  4     CRC32C of bytes 0 … 4091
+//
+// The commit point is the header: the bitmap (all clear) is made durable
+// first, then the header, so a file shorter than the header or whose
+// header is all zeros holds no rollback (the command never answered), and
+// any other header that does not check is damage. A bit is set only after
+// the cluster's restored data was synced to the origin, so a bit never says
+// restored of data a crash may still lose; the bitmap is written by whole
+// 4096-byte pages and bits are never cleared, so a page torn by a crash
+// holds, sector by sector, the old bits or a superset of them. The
+// rollback is complete when entries bits are set; that needs no store, so
+// an owner can finish a complete rollback whose snapshot is gone.
+//
 // # Worked example (testdata/store-v1.golden, built by TestGolden)
 //
 // A persistent store named "snap0" of a 64 KiB origin identified as "disk0",
