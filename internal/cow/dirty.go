@@ -204,7 +204,15 @@ func (e *Engine) ChangedSince(ctx context.Context, name string, off, length int6
 	if !s.tracks() {
 		return nil, fmt.Errorf("cow: changes since %q: it is transient, invalid or cleared: %w", name, ErrNoBase)
 	}
-	runs := changedRuns(s.geo, off, length, s.copied.get)
+	changed := s.copied.get
+	if rb := e.active(); rb != nil {
+		// Clusters still to restore differ from s too. A restore copies
+		// for s before it clears pending, hence pending is asked first.
+		changed = func(c uint32) bool {
+			return rb.pendingIn(s.geo.off(c), int64(s.geo.clusterLen(c))) || s.copied.get(c)
+		}
+	}
+	runs := changedRuns(s.geo, off, length, changed)
 	if !s.tracks() {
 		return nil, fmt.Errorf("cow: changes since %q: it was cleared or turned invalid meanwhile: %w", name, ErrInvalid)
 	}

@@ -57,13 +57,23 @@
 // [Engine.Bookmark] drops a snapshot's image but keeps it recording which
 // clusters the origin writes, so later snapshots can still diff against it.
 //
+// # Rollback
+//
+// [Engine.Rollback] puts a persistent snapshot's image back onto the origin,
+// online: from its return every origin read shows the image (clusters not
+// yet restored are read from the snapshot's store), a copier goroutine
+// restores the rest, writes to a cluster not yet restored restore it first,
+// and a progress file (backstore's "Rollback progress") records which are
+// back so that [Engine.ResumeRollback] continues after a crash. Its
+// invariants and crash argument are in rollback.go.
+//
 // # Concurrency
 //
 // All methods are safe for concurrent use. The engine's gate (a RWMutex) is
 // held shared by each origin-modifying request for its whole duration and
-// exclusively by Create, Reopen, Clear and Close: that is the create instant
-// (stop admitting, drain, sync the origin, create the store, establish
-// copy-on-write, resume). Requests do their I/O under no mutex: a snapshot's
+// exclusively by Create, Reopen, Clear, Bookmark, Rollback and Close: that
+// is the create instant (stop admitting, drain, sync the origin, create the
+// store, establish copy-on-write, resume). Requests do their I/O under no mutex: a snapshot's
 // mutex guards its bitmap writes, slots and queues and is held only for
 // bookkeeping. Requests on different clusters do not wait for each other
 // except for cache space and shared commits. Lock order: gate, then

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -103,6 +104,9 @@ type Engine struct {
 	// read by requests holding it shared.
 	set    *snapSet
 	closed bool
+	// rb is the rollback under way, or complete and not yet ended
+	// (rollback.go); stored with gate held exclusively.
+	rb atomic.Pointer[rollback]
 
 	mu     sync.Mutex // guards byName, pools, nextID
 	byName map[string]*Snapshot
@@ -163,6 +167,9 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off int64) error {
 	}
 	if err := e.checkRange(off, int64(len(p))); err != nil {
 		return err
+	}
+	if rb := e.active(); rb != nil {
+		return rb.read(e, p, off)
 	}
 	if err := readFull(e.origin, p, off); err != nil {
 		return fmt.Errorf("cow: read origin at %d: %w", off, err)
@@ -270,6 +277,16 @@ func (e *Engine) fua(fua bool) error {
 	if !fua {
 		return nil
 	}
+	return e.syncOrigin()
+}
+
+// syncOrigin makes every completed origin write durable; during a rollback
+// it records the restored clusters too (see rollback.go), or a crash would
+// restore them again under a write that was made durable.
+func (e *Engine) syncOrigin() error {
+	if rb := e.active(); rb != nil {
+		return rb.checkpoint(e)
+	}
 	if err := e.origin.Sync(); err != nil {
 		return fmt.Errorf("cow: sync origin: %w", err)
 	}
@@ -284,8 +301,8 @@ func (e *Engine) Flush(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	if err := e.origin.Sync(); err != nil {
-		return fmt.Errorf("cow: flush origin: %w", err)
+	if err := e.syncOrigin(); err != nil {
+		return err
 	}
 	for _, s := range e.Snapshots() {
 		if s.persistent {
@@ -309,6 +326,12 @@ func (e *Engine) admit(ctx context.Context, off, n int64) error {
 	if e.closed {
 		e.gate.RUnlock()
 		return ErrClosed
+	}
+	if rb := e.active(); rb != nil && n > 0 {
+		if err := rb.restoreRange(e, off, n); err != nil {
+			e.gate.RUnlock()
+			return err
+		}
 	}
 	if n > 0 && len(e.set.groups) > 0 {
 		r := e.reqs.Get().(*cowReq)
@@ -363,6 +386,11 @@ func (e *Engine) Create(ctx context.Context, store vfs.File, opts SnapshotOption
 	start := time.Now()
 	if e.closed {
 		return nil, ErrClosed
+	}
+	if rb := e.rb.Load(); rb != nil {
+		// It would freeze what is physically on the origin, which is not
+		// what the origin export shows until the rollback ends.
+		return nil, fmt.Errorf("cow: create %q: %w to %q; create snapshots once it is complete", opts.Name, ErrRollback, rb.src.name)
 	}
 	e.mu.Lock()
 	_, exists := e.byName[opts.Name]
@@ -548,6 +576,10 @@ func (e *Engine) bufPool(csize int) *bufPool {
 // removes the store file.
 func (e *Engine) Clear(name string) error {
 	e.gate.Lock()
+	if rb := e.rb.Load(); rb != nil && rb.src.name == name {
+		e.gate.Unlock()
+		return fmt.Errorf("cow: clear %q: %w from it", name, ErrRollback)
+	}
 	e.mu.Lock()
 	s, ok := e.byName[name]
 	if ok {
@@ -581,6 +613,9 @@ func (e *Engine) Bookmark(name string) error {
 	}
 	if !s.persistent {
 		return fmt.Errorf("cow: bookmark %q: a transient snapshot cannot become a bookmark (it is not kept across a restart): %w", name, ErrBadOption)
+	}
+	if rb := e.rb.Load(); rb != nil && rb.src == s {
+		return fmt.Errorf("cow: bookmark %q: %w from it", name, ErrRollback)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -644,9 +679,15 @@ func (e *Engine) Close() error {
 	}
 	e.closed = true
 	e.set = &snapSet{}
+	// The rollback's copier restores under the gate: it is between two
+	// clusters now, and stops at its next check. What it restored is
+	// recorded before the stores close; the next start resumes.
+	var errs []error
+	if err := e.stopRollback(); err != nil {
+		errs = append(errs, err)
+	}
 	// The snapshots stay listed while they stop, so that an Abandon under
 	// way reaches a writer stuck in its last commit.
-	var errs []error
 	for _, s := range e.Snapshots() {
 		if err := s.stop(false); err != nil {
 			errs = append(errs, err)

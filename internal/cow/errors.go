@@ -25,6 +25,9 @@ var (
 	// answer exactly (see dirty.go); nothing is reported rather than too
 	// little.
 	ErrNoBase = errors.New("cow: no exact changed blocks against that snapshot")
+	// ErrRollback: a rollback is under way (rollback.go): snapshots cannot
+	// be created, nor its snapshot cleared, until it is complete.
+	ErrRollback = errors.New("cow: a rollback is under way")
 	// ErrExists: a snapshot of that name exists.
 	ErrExists = errors.New("cow: snapshot exists")
 	// ErrNotFound: no snapshot of that name.

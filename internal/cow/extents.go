@@ -57,6 +57,13 @@ func (e *Engine) Extents(ctx context.Context, off, length int64) ([]Extent, erro
 	if err := e.checkRange(off, length); err != nil {
 		return nil, err
 	}
+	if e.active() != nil {
+		// The origin's holes are not the rollback's: all of it is data,
+		// which is never wrong.
+		var out extentList
+		out.add(length, false)
+		return out, nil
+	}
 	exts, err := originExtents(e.origin, off, off+length)
 	if err != nil {
 		return nil, fmt.Errorf("cow: origin: %w", err)
