@@ -98,6 +98,16 @@ func (c *Client) Bookmark(ctx context.Context, name string, force bool) (Snapsho
 	return s, err
 }
 
+// Rollback starts rolling the origin back to snapshot name; it answers once
+// the origin shows the snapshot's content (the copy goes on in the
+// background: Status reports it). Without req.Force it fails with an error
+// wrapping ErrBusy while clients have the origin export open.
+func (c *Client) Rollback(ctx context.Context, name string, req RollbackRequest) (RollbackStatus, error) {
+	var st RollbackStatus
+	_, err := c.do(ctx, http.MethodPost, PathSnapshots+"/"+url.PathEscape(name)+"/rollback", req, &st)
+	return st, err
+}
+
 // Diff lists the ranges changed between base and target (a snapshot; ""
 // for the origin).
 func (c *Client) Diff(ctx context.Context, base, target string) (Diff, error) {

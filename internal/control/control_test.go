@@ -74,6 +74,20 @@ func (f *fakeService) Bookmark(_ context.Context, name string, force bool) (Snap
 	return s, nil
 }
 
+func (f *fakeService) Rollback(_ context.Context, name string, req RollbackRequest) (RollbackStatus, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	s, ok := f.snaps[name]
+	if !ok {
+		return RollbackStatus{}, fmt.Errorf("snapshot %q: %w", name, ErrNotFound)
+	}
+	if f.busy[""] && !req.Force {
+		return RollbackStatus{}, fmt.Errorf("the origin is open by a client: %w", ErrBusy)
+	}
+	return RollbackStatus{Snapshot: name, UUID: s.UUID, State: RollbackRunning, Consume: req.Consume, Rate: req.Rate,
+		TotalBytes: 8192, RemainingBytes: 8192}, nil
+}
+
 func (f *fakeService) Diff(_ context.Context, base, target string) (Diff, error) {
 	if base != "s1" {
 		return Diff{}, fmt.Errorf("no base %q: %w", base, ErrInvalid)
@@ -150,6 +164,19 @@ func TestRoundTrip(t *testing.T) {
 	if _, err := c.Diff(ctx, "nope", "s2"); !errors.Is(err, ErrInvalid) {
 		t.Fatalf("diff against a missing base: %v", err)
 	}
+
+	f.busy[""] = true
+	if _, err := c.Rollback(ctx, "s1", RollbackRequest{}); !errors.Is(err, ErrBusy) {
+		t.Fatalf("rollback with the origin open: %v", err)
+	}
+	if rb, err := c.Rollback(ctx, "s1", RollbackRequest{Force: true, Consume: true, Rate: 1 << 20}); err != nil ||
+		rb.Snapshot != "s1" || rb.State != RollbackRunning || !rb.Consume || rb.Rate != 1<<20 {
+		t.Fatalf("rollback --force: %+v, %v", rb, err)
+	}
+	if _, err := c.Rollback(ctx, "nope", RollbackRequest{}); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("rollback to a missing snapshot: %v", err)
+	}
+	f.busy[""] = false
 
 	f.busy["s1"] = true
 	if _, err := c.Bookmark(ctx, "s1", false); !errors.Is(err, ErrBusy) {

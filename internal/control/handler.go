@@ -23,6 +23,8 @@ type Service interface {
 	Bookmark(ctx context.Context, name string, force bool) (SnapshotInfo, error)
 	// Diff lists the changes between base and target ("": the origin).
 	Diff(ctx context.Context, base, target string) (Diff, error)
+	// Rollback starts rolling the origin back to a snapshot.
+	Rollback(ctx context.Context, name string, req RollbackRequest) (RollbackStatus, error)
 }
 
 // maxBody caps request bodies: a CreateRequest is a few hundred bytes.
@@ -39,6 +41,7 @@ func NewHandler(svc Service, version string, log *slog.Logger) http.Handler {
 	mux.HandleFunc("GET "+PathSnapshots+"/{name}", h.get)
 	mux.HandleFunc("DELETE "+PathSnapshots+"/{name}", h.clear)
 	mux.HandleFunc("POST "+PathSnapshots+"/{name}/bookmark", h.bookmark)
+	mux.HandleFunc("POST "+PathSnapshots+"/{name}/rollback", h.rollback)
 	mux.HandleFunc("GET "+PathDiff, h.diff)
 	return h.headers(mux)
 }
@@ -95,19 +98,26 @@ func (h *handler) get(w http.ResponseWriter, r *http.Request) {
 	h.reply(w, http.StatusOK, info)
 }
 
-func (h *handler) create(w http.ResponseWriter, r *http.Request) {
-	var req CreateRequest
+// decode reads a request body: one JSON object of known fields and nothing
+// after it. A body with more was not written by our client, and guessing
+// which part was meant could create a snapshot, or start a rollback, nobody
+// asked for.
+func decode(r *http.Request, what string, v any) error {
 	dec := json.NewDecoder(io.LimitReader(r.Body, maxBody))
 	dec.DisallowUnknownFields()
-	if err := dec.Decode(&req); err != nil {
-		h.fail(w, r, fmt.Errorf("%w: decode create request: %w", ErrInvalid, err))
-		return
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("%w: decode %s request: %w", ErrInvalid, what, err)
 	}
-	// One object and nothing else: a body with more after it was not
-	// written by our client, and guessing which part was meant could
-	// create a snapshot nobody asked for.
 	if _, err := dec.Token(); err != io.EOF {
-		h.fail(w, r, fmt.Errorf("%w: decode create request: data after the JSON object", ErrInvalid))
+		return fmt.Errorf("%w: decode %s request: data after the JSON object", ErrInvalid, what)
+	}
+	return nil
+}
+
+func (h *handler) create(w http.ResponseWriter, r *http.Request) {
+	var req CreateRequest
+	if err := decode(r, "create", &req); err != nil {
+		h.fail(w, r, err)
 		return
 	}
 	info, err := h.svc.Create(r.Context(), req)
@@ -144,6 +154,20 @@ func (h *handler) bookmark(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	h.reply(w, http.StatusOK, info)
+}
+
+func (h *handler) rollback(w http.ResponseWriter, r *http.Request) {
+	var req RollbackRequest
+	if err := decode(r, "rollback", &req); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	st, err := h.svc.Rollback(r.Context(), r.PathValue("name"), req)
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	h.reply(w, http.StatusAccepted, st)
 }
 
 func (h *handler) diff(w http.ResponseWriter, r *http.Request) {

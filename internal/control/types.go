@@ -20,6 +20,8 @@ const (
 	// create or clear under way has finished); DELETE (?force=1) clears it,
 	// answering ClearResult. PathSnapshots + "/" + name + "/bookmark":
 	// POST (?force=1) turns it into a bookmark, answering SnapshotInfo.
+	// PathSnapshots + "/" + name + "/rollback": POST RollbackRequest starts
+	// rolling the origin back to it, answering RollbackStatus.
 	PathDiff = "/v1/diff" // GET ?base=B&target=S (no target: the origin): Diff
 )
 
@@ -45,6 +47,42 @@ type Status struct {
 	Started        time.Time      `json:"started"`
 	Conns          int            `json:"open_connections"` // NBD connections to the origin export
 	Snapshots      []SnapshotInfo `json:"snapshots"`
+	// Rollback is the rollback under way, or the last one this daemon
+	// ran; null if none.
+	Rollback *RollbackStatus `json:"rollback"`
+}
+
+// Rollback states.
+const (
+	RollbackRunning = "running" // the origin shows the snapshot; clusters are being copied back
+	RollbackFailed  = "failed"  // some clusters could not be copied back: see Error
+	RollbackDone    = "done"    // complete, and the snapshot cleared if consume was asked
+)
+
+// RollbackRequest asks for the origin to be rolled back to a snapshot.
+type RollbackRequest struct {
+	// Force rolls back although NBD clients have the origin export open
+	// (their caches then hold data the rollback replaced).
+	Force bool `json:"force"`
+	// Consume clears the snapshot once the rollback is complete.
+	Consume bool `json:"consume"`
+	// Rate bounds the background copy, in bytes per second (0: none).
+	Rate int64 `json:"rate"`
+}
+
+// RollbackStatus describes a rollback.
+type RollbackStatus struct {
+	Snapshot string    `json:"snapshot"`
+	UUID     string    `json:"uuid"` // the snapshot's store
+	State    string    `json:"state"`
+	Error    string    `json:"error"` // why it failed; "" otherwise
+	Started  time.Time `json:"started"`
+	// Finished is when it became done; zero before.
+	Finished       time.Time `json:"finished"`
+	Consume        bool      `json:"consume"`
+	Rate           int64     `json:"rate"`
+	TotalBytes     int64     `json:"total_bytes"`     // what the snapshot copied, to copy back
+	RemainingBytes int64     `json:"remaining_bytes"` // never increases
 }
 
 // SnapshotInfo describes one snapshot. Every field is always present in

@@ -71,6 +71,18 @@ type Daemon struct {
 	// the control API answers ErrUnavailable with it (guarded by mu).
 	starting string
 
+	// resumeUUID is, while the daemon starts, the store of the snapshot a
+	// rollback under way restores from (reopenAll).
+	resumeUUID string
+	// lastRollback is the last rollback this daemon finished, for Status
+	// (guarded by mu).
+	lastRollback *control.RollbackStatus
+	// bg runs background work that ends when the daemon closes
+	// (watchRollback): closeAll cancels bgCtx and waits for it.
+	bg       sync.WaitGroup
+	bgCtx    context.Context
+	bgCancel context.CancelFunc
+
 	shutdownOnce sync.Once
 	shutdownErr  error
 }
@@ -192,6 +204,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		started: time.Now(),
 		spaces:  make(map[string]*spaceState),
 	}
+	d.bgCtx, d.bgCancel = context.WithCancel(context.Background())
 	d.metrics = newMetrics(d)
 	// Undo whatever was set up if a later step fails.
 	defer func() {
@@ -285,6 +298,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	if err := d.reopenAll(ctx); err != nil {
 		return nil, err
 	}
+	d.watchRollback()
 	d.setStarting("")
 
 	setIOFlusher(log)
@@ -385,6 +399,8 @@ func (d *Daemon) closeAll() error {
 	if d.ctlL != nil {
 		d.ctlL.Close() // already closed when the control server ran
 	}
+	d.bgCancel()
+	d.bg.Wait()
 	if d.engine != nil {
 		if err := d.engine.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("engine: %w", err))

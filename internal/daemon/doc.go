@@ -16,6 +16,11 @@
 // snapshot's (backing.go). The design and its one residual case are in
 // docs/design/2026-11-24-lifecycle.md.
 //
+// Rollback (rollback.go): the origin shows a snapshot's image from the
+// moment the engine's rollback instant is durable in the state directory's
+// progress file; a restart resumes it before serving the origin, or does
+// not start if the snapshot's store cannot be reopened.
+//
 // Network: the NBD listeners may offer or require TLS, and allow-lists
 // limit the origin's and the snapshots' exports to named client
 // certificates (tls.go, and docs/design/2026-11-24-tls.md); a unix socket

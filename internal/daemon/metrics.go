@@ -142,12 +142,14 @@ var (
 	descBatches     = prometheus.NewDesc("nbdsnap_snapshot_commit_batches_total", "Commits of copied clusters to the store.", snapLabels, nil)
 	descSyncs       = prometheus.NewDesc("nbdsnap_snapshot_commit_syncs_total", "Commits that synced the store (persistent snapshots).", snapLabels, nil)
 	descCommitTime  = prometheus.NewDesc("nbdsnap_snapshot_commit_duration_seconds", "Time a commit took, writes and sync together.", snapLabels, nil)
+	descRollback    = prometheus.NewDesc("nbdsnap_rollback_remaining_bytes", "Bytes a rollback under way has still to copy back (only during one).", []string{"origin", "snapshot", "state"}, nil)
+	descRollbackAll = prometheus.NewDesc("nbdsnap_rollback_total_bytes", "Bytes a rollback under way copies back in all (only during one).", []string{"origin", "snapshot"}, nil)
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descOriginSize, descConns, descSnapshots, descValid, descClusters, descCopied,
 		descBytesCopied, descStoreBytes, descStoreMax, descStoreFree, descFSFree, descFSSize, descSpaceLevel,
-		descCowCalls, descCacheWaits, descBatches, descSyncs, descCommitTime} {
+		descCowCalls, descCacheWaits, descBatches, descSyncs, descCommitTime, descRollback, descRollbackAll} {
 		ch <- d
 	}
 }
@@ -163,6 +165,11 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	gauge(descOriginSize, float64(d.engine.Size()), origin)
 	gauge(descConns, float64(d.srv.OpenConns(origin)), origin)
+	if ri, ok := d.engine.RollbackInfo(); ok {
+		st := toStatus(ri)
+		gauge(descRollback, float64(st.RemainingBytes), origin, st.Snapshot, st.State)
+		gauge(descRollbackAll, float64(st.TotalBytes), origin, st.Snapshot)
+	}
 
 	d.mu.Lock()
 	entries := make([]entry, 0, len(d.snaps))

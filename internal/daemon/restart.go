@@ -46,11 +46,33 @@ import (
 //     reopenable: marked invalid (and its header, if the store is ours).
 //   - otherwise reopened, served, and its record stamped with this session.
 //
+// A rollback under way (rollback.go's progressFile) is resumed once its
+// source is reopened, whether that source's record says valid or not; if
+// it cannot be, the daemon does not start. A complete one is finished.
+//
 // Then origin.json records this session as the last to serve the origin.
-func (d *Daemon) reopenAll(ctx context.Context) error {
+func (d *Daemon) reopenAll(ctx context.Context) (err error) {
 	loads, err := d.state.records()
 	if err != nil {
 		return err
+	}
+	prog, err := d.openProgress()
+	if err != nil {
+		return fmt.Errorf("the rollback progress cannot be read (%w): the origin is not served, since it may be half rolled back; move the file aside only if you accept that", err)
+	}
+	var resume *backstore.Progress
+	if prog != nil {
+		if prog.Complete() {
+			prog.Close()
+		} else {
+			resume = prog
+			d.resumeUUID = prog.Info().UUID.String()
+			defer func() {
+				if err != nil {
+					resume.Close()
+				}
+			}()
+		}
 	}
 	prev := d.origin.Session
 	d.session = prev + 1
@@ -78,6 +100,24 @@ func (d *Daemon) reopenAll(ctx context.Context) error {
 		d.mu.Lock()
 		d.snaps[e.rec.Name] = e
 		d.mu.Unlock()
+	}
+	if prog != nil {
+		info := prog.Info()
+		name := "(cleared)"
+		for _, l := range loads {
+			if l.damaged == nil && l.rec.UUID == info.UUID.String() {
+				name = l.rec.Name
+			}
+		}
+		if resume != nil {
+			if err := d.engine.ResumeRollback(resume); err != nil {
+				return fmt.Errorf("a rollback to snapshot %s (store %s) was under way and cannot resume (%w): the origin is not served, since it would show a mix of its old content and the snapshot's; make the snapshot's store available (mount its file system; --wait-stores waits for it) and start again",
+					name, info.UUID, err)
+			}
+			d.log.Warn("resuming the rollback a stop interrupted", "snapshot", name)
+		} else if err := d.finishRollback(name, info.UUID.String(), info.Consume); err != nil {
+			return fmt.Errorf("a complete rollback to snapshot %s could not be finished: %w", name, err)
+		}
 	}
 	if err := d.state.setSession(d.origin, d.session); err != nil {
 		return err
@@ -117,7 +157,7 @@ func (d *Daemon) settle(ctx context.Context, l loaded, prev uint64) (*entry, err
 	case r.Transient:
 		e.gone = "transient snapshot: it did not survive the daemon restart"
 		return e, nil
-	case r.Invalid:
+	case r.Invalid && r.UUID != d.resumeUUID:
 		e.gone = r.Reason
 		if e.gone == "" {
 			e.gone = "invalid"
@@ -278,7 +318,7 @@ func (d *Daemon) waitStores(ctx context.Context, loads []loaded) {
 	var want []string
 	for _, l := range loads {
 		r := l.rec
-		if l.damaged == nil && r.Phase == phaseReady && !r.Transient && !r.Invalid {
+		if l.damaged == nil && r.Phase == phaseReady && !r.Transient && (!r.Invalid || r.UUID == d.resumeUUID) {
 			want = append(want, r.BackingPath)
 		}
 	}

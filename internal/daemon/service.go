@@ -57,6 +57,9 @@ func (d *Daemon) Create(ctx context.Context, req control.CreateRequest) (control
 		return control.SnapshotInfo{}, fmt.Errorf("create abandoned while another create or clear ran (%w): nothing was created", err)
 	}
 	defer d.unlockOps()
+	if err := d.refuseDuringRollback("create", ""); err != nil {
+		return control.SnapshotInfo{}, err
+	}
 	rec, err := d.checkCreate(req)
 	if err != nil {
 		d.log.Warn("create refused", "snapshot", req.Name, "err", err)
@@ -307,6 +310,14 @@ func (d *Daemon) Clear(ctx context.Context, name string, force bool) (control.Cl
 		return control.ClearResult{}, err
 	}
 	defer d.unlockOps()
+	if err := d.refuseDuringRollback("cleared", name); err != nil {
+		return control.ClearResult{}, err
+	}
+	return d.clear(name, force)
+}
+
+// clear is Clear with the ops lock held.
+func (d *Daemon) clear(name string, force bool) (control.ClearResult, error) {
 	d.mu.Lock()
 	e, ok := d.snaps[name]
 	d.mu.Unlock()
@@ -393,6 +404,9 @@ func (d *Daemon) Bookmark(ctx context.Context, name string, force bool) (control
 		return control.SnapshotInfo{}, err
 	}
 	defer d.unlockOps()
+	if err := d.refuseDuringRollback("turned into a bookmark", name); err != nil {
+		return control.SnapshotInfo{}, err
+	}
 	d.mu.Lock()
 	e, ok := d.snaps[name]
 	d.mu.Unlock()
@@ -484,6 +498,9 @@ func (d *Daemon) Status(ctx context.Context) (control.Status, error) {
 		Started:        d.started,
 		Conns:          d.srv.OpenConns(d.cfg.Name),
 		Snapshots:      []control.SnapshotInfo{},
+	}
+	if rb, ok := d.rollbackStatus(); ok {
+		st.Rollback = &rb
 	}
 	// Copies, taken under mu: Clear changes an entry's fields under mu.
 	d.mu.Lock()

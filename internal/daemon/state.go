@@ -25,6 +25,9 @@ import (
 //	 "created":"2026-…","origin":{"kind":"block","size":…,"keys":{"serial":"…"}},
 //	 "session":12}
 //
+// A rollback under way adds rollback.progress, which is not a JSON record:
+// see rollback.go.
+//
 // Every file is replaced atomically: written to a temporary name, fsynced,
 // renamed over the old name, and the directory fsynced, so a crash leaves
 // either the old or the new record, never a torn one, and a record that a
