@@ -36,14 +36,50 @@ type fakeDaemon struct {
 	// then succeeds if pastInstant, else abandons the create.
 	slowCreate  time.Duration
 	pastInstant bool
+	// rollback is the rollback under way: every Status call copies
+	// rollbackStep more bytes back, and at the end it fails with
+	// rollbackErr if set.
+	rollback     *control.RollbackStatus
+	rollbackStep int64
+	rollbackErr  string
 }
 
 func (f *fakeDaemon) Status(context.Context) (control.Status, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return control.Status{Name: f.name, Origin: "/dev/vdb", OriginSize: 1 << 30, Version: "v-test",
+	st := control.Status{Name: f.name, Origin: "/dev/vdb", OriginSize: 1 << 30, Version: "v-test",
 		Listen: []string{"unix:/run/nbdsnap/data.sock"}, Started: time.Now(),
-		Snapshots: append([]control.SnapshotInfo{}, f.snaps...)}, nil
+		Snapshots: append([]control.SnapshotInfo{}, f.snaps...)}
+	if rb := f.rollback; rb != nil {
+		rb.RemainingBytes = max(0, rb.RemainingBytes-f.rollbackStep)
+		switch {
+		case rb.RemainingBytes > 0:
+		case f.rollbackErr != "":
+			rb.State, rb.Error, rb.RemainingBytes = control.RollbackFailed, f.rollbackErr, 1
+		default:
+			rb.State = control.RollbackDone
+		}
+		c := *rb
+		st.Rollback = &c
+	}
+	return st, nil
+}
+
+func (f *fakeDaemon) Rollback(_ context.Context, name string, req control.RollbackRequest) (control.RollbackStatus, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.busy[f.name] && !req.Force {
+		return control.RollbackStatus{}, fmt.Errorf("the origin export %q is open by 1 NBD client(s): %w", f.name, control.ErrBusy)
+	}
+	for _, s := range f.snaps {
+		if s.Name == name {
+			f.rollback = &control.RollbackStatus{Snapshot: name, UUID: "u-" + name, State: control.RollbackRunning,
+				Started: time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC), Consume: req.Consume, Rate: req.Rate,
+				TotalBytes: 100 << 20, RemainingBytes: 100 << 20}
+			return *f.rollback, nil
+		}
+	}
+	return control.RollbackStatus{}, fmt.Errorf("snapshot %q: %w", name, control.ErrNotFound)
 }
 
 func (f *fakeDaemon) Snapshot(_ context.Context, name string, settled bool) (control.SnapshotInfo, error) {

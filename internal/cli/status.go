@@ -53,6 +53,9 @@ record, engine statistics included.`,
 				return writeJSON(out, st)
 			}
 			fmt.Fprintln(out, daemonLine(st))
+			if st.Rollback != nil {
+				fmt.Fprintln(out, rollbackLine(*st.Rollback))
+			}
 			for _, s := range st.Snapshots {
 				fmt.Fprintln(out, snapshotLine(s))
 			}
