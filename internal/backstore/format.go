@@ -135,19 +135,39 @@ package backstore
 //	52    4     zero
 //	56    8     rollback instant, Unix nanoseconds
 //	64    8     rate bound, bytes per second (0: none)
-//	72    …     zero up to 4092
-//	4092  4     CRC32C of bytes 0 … 4091
+//	72    …     zero up to 508
+//	508   4     CRC32C of bytes 0 … 507
+//	512   3584  zero
 //
 // The commit point is the header: the bitmap (all clear) is made durable
 // first, then the header, so a file shorter than the header or whose
 // header is all zeros holds no rollback (the command never answered), and
-// any other header that does not check is damage. A bit is set only after
+// any other header that does not check is damage. The fields and their CRC
+// fit in the first 512-byte sector, which a disk writes whole, so a crash
+// cannot tear the commit point: the rest of the header is zeros before and
+// after. (The magic and the version are checked before the CRC, so that a
+// newer format is refused as such.) A bit is set only after
 // the cluster's restored data was synced to the origin, so a bit never says
 // restored of data a crash may still lose; the bitmap is written by whole
 // 4096-byte pages and bits are never cleared, so a page torn by a crash
 // holds, sector by sector, the old bits or a superset of them. The
 // rollback is complete when entries bits are set; that needs no store, so
 // an owner can finish a complete rollback whose snapshot is gone.
+//
+// Worked example (testdata/progress-v1.golden, built by TestProgressGolden):
+// a rollback from a store with the UUID and geometry of the store example
+// below (4096-byte clusters, a 64 KiB origin: 16 clusters) holding 5
+// entries, started 2026-11-24 12:00 UTC, consume set, rate bound 64 MiB/s,
+// after clusters 3 and 9 were marked restored and synced. The file is 4098
+// bytes, the header and a 2-byte bitmap:
+//
+//	00000000  4e 42 53 52 4f 4c 4c 42  01 00 00 00 01 00 00 00  |NBSROLLB........|  magic, version 1, flags: consume
+//	00000010  6e 62 73 64 6e 61 70 73  80 00 00 00 00 00 00 01  |nbsdnaps........|  the source store's UUID
+//	00000020  00 10 00 00 10 00 00 00  00 00 01 00 00 00 00 00  |................|  cluster size 4096, 16 clusters, origin size 65536
+//	00000030  05 00 00 00 00 00 00 00  00 80 8a d2 61 f9 ea 18  |............a...|  5 entries, zero, rollback instant (ns)
+//	00000040  00 00 00 04 00 00 00 00                           |........|          rate bound 64 MiB/s (67108864)
+//	000001fc  fd 9b 1d ca                                                          CRC32C of 0 … 507
+//	00001000  08 02                                             |..|                bitmap: bits 3 (byte 0) and 9 (byte 1)
 //
 // # Worked example (testdata/store-v1.golden, built by TestGolden)
 //

@@ -21,6 +21,9 @@ const (
 
 	progressHeaderSize = 4096
 	progressPage       = 4096
+	// The header's fields and CRC fit in its first sector, which a disk
+	// writes whole: the commit point is never torn (see format.go).
+	progressCRCOff = 508
 
 	progressFlagConsume = 1 << 0
 )
@@ -95,9 +98,11 @@ func encodeProgressHeader(pi ProgressInfo) []byte {
 	le.PutUint32(b[36:], pi.Clusters())
 	le.PutUint64(b[40:], uint64(pi.OriginSize))
 	le.PutUint32(b[48:], pi.Entries)
-	le.PutUint64(b[56:], uint64(pi.Started.UnixNano()))
+	if !pi.Started.IsZero() {
+		le.PutUint64(b[56:], uint64(pi.Started.UnixNano()))
+	}
 	le.PutUint64(b[64:], uint64(pi.Rate))
-	le.PutUint32(b[crcOff:], checksum(b[:crcOff]))
+	le.PutUint32(b[progressCRCOff:], checksum(b[:progressCRCOff]))
 	return b
 }
 
@@ -109,18 +114,20 @@ func decodeProgressHeader(b []byte) (ProgressInfo, error) {
 		return ProgressInfo{}, ErrNoProgress
 	}
 	le := binary.LittleEndian
+	// The magic and the version first, so that a newer format is refused
+	// as such whatever its layout after them.
 	switch {
 	case string(b[0:8]) != progressMagic:
 		return ProgressInfo{}, fmt.Errorf("%w: rollback progress: bad magic %q", ErrCorrupt, b[0:8])
-	case le.Uint32(b[crcOff:]) != checksum(b[:crcOff]):
-		return ProgressInfo{}, fmt.Errorf("%w: rollback progress: header fails its checksum", ErrCorrupt)
 	case le.Uint32(b[8:]) > progressVersion:
 		return ProgressInfo{}, fmt.Errorf("%w: rollback progress version %d, this program reads %d", ErrVersion, le.Uint32(b[8:]), progressVersion)
 	case le.Uint32(b[8:]) != progressVersion:
 		return ProgressInfo{}, fmt.Errorf("%w: rollback progress version %d", ErrCorrupt, le.Uint32(b[8:]))
+	case le.Uint32(b[progressCRCOff:]) != checksum(b[:progressCRCOff]):
+		return ProgressInfo{}, fmt.Errorf("%w: rollback progress: header fails its checksum", ErrCorrupt)
 	case le.Uint32(b[12:])&^progressFlagConsume != 0:
 		return ProgressInfo{}, fmt.Errorf("%w: rollback progress flags %#x", ErrCorrupt, le.Uint32(b[12:]))
-	case !allZero(b[72:crcOff]) || !allZero(b[52:56]):
+	case !allZero(b[72:progressCRCOff]) || !allZero(b[52:56]) || !allZero(b[progressCRCOff+4:]):
 		return ProgressInfo{}, fmt.Errorf("%w: rollback progress: reserved header bytes are not zero", ErrCorrupt)
 	}
 	pi := ProgressInfo{
@@ -128,8 +135,10 @@ func decodeProgressHeader(b []byte) (ProgressInfo, error) {
 		ClusterSize: int(le.Uint32(b[32:])),
 		OriginSize:  int64(le.Uint64(b[40:])),
 		Entries:     le.Uint32(b[48:]),
-		Started:     time.Unix(0, int64(le.Uint64(b[56:]))),
 		Rate:        int64(le.Uint64(b[64:])),
+	}
+	if ns := int64(le.Uint64(b[56:])); ns != 0 {
+		pi.Started = time.Unix(0, ns).UTC()
 	}
 	copy(pi.UUID[:], b[16:32])
 	if err := pi.check(); err != nil {
@@ -251,7 +260,8 @@ func (p *Progress) Mark(c uint32) {
 	p.dirty[int(c/8/progressPage)] = true
 }
 
-// Sync makes every mark made before it was called durable. before runs
+// Sync makes every mark made before it was called durable. before, if not
+// nil, runs
 // after the marks are taken and before any is written: the caller syncs
 // the origin there, so that no cluster is durably marked restored whose
 // restored data is not durable on the origin. A failure leaves the marks
@@ -271,7 +281,10 @@ func (p *Progress) Sync(before func() error) error {
 	}
 	clear(p.dirty)
 	p.mu.Unlock()
-	err := before()
+	var err error
+	if before != nil {
+		err = before()
+	}
 	if err == nil {
 		for pg, b := range pages {
 			if _, err = p.f.WriteAt(b, progressHeaderSize+int64(pg)*progressPage); err != nil {
