@@ -74,8 +74,8 @@ type Daemon struct {
 	// resumeUUID is, while the daemon starts, the store of the snapshot a
 	// rollback under way restores from (reopenAll).
 	resumeUUID string
-	// lastRollback is the last rollback this daemon finished, for Status
-	// (guarded by mu).
+	// lastRollback is the last rollback this daemon finished, or is
+	// finishing (watchRollback), for Status (guarded by mu).
 	lastRollback *control.RollbackStatus
 	// bg runs background work that ends when the daemon closes
 	// (watchRollback): closeAll cancels bgCtx and waits for it.

@@ -213,14 +213,29 @@ func (d *Daemon) watchRollback() {
 			return
 		}
 		defer d.unlockOps()
-		if err := d.finishRollback(ri.Snapshot, ri.UUID, ri.Consume); err != nil {
-			d.log.Error("rollback complete, but it could not be finished; a restart finishes it", "snapshot", ri.Snapshot, "err", err)
-			return
-		}
+		// Status shows this rollback as running until it is done:
+		// finishRollback ends the engine's rollback (which Status reads
+		// first) before it clears the source and removes the progress
+		// file, and a `rollback --wait` polling in between would
+		// otherwise find no rollback, or the one before, and give up.
 		st := toStatus(ri)
-		st.State, st.Finished, st.RemainingBytes = control.RollbackDone, time.Now(), 0
 		d.mu.Lock()
 		d.lastRollback = &st
+		d.mu.Unlock()
+		if err := d.finishRollback(ri.Snapshot, ri.UUID, ri.Consume); err != nil {
+			d.log.Error("rollback complete, but it could not be finished; a restart finishes it", "snapshot", ri.Snapshot, "err", err)
+			failed := toStatus(ri)
+			failed.State = control.RollbackFailed
+			failed.Error = "the copy is complete, but the rollback could not be finished (a restart of the daemon finishes it): " + err.Error()
+			d.mu.Lock()
+			d.lastRollback = &failed
+			d.mu.Unlock()
+			return
+		}
+		fin := toStatus(ri)
+		fin.State, fin.Finished, fin.RemainingBytes = control.RollbackDone, time.Now(), 0
+		d.mu.Lock()
+		d.lastRollback = &fin
 		d.mu.Unlock()
 	}()
 }

@@ -39,6 +39,14 @@
 //     diff s1 s2 --json` lists copied from s2 (/dev/nbd1, -readonly) into
 //     the copy make it equal a full copy of s2 (cmp), and e2fsck -fn finds
 //     it clean.
+//   - rollback: `nbdsnap rollback` with the kernel client: ext4 with set A,
+//     s1 (create --freeze, its image kept with dd), set B; the rollback is
+//     refused (exit status 1, "detach") while /dev/nbd0 is attached, mounted
+//     or not; after umount and detach, `rollback s1 --wait` makes the origin
+//     image equal s1's (cmp) and the status say done, and /dev/nbd0 attached
+//     again passes e2fsck -fn and holds set A exactly. s1 is kept: after more
+//     changes, `rollback s1 --wait --consume` brings set A back again and
+//     clears s1 (gone from the list, its backing store removed).
 //
 // Reconnecting: Debian 12's nbd-client (3.24) attaches through netlink and
 // exits; it cannot reconnect such a device (in 3.24 -persist is handled only
@@ -81,6 +89,7 @@ var scenarios = map[string]func(context.Context, *guest) error{
 	"readonly":    scenarioReadOnly,
 	"tls":         scenarioTLS,
 	"incremental": scenarioIncremental,
+	"rollback":    scenarioRollback,
 	"powerloss":   scenarioPowerLoss,
 }
 
