@@ -59,7 +59,9 @@ served without copy-on-write for it (its backing store missing or not its
 own). A snapshot taken of another disk than the one now at ORIGIN's path is
 not served; --accept-moved-origin says the origin moved (same data,
 another device or path). --wait-stores waits for backing stores on file
-systems mounted late.
+systems mounted late. A rollback a stop interrupted is resumed before the
+origin is served; if its snapshot's store cannot be reopened, the daemon
+does not start (the origin would show a mix of old and restored blocks).
 
 TLS: with --tls-cert and --tls-key every listener offers TLS
 (NBD_OPT_STARTTLS); --tls=require, the default then, makes TCP listeners
