@@ -167,6 +167,11 @@ func (d *Daemon) settle(ctx context.Context, l loaded, prev uint64) (*entry, err
 	case r.Session != 0 && r.Session < prev:
 		return d.invalidate(e, true, fmt.Sprintf("the origin was served without copy-on-write for this snapshot: its record is of daemon session %d, but session %d served the origin (the record was unreadable then, or was restored from an older copy)", r.Session, prev))
 	}
+	// The source of a rollback under way that cannot be reopened stops
+	// the start (the origin is not served without it), so it misses
+	// nothing: it is not recorded invalid, and serves again once its
+	// store is back.
+	resuming := r.UUID != "" && r.UUID == d.resumeUUID
 	moved := false
 	if r.Origin != nil {
 		if err := devinfo.Match(*r.Origin, d.ident); err != nil {
@@ -179,6 +184,9 @@ func (d *Daemon) settle(ctx context.Context, l loaded, prev uint64) (*entry, err
 					d.cfg.Origin, resized.What, resized.From, resized.To))
 			}
 			if !d.cfg.AcceptMovedOrigin {
+				if resuming {
+					return nil, cannotResume(r, fmt.Sprintf("the origin at %s is not the one it was taken of (%v; recorded: %s; now: %s)", d.cfg.Origin, err, r.Origin, d.ident))
+				}
 				e.gone = fmt.Sprintf("the origin at %s is not the one this snapshot was taken of (%v; recorded: %s; now: %s): not served; if it is the same data on another device, restart with --accept-moved-origin",
 					d.cfg.Origin, err, r.Origin, d.ident)
 				// This session does not serve the snapshot's origin, so it
@@ -196,6 +204,9 @@ func (d *Daemon) settle(ctx context.Context, l loaded, prev uint64) (*entry, err
 
 	f, err := openStore(r)
 	if err != nil {
+		if resuming {
+			return nil, cannotResume(r, fmt.Sprintf("its backing store %s cannot be opened (%v)", r.BackingPath, err))
+		}
 		why := fmt.Sprintf("backing store %s could not be opened when the daemon started (%v), so the origin is served without copy-on-write for it", r.BackingPath, err)
 		if errors.Is(err, os.ErrNotExist) {
 			why += " (its file system not mounted yet? --wait-stores waits for it)"
@@ -205,6 +216,9 @@ func (d *Daemon) settle(ctx context.Context, l loaded, prev uint64) (*entry, err
 	h, err := backstore.Identify(f)
 	if err != nil || !storeMatches(r, h, d.origin.OriginID) {
 		f.Close()
+		if resuming {
+			return nil, cannotResume(r, fmt.Sprintf("the file at %s is not its store: %s", r.BackingPath, notOurs(h, err)))
+		}
 		// Not ours (or not readable as ours): never written to.
 		return d.invalidate(e, false, fmt.Sprintf("the file at %s is not this snapshot's store: %s", r.BackingPath, notOurs(h, err)))
 	}
@@ -213,6 +227,9 @@ func (d *Daemon) settle(ctx context.Context, l loaded, prev uint64) (*entry, err
 		f.Close()
 		if ctx.Err() != nil {
 			return nil, fmt.Errorf("start interrupted before serving the origin: %w", ctx.Err())
+		}
+		if resuming {
+			return nil, cannotResume(r, fmt.Sprintf("its store %s cannot be reopened (%v)", r.BackingPath, err))
 		}
 		return d.invalidate(e, true, "cannot reopen after restart: "+err.Error())
 	}
@@ -257,6 +274,13 @@ func (d *Daemon) settle(ctx context.Context, l loaded, prev uint64) (*entry, err
 	}
 	e.served = true
 	return e, nil
+}
+
+// cannotResume is the error that stops a start whose rollback's source r
+// cannot be reopened, for why.
+func cannotResume(r snapRecord, why string) error {
+	return fmt.Errorf("a rollback to snapshot %s (store %s) was under way and cannot resume: %s; the origin is not served, since it would show a mix of its old content and the snapshot's: put that right (a store on a file system mounted late: --wait-stores waits for it) and start again",
+		r.Name, r.UUID, why)
 }
 
 // invalidate records durably that e's snapshot is invalid, for reason, in
