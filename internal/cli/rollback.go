@@ -89,7 +89,7 @@ writes to blocks not yet copied back are served at once regardless.`,
 			default:
 				show = progressLines(cmd.ErrOrStderr(), time.Now)
 			}
-			final, err := waitRollback(ctx, c, st, 200*time.Millisecond, show)
+			final, err := waitRollback(ctx, c, st, 50*time.Millisecond, show)
 			if err != nil {
 				return err
 			}

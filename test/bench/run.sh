@@ -256,7 +256,8 @@ done
 {
 	echo "nbdsnap bench, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, file $SIZE in /dev/shm," \
 		"medians of $RUNS fio runs of ${RUNTIME}s; ours = internal/nbdsrv (test/bench/fileserver), ref = nbdkit $(nbdkit --version | awk '{print $2}');" \
-		"in the backup rows (scenarios.d/backup.sh, medians of $RUNS copies), ours = an incremental copy through qemu:dirty-bitmap, ref = a full nbdcopy"
+		"in the backup rows (scenarios.d/backup.sh, medians of $RUNS copies), ours = an incremental copy through qemu:dirty-bitmap, ref = a full nbdcopy;" \
+		"in the rollback rows (scenarios.d/rollback.sh), ours = nbdsnap rollback --wait, ref = nbdcopy of the snapshot's export onto the origin export"
 	echo
 	echo "| scenario | ours | ref | unit | ours/ref | runs ours / ref |"
 	echo "|---|---|---|---|---|---|"
