@@ -32,11 +32,14 @@ import (
 //     rest in cluster order. A cluster is restored by one goroutine at a
 //     time (busy); the restore is an origin write like any other and goes
 //     through copy-on-write first, so the other snapshots stay exact.
-//   - done(c) is set only after c's restored data reached the origin, and a
-//     write to c is issued only after done(c) is set: so a read that finds
-//     done(c) set reads the origin, which holds the restored data or newer,
-//     and the copier, which restores only while done(c) is clear and holds
-//     c busy, never writes over a newer write.
+//   - done(c) is set only after c's restored data reached the origin and
+//     c was marked in the progress record (in memory: the next checkpoint
+//     records it), and a write to c is issued only after done(c) is set:
+//     so a read that finds done(c) set reads the origin, which holds the
+//     restored data or newer; the copier, which restores only while
+//     done(c) is clear and holds c busy, never writes over a newer write;
+//     and the checkpoint of a FLUSH or FUA write after a write to c
+//     records c, so a crash cannot restore c again over that write.
 //
 // Crash safety: a cluster is marked restored in the progress file only
 // after the origin was synced following its restore (Progress.Sync), and
@@ -411,6 +414,9 @@ func (rb *rollback) checkpoint(e *Engine) error {
 
 // read reads [off, off+len(p)) of the origin as the rollback shows it.
 func (rb *rollback) read(e *Engine, p []byte, off int64) error {
+	if len(p) == 0 {
+		return nil // span needs at least one byte
+	}
 	end := off + int64(len(p))
 	first, last := rb.geo.span(off, int64(len(p)))
 	run := int64(-1) // start of a run of clusters read from the origin
@@ -494,10 +500,14 @@ func (rb *rollback) restore(e *Engine, c uint32) error {
 	if err == nil {
 		n := int64(rb.geo.clusterLen(c))
 		// After the origin write completed: see the comment at the top.
-		rb.done.set(c)
+		// Marked before done(c) is set: a write that finds done(c) set
+		// goes on at once (FUA, or followed by a FLUSH), and the
+		// checkpoint that makes it durable must record c, or a crash
+		// would restore c again over it.
 		rb.prog.Mark(c)
 		rb.marked.Add(1)
 		rb.remaining.Add(-n)
+		rb.done.set(c)
 	}
 	rb.mu.Lock()
 	delete(rb.busy, c)
