@@ -52,13 +52,7 @@ func (d *Daemon) Rollback(ctx context.Context, name string, req control.Rollback
 		return control.RollbackStatus{}, err
 	}
 	defer d.unlockOps()
-	d.mu.Lock()
-	e, ok := d.snaps[name]
-	var c entry
-	if ok {
-		c = *e
-	}
-	d.mu.Unlock()
+	c, ok := d.entry(name)
 	switch {
 	case !ok:
 		return control.RollbackStatus{}, fmt.Errorf("snapshot %q: %w", name, control.ErrNotFound)

@@ -534,17 +534,22 @@ func (d *Daemon) Snapshot(ctx context.Context, name string, settled bool) (contr
 		}
 		d.unlockOps()
 	}
-	d.mu.Lock()
-	e, ok := d.snaps[name]
-	var c entry
-	if ok {
-		c = *e
-	}
-	d.mu.Unlock()
+	c, ok := d.entry(name)
 	if !ok {
 		return control.SnapshotInfo{}, fmt.Errorf("snapshot %q: %w", name, control.ErrNotFound)
 	}
 	return d.info(&c), nil
+}
+
+// entry returns a copy of snapshot name's entry, taken under mu.
+func (d *Daemon) entry(name string) (entry, bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	e, ok := d.snaps[name]
+	if !ok {
+		return entry{}, false
+	}
+	return *e, true
 }
 
 // info describes an entry; e must be a copy taken under mu, or an entry no
