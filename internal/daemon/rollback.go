@@ -64,6 +64,9 @@ func (d *Daemon) Rollback(ctx context.Context, name string, req control.Rollback
 		return control.RollbackStatus{}, fmt.Errorf("%w: %q is invalid (%s): its image is not known to be right", control.ErrInvalid, name, d.info(&c).Reason)
 	}
 	if ri, ok := d.engine.RollbackInfo(); ok {
+		if ri.State == cow.RollbackFailed {
+			return control.RollbackStatus{}, fmt.Errorf("the rollback to %q failed (%s) and is not over: a restart of the daemon tries again: %w", ri.Snapshot, ri.Err, control.ErrBusy)
+		}
 		return control.RollbackStatus{}, fmt.Errorf("a rollback to %q is under way: %w", ri.Snapshot, control.ErrBusy)
 	}
 	if n := d.srv.OpenConns(d.cfg.Name); n > 0 && !req.Force {
