@@ -153,10 +153,10 @@ func decodeProgressHeader(b []byte) (ProgressInfo, error) {
 func bitmapBytes(clusters uint32) int64 { return (int64(clusters) + 7) / 8 }
 
 // CreateProgress starts a rollback's progress file in f, which must be a
-// regular file; whatever f held is discarded. The bitmap (all clear) is
-// made durable first, then the header: the header's sync is the rollback's
-// commit point, and a crash before it leaves a file OpenProgress answers
-// ErrNoProgress for. On success the Progress owns f.
+// regular file; whatever f held is discarded. The bitmap (all clear, and
+// allocated) is made durable first, then the header: the header's sync is
+// the rollback's commit point, and a crash before it leaves a file
+// OpenProgress answers ErrNoProgress for. On success the Progress owns f.
 func CreateProgress(f vfs.File, pi ProgressInfo) (*Progress, error) {
 	if err := pi.check(); err != nil {
 		return nil, fmt.Errorf("backstore: rollback progress: %w: %v", ErrOptions, err)
@@ -167,6 +167,15 @@ func CreateProgress(f vfs.File, pi ProgressInfo) (*Progress, error) {
 	}
 	if err := f.Truncate(progressHeaderSize + n); err != nil {
 		return nil, fmt.Errorf("backstore: rollback progress: %w", err)
+	}
+	// The bitmap is written, not left a hole, so that its blocks are
+	// allocated now: a page written later (a FLUSH's checkpoint) then
+	// cannot fail for want of space.
+	zeros := make([]byte, min(n, 1<<20))
+	for off := int64(0); off < n; off += int64(len(zeros)) {
+		if _, err := f.WriteAt(zeros[:min(int64(len(zeros)), n-off)], progressHeaderSize+off); err != nil {
+			return nil, fmt.Errorf("backstore: rollback progress: write bitmap: %w", err)
+		}
 	}
 	if err := f.Sync(); err != nil {
 		return nil, fmt.Errorf("backstore: rollback progress: sync bitmap: %w", err)

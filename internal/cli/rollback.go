@@ -129,7 +129,7 @@ func waitRollback(ctx context.Context, c *control.Client, st control.RollbackSta
 		}
 		select {
 		case <-ctx.Done():
-			return st, ctx.Err()
+			return st, fmt.Errorf("stopped waiting (%w); the rollback to %s goes on in the daemon: nbdsnap status shows it", ctx.Err(), st.Snapshot)
 		case <-t.C:
 		}
 		now, err := c.Status(ctx)
