@@ -408,3 +408,35 @@ func TestAbandonCommitLeader(t *testing.T) {
 	}
 	a.originIs(t, a.expect([3]int{3, 1, 0xf6}), "after the stop")
 }
+
+// TestInfoDuringStalledClear: a clear whose store stopped answering holds
+// the snapshot while it closes the store; Info (the daemon's status) answers
+// meanwhile instead of waiting for the disk.
+func TestInfoDuringStalledClear(t *testing.T) {
+	a := newAbandonEnv(t, 5, nil)
+	var stall vfstest.Stall
+	s := a.create(t, "s", &stall, false)
+	if err := <-a.write(0, 1, 7); err != nil {
+		t.Fatal(err)
+	}
+	stall.Hold()
+	cleared := make(chan error, 1)
+	go func() { cleared <- a.e.Clear("s") }()
+	for stall.Blocked() == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	info := make(chan Info, 1)
+	go func() { info <- s.Info() }()
+	select {
+	case i := <-info:
+		if i.Name != "s" || i.StoreBytes != 0 {
+			t.Errorf("info during the clear: %+v", i)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Info waits for a clear stuck on its store")
+	}
+	stall.Resume()
+	if err := <-cleared; err != nil {
+		t.Fatal(err)
+	}
+}

@@ -773,12 +773,16 @@ func (s *Snapshot) Info() Info {
 	s.mu.Lock()
 	copied, reason := s.copiedN, s.reason
 	s.mu.Unlock()
-	s.life.RLock()
+	// stop holds life while it closes the store, which a stalled disk can
+	// make last: Info answers meanwhile, without the store's size, rather
+	// than hold up whoever asks (the daemon's status).
 	var bytes int64
-	if !s.closed.Load() {
-		bytes = s.st.bytes()
+	if s.life.TryRLock() {
+		if !s.closed.Load() {
+			bytes = s.st.bytes()
+		}
+		s.life.RUnlock()
 	}
-	s.life.RUnlock()
 	return Info{
 		Name:           s.name,
 		UUID:           s.hdr.UUID,
