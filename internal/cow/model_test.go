@@ -156,22 +156,11 @@ func runModel(t *testing.T, seed uint64, cfg modelConfig) (cacheWaits int64) {
 		snapMu   sync.Mutex
 		snaps    []*modelSnap
 		nextSnap int
-		errMu    sync.Mutex
-		firstErr error
+		errs     firstError
 		waitsMu  sync.Mutex
 	)
-	fail := func(err error) {
-		errMu.Lock()
-		if firstErr == nil {
-			firstErr = err
-		}
-		errMu.Unlock()
-	}
-	stopped := func() bool {
-		errMu.Lock()
-		defer errMu.Unlock()
-		return firstErr != nil
-	}
+	fail := errs.set
+	stopped := func() bool { return errs.get() != nil }
 	create := func(r *rand.Rand) {
 		snapMu.Lock()
 		n := len(snaps)
@@ -333,7 +322,7 @@ func runModel(t *testing.T, seed uint64, cfg modelConfig) (cacheWaits int64) {
 		})
 	}
 	wg.Wait()
-	if firstErr == nil {
+	if errs.get() == nil {
 		snapMu.Lock()
 		for _, ms := range snaps {
 			verifySnap(ctx, ms, fail)
@@ -354,8 +343,8 @@ func runModel(t *testing.T, seed uint64, cfg modelConfig) (cacheWaits int64) {
 	if err := e.Close(); err != nil {
 		fail(fmt.Errorf("close: %w", err))
 	}
-	if firstErr != nil {
-		t.Errorf("seed %d: %v", seed, firstErr)
+	if errs.get() != nil {
+		t.Errorf("seed %d: %v", seed, errs.get())
 		return cacheWaits
 	}
 	failed = false
@@ -389,6 +378,26 @@ func wantImage(t testing.TB, ctx context.Context, readAt func(context.Context, [
 		}
 		report("%s differs at %d", what, firstDiff(buf, want))
 	}
+}
+
+// firstError keeps the first error the goroutines of a test report.
+type firstError struct {
+	mu  sync.Mutex
+	err error
+}
+
+func (f *firstError) set(err error) {
+	f.mu.Lock()
+	if f.err == nil {
+		f.err = err
+	}
+	f.mu.Unlock()
+}
+
+func (f *firstError) get() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.err
 }
 
 func firstDiff(a, b []byte) int {

@@ -372,22 +372,9 @@ func runRollbackCrash(seed uint64, k int64, log *opLog) (res rbCrashResult, err 
 	run.mu.Unlock()
 	run.reset(src.frozen)
 
-	var (
-		errMu    sync.Mutex
-		firstErr error
-	)
-	fail := func(err error) {
-		errMu.Lock()
-		if firstErr == nil {
-			firstErr = err
-		}
-		errMu.Unlock()
-	}
-	failed := func() bool {
-		errMu.Lock()
-		defer errMu.Unlock()
-		return firstErr != nil
-	}
+	var errs firstError
+	fail := errs.set
+	failed := func() bool { return errs.get() != nil }
 	var copierDone atomic.Bool
 	var wg sync.WaitGroup
 	for wi, h := range run.halves {
@@ -461,8 +448,8 @@ func runRollbackCrash(seed uint64, k int64, log *opLog) (res rbCrashResult, err 
 	if err := e.Close(); err != nil {
 		fail(fmt.Errorf("close: %w", err))
 	}
-	if firstErr != nil {
-		return res, firstErr
+	if errs.get() != nil {
+		return res, errs.get()
 	}
 	run.mu.Lock()
 	st := run.state

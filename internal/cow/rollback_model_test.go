@@ -231,21 +231,10 @@ func runRollbackModel(t *testing.T, seed uint64, ops int) (stats rbModelStats) {
 		done     atomic.Int64
 		racing   atomic.Int64
 		restores atomic.Int64
-		errMu    sync.Mutex
-		firstErr error
+		errs     firstError
 	)
-	fail := func(err error) {
-		errMu.Lock()
-		if firstErr == nil {
-			firstErr = err
-		}
-		errMu.Unlock()
-	}
-	stopped := func() bool {
-		errMu.Lock()
-		defer errMu.Unlock()
-		return firstErr != nil
-	}
+	fail := errs.set
+	stopped := func() bool { return errs.get() != nil }
 	complete := func(e *Engine) bool {
 		ri, _ := e.RollbackInfo()
 		return ri.State == RollbackComplete
@@ -513,8 +502,8 @@ func runRollbackModel(t *testing.T, seed uint64, ops int) (stats rbModelStats) {
 		}
 	}
 	stats.racing, stats.writesRestoring = racing.Load(), restores.Load()
-	if firstErr != nil {
-		t.Fatalf("seed %d: %v", seed, firstErr)
+	if errs.get() != nil {
+		t.Fatalf("seed %d: %v", seed, errs.get())
 	}
 
 	select {
@@ -523,8 +512,8 @@ func runRollbackModel(t *testing.T, seed uint64, ops int) (stats rbModelStats) {
 		t.Fatalf("seed %d: the rollback did not end", seed)
 	}
 	sample(e, "at the end")
-	if firstErr != nil {
-		t.Fatalf("seed %d: %v", seed, firstErr)
+	if errs.get() != nil {
+		t.Fatalf("seed %d: %v", seed, errs.get())
 	}
 	if ri, _ := e.RollbackInfo(); ri.State != RollbackComplete || ri.RemainingBytes != 0 || ri.Unsynced {
 		t.Fatalf("seed %d: rollback info at the end: %+v", seed, ri)
