@@ -137,6 +137,12 @@ func TestChangedBlocks(t *testing.T) {
 		t.Fatalf("bookmark of an open snapshot: %v", err)
 	}
 	conn.Close()
+	// The server counts the connection until it has read the close.
+	for deadline := time.Now().Add(10 * time.Second); d.srv.OpenConns("s1") != 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the server still counts a closed connection to s1")
+		}
+	}
 	before, _ := os.Stat(filepath.Join(e.dir, "s1.cow"))
 	b, err := c.Bookmark(ctx, "s1", false)
 	if err != nil || !b.Bookmark || b.Served || b.State != control.StateValid {
