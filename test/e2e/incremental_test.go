@@ -984,12 +984,22 @@ h.shutdown()
 // printed.
 func incHoldContext(t *testing.T, d *daemon, dir, export, context string) func() string {
 	t.Helper()
+	return holdLibnbd(t, dir, "held-context.py", heldContextPy, d.uri(export), context)
+}
+
+// holdLibnbd runs a python3-libnbd script that holds a connection: it
+// prints "ready" once connected, then waits for a line on stdin and prints
+// one line of answer. holdLibnbd returns once the script is ready; the
+// function it returns sends the line, waits for the script to end and
+// returns its answer, trimmed. A script that fails fails the test.
+func holdLibnbd(t *testing.T, dir, name, script string, args ...string) func() string {
+	t.Helper()
 	py := incRequireLibnbd(t)
-	script := filepath.Join(dir, "held-context.py")
-	if err := os.WriteFile(script, []byte(heldContextPy), 0o600); err != nil {
+	path := filepath.Join(dir, name)
+	if err := os.WriteFile(path, []byte(script), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(py, script, d.uri(export), context)
+	cmd := exec.Command(py, append([]string{path}, args...)...)
 	errs := &testenv.SyncBuffer{}
 	cmd.Stderr = errs
 	stdin, err := cmd.StdinPipe()
@@ -1003,16 +1013,24 @@ func incHoldContext(t *testing.T, d *daemon, dir, export, context string) func()
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	ended := false
+	t.Cleanup(func() {
+		if !ended {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	})
 	lines := bufio.NewReader(stdout)
 	if line, err := lines.ReadString('\n'); line != "ready\n" {
-		cmd.Wait()
-		t.Fatalf("libnbd connection to %s with %s: %q, %v\n%s", export, context, line, err, errs.String())
+		t.Fatalf("%s %v: %q, %v\n%s", name, args, line, err, errs.String())
 	}
 	return func() string {
+		t.Helper()
 		stdin.Write([]byte("\n"))
 		line, _ := lines.ReadString('\n')
+		ended = true
 		if err := cmd.Wait(); err != nil {
-			t.Fatalf("libnbd connection to %s with %s: %v\n%s", export, context, err, errs.String())
+			t.Fatalf("%s %v: %v\n%s", name, args, err, errs.String())
 		}
 		return strings.TrimSpace(line)
 	}

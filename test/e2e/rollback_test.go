@@ -614,30 +614,7 @@ func TestRollbackRefusedWhileOpen(t *testing.T) {
 	cur := bytes.Clone(s1)
 	rbApply(t, d, "data", cur, rbRandomWrites(r, size, 10))
 
-	py := incRequireLibnbd(t)
-	script := filepath.Join(d.dir, "hold.py")
-	if err := os.WriteFile(script, []byte(rbHoldPy), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(py, script, d.uri("data"))
-	errb := &testenv.SyncBuffer{}
-	cmd.Stderr = errb
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	lines := bufio.NewReader(stdout)
-	if line, err := lines.ReadString('\n'); line != "ready\n" {
-		t.Fatalf("libnbd connection to the origin: %q, %v\n%s", line, err, errb.String())
-	}
+	held := holdLibnbd(t, d.dir, "hold.py", rbHoldPy, d.uri("data"))
 	if n := d.status(t).Conns; n != 1 {
 		t.Fatalf("status shows %d connections to the origin; want the one held", n)
 	}
@@ -657,12 +634,7 @@ func TestRollbackRefusedWhileOpen(t *testing.T) {
 		t.Fatalf("rollback --force --wait with the origin open: exit %d: %s", code, errs)
 	}
 	rbSame(t, "origin export after rollback --force", readExport(t, d.uri("data")), s1)
-	stdin.Write([]byte("\n"))
-	line, _ := lines.ReadString('\n')
-	if err := cmd.Wait(); err != nil {
-		t.Fatalf("held connection: %v\n%s", err, errb.String())
-	}
-	if got := strings.TrimSpace(line); got != sha(s1) {
+	if got := held(); got != sha(s1) {
 		t.Fatalf("the connection held across the rollback reads sha256 %s; want s1's %s", got, sha(s1))
 	}
 }

@@ -213,15 +213,8 @@ func scenarioRollback(ctx context.Context, g *guest) error {
 		if err := g.detach(ctx, nbd0); err != nil {
 			return err
 		}
-		// Else a rollback that restored nothing would pass.
-		if err := g.sameFiles(ctx, originImage, rbS1Img, false); err != nil {
-			return err
-		}
-		st, err := g.daemonStatus(ctx)
-		if err != nil {
-			return err
-		}
-		total, err = snapCopied(st, "s1")
+		var err error
+		total, err = g.originNotS1(ctx)
 		if err == nil && total == 0 {
 			err = errors.New("s1 copied nothing although set B overwrote set A")
 		}
@@ -247,13 +240,7 @@ func scenarioRollback(ctx context.Context, g *guest) error {
 		return err
 	}
 	if err := g.step("attach /dev/nbd0, e2fsck -fn, mount, compare with set A", func() error {
-		if err := g.attach(ctx, nbd0, serveSock, exportName); err != nil {
-			return err
-		}
-		if err := g.fsckClean(ctx, nbd0); err != nil {
-			return err
-		}
-		if err := g.mount(ctx, nbd0, originMnt, "rw"); err != nil {
+		if err := g.originBack(ctx); err != nil {
 			return err
 		}
 		return checkTree(originMnt, a)
@@ -280,14 +267,8 @@ func scenarioRollback(ctx context.Context, g *guest) error {
 		if err := g.detach(ctx, nbd0); err != nil {
 			return err
 		}
-		if err := g.sameFiles(ctx, originImage, rbS1Img, false); err != nil {
-			return err
-		}
-		st, err := g.daemonStatus(ctx)
-		if err != nil {
-			return err
-		}
-		total, err = snapCopied(st, "s1")
+		var err error
+		total, err = g.originNotS1(ctx)
 		return err
 	}); err != nil {
 		return err
@@ -328,15 +309,7 @@ func scenarioRollback(ctx context.Context, g *guest) error {
 	}); err != nil {
 		return err
 	}
-	if err := g.step("attach /dev/nbd0, e2fsck -fn, mount", func() error {
-		if err := g.attach(ctx, nbd0, serveSock, exportName); err != nil {
-			return err
-		}
-		if err := g.fsckClean(ctx, nbd0); err != nil {
-			return err
-		}
-		return g.mount(ctx, nbd0, originMnt, "rw")
-	}); err != nil {
+	if err := g.step("attach /dev/nbd0, e2fsck -fn, mount", func() error { return g.originBack(ctx) }); err != nil {
 		return err
 	}
 	if err := g.originDown(ctx, a); err != nil {
@@ -349,4 +322,30 @@ func scenarioRollback(ctx context.Context, g *guest) error {
 		return err
 	}
 	return os.Remove(rbS1Img)
+}
+
+// originNotS1 checks, with the origin detached, that its image differs
+// from s1's (else a rollback that restored nothing would pass) and returns
+// what s1 has copied: the bytes a rollback to it puts back.
+func (g *guest) originNotS1(ctx context.Context) (int64, error) {
+	if err := g.sameFiles(ctx, originImage, rbS1Img, false); err != nil {
+		return 0, err
+	}
+	st, err := g.daemonStatus(ctx)
+	if err != nil {
+		return 0, err
+	}
+	return snapCopied(st, "s1")
+}
+
+// originBack attaches the origin at /dev/nbd0 again, checks it with
+// e2fsck -fn and mounts it.
+func (g *guest) originBack(ctx context.Context) error {
+	if err := g.attach(ctx, nbd0, serveSock, exportName); err != nil {
+		return err
+	}
+	if err := g.fsckClean(ctx, nbd0); err != nil {
+		return err
+	}
+	return g.mount(ctx, nbd0, originMnt, "rw")
 }
