@@ -11,6 +11,8 @@ import (
 	"sort"
 	"sync"
 	"time"
+
+	"github.com/nbdsnap/nbdsnap/internal/bytepool"
 )
 
 // Server defaults and hard limits.
@@ -86,7 +88,7 @@ type Config struct {
 type Server struct {
 	cfg    Config
 	log    *slog.Logger
-	pool   *bufPool
+	pool   *bytepool.Pool
 	mem    *memory
 	loglim *logLimiter
 	zero   []byte // read-only zeros: emulated WRITE_ZEROES and hole detection
@@ -139,7 +141,7 @@ func NewServer(cfg Config) *Server {
 	s := &Server{
 		cfg:       cfg,
 		log:       cfg.Logger,
-		pool:      newBufPool(),
+		pool:      bytepool.New(),
 		mem:       newMemory(cfg.MaxBytes),
 		loglim:    newLogLimiter(cfg.Logger),
 		zero:      make([]byte, 1<<20),
