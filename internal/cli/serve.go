@@ -21,6 +21,7 @@ type serveOptions struct {
 	control     string
 	stateDir    string
 	cacheSize   int64
+	heldSize    int64
 	reqMemory   int64
 	logLevel    string
 	logFormat   string
@@ -105,6 +106,7 @@ TimeoutStopSec above --stop-timeout. Readiness is reported to systemd
 	f.DurationVar(&o.waitStores, "wait-stores", 0, "at start, wait up to this long for missing backing stores to appear before serving the origin without them")
 	f.BoolVar(&o.movedOrigin, "accept-moved-origin", false, "the origin moved to this path or device: serve snapshots whose recorded origin path or identity differs")
 	f.Var(sizeFlag{&o.cacheSize}, "cache-size", "copy-on-write cache per snapshot (default "+formatSize(cow.DefaultCacheBytes)+")")
+	f.Var(sizeFlag{&o.heldSize}, "held-size", "first writes under a persistent snapshot held in memory until their commit, answered at once; a write that does not fit waits for its commit; 0 answers every first write after its commit (default "+formatSize(cow.DefaultHeldBytes)+")")
 	f.Var(sizeFlag{&o.reqMemory}, "request-memory", "request payloads in memory at once, all clients together; a client whose request does not fit waits (default "+formatSize(nbdsrv.DefaultMaxBytes)+")")
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&o.logFormat, "log-format", "text", "text or json")
@@ -118,6 +120,15 @@ TimeoutStopSec above --stop-timeout. Readiness is reported to systemd
 	f.StringVar(&o.metrics, "metrics-listen", "", "serve Prometheus metrics at http://ADDR/metrics; ADDR is HOST:PORT, or :PORT for 127.0.0.1 (default off)")
 	f.BoolVar(&o.insecureTCP, "insecure-tcp", false, "allow a TCP listener on an address other than loopback without --tls=require")
 	return cmd
+}
+
+// heldBytes is --held-size for the daemon: 0 when not given (the
+// engine's default), negative for an explicit 0 (never hold).
+func (o *serveOptions) heldBytes(cmd *cobra.Command) int64 {
+	if cmd.Flags().Changed("held-size") && o.heldSize == 0 {
+		return -1
+	}
+	return o.heldSize
 }
 
 func (o *serveOptions) logger(cmd *cobra.Command) (*slog.Logger, error) {
@@ -164,6 +175,7 @@ func (o *serveOptions) run(cmd *cobra.Command, origin, version string) error {
 		Control:           o.control,
 		StateDir:          stateDir,
 		CacheBytes:        o.cacheSize,
+		HeldBytes:         o.heldBytes(cmd),
 		RequestMemory:     o.reqMemory,
 		WaitStores:        o.waitStores,
 		AcceptMovedOrigin: o.movedOrigin,

@@ -50,6 +50,20 @@ type Status struct {
 	// Rollback is the rollback under way, or the last one this daemon
 	// ran; null if none.
 	Rollback *RollbackStatus `json:"rollback"`
+	// HeldWrites are the origin writes answered before the commit of
+	// their persistent snapshots and not yet on the origin.
+	HeldWrites HeldWrites `json:"held_writes"`
+}
+
+// HeldWrites describes the held writes.
+type HeldWrites struct {
+	BudgetBytes int64 `json:"budget_bytes"` // the most they may cost; 0: writes are never held
+	Bytes       int64 `json:"bytes"`        // what those held now cost (payload and 4 KiB each)
+	Writes      int64 `json:"writes"`       // held now
+	Total       int64 `json:"total"`        // held since the daemon started
+	// Failed: a held write could not be written to the origin; every
+	// FLUSH fails from then on.
+	Failed bool `json:"failed"`
 }
 
 // Rollback states.

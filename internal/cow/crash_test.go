@@ -69,9 +69,10 @@ const crashMaxOps = 2000
 
 // runCrash runs one workload with a crash at its k-th mutating operation and
 // checks the recovered state. The workload goes on until it has reached the
-// crash point; it fails the test if it cannot. It returns the most cluster
-// sizes that live snapshots had at once.
-func runCrash(t *testing.T, seed uint64, k int64) (groups int) {
+// crash point; it fails the test if it cannot. Odd seeds hold first writes
+// (held.go) whatever the store's sync costs. It returns the most cluster
+// sizes that live snapshots had at once, and how many writes were held.
+func runCrash(t *testing.T, seed uint64, k int64) (groups int, held int64) {
 	t.Helper()
 	log := &opLog{}
 	defer func() {
@@ -97,6 +98,9 @@ func runCrash(t *testing.T, seed uint64, k int64) (groups int) {
 	e, err := NewEngine(origin, EngineOptions{})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if seed%2 == 1 {
+		e.held.minSync = 0
 	}
 	workers := []*crashWorker{{lo: 0, hi: size / 2}, {lo: size / 2, hi: size}}
 	for _, w := range workers {
@@ -291,6 +295,7 @@ func runCrash(t *testing.T, seed uint64, k int64) (groups int) {
 		})
 	}
 	wg.Wait()
+	held = e.Held().Total
 	if err := e.Close(); err != nil {
 		t.Errorf("close: %v", err)
 	}
@@ -298,14 +303,14 @@ func runCrash(t *testing.T, seed uint64, k int64) (groups int) {
 	st := state
 	stateMu.Unlock()
 	if t.Failed() {
-		return groups
+		return groups, held
 	}
 	if st == nil {
 		t.Fatalf("seed %d: the workload ended before its crash point (mutation %d)", seed, k)
 	}
 	log.add("crash state: %d snapshots", len(st.snaps))
 	checkRecovery(t, ctx, st, workers, size)
-	return groups
+	return groups, held
 }
 
 // writtenSince reports whether v is byte j's flushed value or the value a
@@ -427,19 +432,25 @@ func TestCrash(t *testing.T) {
 		base = *seedFlag
 	}
 	mixed := 0 // runs in which snapshots of several cluster sizes lived at once
+	var held int64
 	for i := uint64(0); i < uint64(want); i++ {
 		seed := base + i
 		r := rand.New(rand.NewPCG(seed, 13))
 		k := 1 + r.Int64N(220)
-		if runCrash(t, seed, k) > 1 {
+		groups, h := runCrash(t, seed, k)
+		if groups > 1 {
 			mixed++
 		}
+		held += h
 		if t.Failed() {
 			return
 		}
 	}
-	t.Logf("%d crash points checked; %d runs had snapshots of several cluster sizes at once", want, mixed)
+	t.Logf("%d crash points checked; %d runs had snapshots of several cluster sizes at once; %d writes held", want, mixed, held)
 	if *seedFlag == 0 && mixed == 0 {
 		t.Errorf("no run had snapshots of several cluster sizes at once")
+	}
+	if *seedFlag == 0 && held == 0 {
+		t.Errorf("no write was held")
 	}
 }

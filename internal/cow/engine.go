@@ -34,6 +34,11 @@ type EngineOptions struct {
 	// invalidation twice must be harmless. nil: the store header is the only
 	// record, and Abandon cannot release a snapshot whose store is behind.
 	RecordInvalid func(name, reason string) error
+	// HeldBytes is the budget of held writes (held.go): first writes
+	// answered before their commit, their origin write held until it. 0
+	// means DefaultHeldBytes; negative: writes are never held, every
+	// first write under a persistent snapshot waits for its commit.
+	HeldBytes int64
 }
 
 // SnapshotOptions configure a new snapshot.
@@ -114,6 +119,8 @@ type Engine struct {
 	nextID uint64
 
 	reqs sync.Pool // *cowReq: per-request scratch, so the hot path does not allocate
+
+	held heldWrites
 }
 
 // NewEngine wraps origin. The engine does not close origin; it owns every
@@ -143,6 +150,14 @@ func NewEngine(origin vfs.File, opts EngineOptions) (*Engine, error) {
 		pools:         make(map[int]*bufPool),
 	}
 	e.reqs.New = func() any { return new(cowReq) }
+	switch {
+	case opts.HeldBytes == 0:
+		e.held.init(DefaultHeldBytes)
+	case opts.HeldBytes > 0:
+		e.held.init(opts.HeldBytes)
+	default:
+		e.held.init(0)
+	}
 	return e, nil
 }
 
@@ -171,6 +186,9 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if rb := e.active(); rb != nil {
 		return rb.read(e, p, off)
 	}
+	// Every write answered before this read began is registered: wait for
+	// those it overlaps to reach the origin.
+	e.held.waitOverlaps(off, int64(len(p)))
 	if err := readFull(e.origin, p, off); err != nil {
 		return fmt.Errorf("cow: read origin at %d: %w", off, err)
 	}
@@ -178,11 +196,19 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off int64) error {
 }
 
 // WriteAt writes the origin after copying what the snapshots need.
+// A plain write whose clusters wait for a commit is answered before it,
+// and its origin write held until it (held.go).
 func (e *Engine) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
-	if err := e.admit(ctx, off, int64(len(p))); err != nil {
+	r, err := e.admit(ctx, off, int64(len(p)))
+	if err != nil {
 		return err
 	}
+	if r != nil && !fua && e.hold(r, p, off) {
+		e.putReq(r)
+		return nil
+	}
 	defer e.gate.RUnlock()
+	e.settle(r, off, int64(len(p)))
 	if _, err := e.origin.WriteAt(p, off); err != nil {
 		return fmt.Errorf("cow: write origin at %d: %w", off, err)
 	}
@@ -192,10 +218,12 @@ func (e *Engine) WriteAt(ctx context.Context, p []byte, off int64, fua bool) err
 // Trim discards a range of the origin. The range reads back as zeros
 // afterwards (the snapshots keep their old contents).
 func (e *Engine) Trim(ctx context.Context, off, length int64, fua bool) error {
-	if err := e.admit(ctx, off, length); err != nil {
+	r, err := e.admit(ctx, off, length)
+	if err != nil {
 		return err
 	}
 	defer e.gate.RUnlock()
+	e.settle(r, off, length)
 	if d, ok := e.origin.(vfs.Deallocator); ok && length > 0 {
 		if err := d.Deallocate(off, length); err == nil {
 			return e.fua(fua)
@@ -212,10 +240,12 @@ func (e *Engine) Trim(ctx context.Context, off, length int64, fua bool) error {
 // Zero writes zeros to a range of the origin, without transferring them
 // when the origin can (vfs.Zeroer).
 func (e *Engine) Zero(ctx context.Context, off, length int64, fua bool) error {
-	if err := e.admit(ctx, off, length); err != nil {
+	r, err := e.admit(ctx, off, length)
+	if err != nil {
 		return err
 	}
 	defer e.gate.RUnlock()
+	e.settle(r, off, length)
 	if z, ok := e.origin.(vfs.Zeroer); ok && length > 0 {
 		if err := z.ZeroRange(off, length); err == nil {
 			return e.fua(fua)
@@ -250,6 +280,7 @@ func (e *Engine) ZeroFast(ctx context.Context, off, length int64, noHole, fua bo
 	if !ok || len(e.set.groups) > 0 {
 		return ErrNotFast
 	}
+	e.held.waitOverlaps(off, length)
 	if length > 0 {
 		if err := z.FastZeroRange(off, length, noHole); err != nil {
 			if errors.Is(err, errors.ErrUnsupported) {
@@ -301,6 +332,9 @@ func (e *Engine) Flush(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
+	if err := e.held.drain(); err != nil {
+		return err
+	}
 	if err := e.syncOrigin(); err != nil {
 		return err
 	}
@@ -313,34 +347,54 @@ func (e *Engine) Flush(ctx context.Context) error {
 }
 
 // admit lets an origin-modifying request in: on success the caller holds
-// e.gate shared and every snapshot has what it needs of the range (copied
-// into its cache, and in persistent mode committed).
-func (e *Engine) admit(ctx context.Context, off, n int64) error {
+// e.gate shared and every snapshot has what it needs of the range copied
+// into its cache. The request's commit waits (persistent mode) are in r,
+// nil when it has none; the caller waits for them with settle, or hands
+// them to a held write (hold).
+func (e *Engine) admit(ctx context.Context, off, n int64) (*cowReq, error) {
 	if err := ctx.Err(); err != nil {
-		return err
+		return nil, err
 	}
 	if err := e.checkRange(off, n); err != nil {
-		return err
+		return nil, err
 	}
 	e.gate.RLock()
 	if e.closed {
 		e.gate.RUnlock()
-		return ErrClosed
+		return nil, ErrClosed
 	}
 	if rb := e.active(); rb != nil && n > 0 {
 		if err := rb.restoreRange(e, off, n); err != nil {
 			e.gate.RUnlock()
-			return err
+			return nil, err
 		}
 	}
-	if n > 0 && len(e.set.groups) > 0 {
-		r := e.reqs.Get().(*cowReq)
-		e.copyOnWrite(r, e.set, off, n)
-		r.wait()
-		r.reset()
-		e.reqs.Put(r)
+	if n == 0 || len(e.set.groups) == 0 {
+		return nil, nil
 	}
-	return nil
+	r := e.reqs.Get().(*cowReq)
+	e.copyOnWrite(r, e.set, off, n)
+	if len(r.tickets) == 0 {
+		e.putReq(r)
+		return nil, nil
+	}
+	return r, nil
+}
+
+// settle waits, before an origin modification of [off, off+n) that is not
+// held, for its commits (r, from admit) and for the held writes it
+// overlaps, which were answered before it and must reach the origin first.
+func (e *Engine) settle(r *cowReq, off, n int64) {
+	if r != nil {
+		r.wait()
+		e.putReq(r)
+	}
+	e.held.waitOverlaps(off, n)
+}
+
+func (e *Engine) putReq(r *cowReq) {
+	r.reset()
+	e.reqs.Put(r)
 }
 
 // Create takes a snapshot of the origin into store.
@@ -379,7 +433,7 @@ func (e *Engine) Create(ctx context.Context, store vfs.File, opts SnapshotOption
 		return nil, err
 	}
 
-	if err := e.lockGate(ctx); err != nil {
+	if err := e.lockGateCtx(ctx); err != nil {
 		return nil, fmt.Errorf("cow: create %q: waiting for origin writes in flight: %w", opts.Name, err)
 	}
 	defer e.gate.Unlock()
@@ -435,33 +489,6 @@ func (e *Engine) Create(ctx context.Context, store vfs.File, opts SnapshotOption
 	return s, nil
 }
 
-// lockGate takes the gate exclusively, or gives up when ctx ends first. A
-// sync.RWMutex cannot be abandoned while waiting, so the wait runs on its
-// own goroutine; if ctx wins, that goroutine releases the gate as soon as
-// it gets it. (While it waits, new requests wait behind it, as they would
-// behind the create itself: that is the cost of a create instant.)
-func (e *Engine) lockGate(ctx context.Context) error {
-	if ctx.Done() == nil {
-		e.gate.Lock()
-		return nil
-	}
-	locked := make(chan struct{})
-	go func() {
-		e.gate.Lock()
-		close(locked)
-	}()
-	select {
-	case <-locked:
-		return nil
-	case <-ctx.Done():
-		go func() {
-			<-locked
-			e.gate.Unlock()
-		}()
-		return ctx.Err()
-	}
-}
-
 // Reopen resumes a persistent snapshot after a restart: it rebuilds the
 // copied bitmap from the store and establishes copy-on-write again. The
 // origin must not have been modified since the daemon stopped (nothing
@@ -513,7 +540,7 @@ func (e *Engine) reopen(st clusterStore, opts ReopenOptions) (*Snapshot, error) 
 	}
 	geo := geometryOf(e.size, cs)
 
-	e.gate.Lock()
+	e.lockGate()
 	defer e.gate.Unlock()
 	if e.closed {
 		return nil, ErrClosed
@@ -575,7 +602,7 @@ func (e *Engine) bufPool(csize int) *bufPool {
 // (what is still cached is dropped) and its store is closed. The caller
 // removes the store file.
 func (e *Engine) Clear(name string) error {
-	e.gate.Lock()
+	e.lockGate()
 	if rb := e.rb.Load(); rb != nil && rb.src.name == name {
 		e.gate.Unlock()
 		return fmt.Errorf("cow: clear %q: %w from it", name, ErrRollback)
@@ -605,7 +632,7 @@ func (e *Engine) Clear(name string) error {
 // bookmark; one that already is one is left as it is. If the store cannot
 // be changed the snapshot stays as it was, valid, and the error says why.
 func (e *Engine) Bookmark(name string) error {
-	e.gate.Lock()
+	e.lockGate()
 	defer e.gate.Unlock()
 	s, ok := e.Snapshot(name)
 	if !ok {
@@ -672,7 +699,7 @@ func (e *Engine) Snapshots() []*Snapshot {
 // It does not close the origin. The stores of snapshots given up by Abandon
 // are left open (see Abandon).
 func (e *Engine) Close() error {
-	e.gate.Lock()
+	e.lockGate()
 	defer e.gate.Unlock()
 	if e.closed {
 		return nil

@@ -120,6 +120,14 @@ type modelConfig struct {
 	ops         int // per worker
 	maxSnaps    int
 	realStore   bool
+	// held: first writes under persistent snapshots are held (held.go)
+	// whatever the store's sync costs, within heldBytes (0: the default);
+	// otherwise writes are never held.
+	held      bool
+	heldBytes int64
+	// failStores: store syncs fail now and then; the snapshot turns
+	// invalid (its reads must say so) and the origin loses nothing.
+	failStores bool
 }
 
 // runModel runs one seeded randomized workload against the engine and a
@@ -134,17 +142,34 @@ func runModel(t *testing.T, seed uint64, cfg modelConfig) (cacheWaits int64) {
 		}
 	}()
 	rng := rand.New(rand.NewPCG(seed, 1))
-	fs := vfstest.NewMemFS()
-	origin := mustOpen(t, fs, "origin")
+	mem := vfstest.NewMemFS()
+	origin := mustOpen(t, mem, "origin")
+	var fs vfs.FS = mem
+	if cfg.failStores {
+		faults := vfstest.NewFaultFS(mem)
+		fr := rand.New(rand.NewPCG(seed, 2))
+		var frMu sync.Mutex
+		faults.Inject(vfstest.Rule{Kind: vfstest.OpSync, Times: -1, Pred: func(vfstest.Op) bool {
+			frMu.Lock()
+			defer frMu.Unlock()
+			return fr.IntN(40) == 0
+		}})
+		fs = faults
+	}
 	model := make([]byte, cfg.size)
 	fillRandom(rng, model)
 	if _, err := origin.WriteAt(model, 0); err != nil {
 		t.Fatal(err)
 	}
-	e, err := NewEngine(origin, EngineOptions{})
+	heldBytes := int64(-1)
+	if cfg.held {
+		heldBytes = cfg.heldBytes
+	}
+	e, err := NewEngine(origin, EngineOptions{HeldBytes: heldBytes})
 	if err != nil {
 		t.Fatal(err)
 	}
+	e.held.minSync = 0
 	if !cfg.realStore {
 		e.newStore = func(_ vfs.File, o storeOptions) (clusterStore, error) { return newMemStore(o), nil }
 	}
@@ -181,6 +206,9 @@ func runModel(t *testing.T, seed uint64, cfg modelConfig) (cacheWaits int64) {
 		frozen := bytes.Clone(model)
 		createMu.Unlock()
 		log.add("create %s cs=%d transient=%v err=%v", name, cs, transient, err)
+		if err != nil && cfg.failStores {
+			return // its store's sync failed: no snapshot
+		}
 		if err != nil {
 			fail(fmt.Errorf("create %s: %w", name, err))
 			return
@@ -199,13 +227,13 @@ func runModel(t *testing.T, seed uint64, cfg modelConfig) (cacheWaits int64) {
 		ms := snaps[i]
 		snaps = append(snaps[:i], snaps[i+1:]...)
 		snapMu.Unlock()
-		verifySnap(ctx, ms, fail)
+		verifySnap(ctx, ms, cfg.failStores, fail)
 		waitsMu.Lock()
 		cacheWaits += ms.s.Info().Stats.CacheFullWaits
 		waitsMu.Unlock()
 		err := e.Clear(ms.name)
 		log.add("clear %s err=%v", ms.name, err)
-		if err != nil {
+		if err != nil && !cfg.failStores { // closing a failing store may fail
 			fail(fmt.Errorf("clear %s: %w", ms.name, err))
 		}
 	}
@@ -304,7 +332,7 @@ func runModel(t *testing.T, seed uint64, cfg modelConfig) (cacheWaits int64) {
 					p := buf[:n]
 					err := ms.s.ReadAt(ctx, p, off)
 					log.add("w%d read %s off=%d n=%d err=%v", w, ms.name, off, n, err)
-					if errors.Is(err, ErrCleared) {
+					if errors.Is(err, ErrCleared) || cfg.failStores && errors.Is(err, ErrInvalid) {
 						continue
 					}
 					if err != nil {
@@ -325,9 +353,9 @@ func runModel(t *testing.T, seed uint64, cfg modelConfig) (cacheWaits int64) {
 	if errs.get() == nil {
 		snapMu.Lock()
 		for _, ms := range snaps {
-			verifySnap(ctx, ms, fail)
+			verifySnap(ctx, ms, cfg.failStores, fail)
 			info := ms.s.Info()
-			if !info.Valid {
+			if !info.Valid && !cfg.failStores {
 				fail(fmt.Errorf("%s invalid: %s", ms.name, info.Reason))
 			}
 			cacheWaits += info.Stats.CacheFullWaits
@@ -340,7 +368,7 @@ func runModel(t *testing.T, seed uint64, cfg modelConfig) (cacheWaits int64) {
 			fail(fmt.Errorf("origin differs from the model at %d", firstDiff(got, model)))
 		}
 	}
-	if err := e.Close(); err != nil {
+	if err := e.Close(); err != nil && !cfg.failStores {
 		fail(fmt.Errorf("close: %w", err))
 	}
 	if errs.get() != nil {
@@ -351,10 +379,15 @@ func runModel(t *testing.T, seed uint64, cfg modelConfig) (cacheWaits int64) {
 	return cacheWaits
 }
 
-// verifySnap compares a whole snapshot with its reference.
-func verifySnap(ctx context.Context, ms *modelSnap, fail func(error)) {
+// verifySnap compares a whole snapshot with its reference; one that says
+// it is invalid passes if mayFail.
+func verifySnap(ctx context.Context, ms *modelSnap, mayFail bool, fail func(error)) {
 	got := make([]byte, len(ms.frozen))
-	if err := ms.s.ReadAt(ctx, got, 0); err != nil {
+	err := ms.s.ReadAt(ctx, got, 0)
+	if mayFail && errors.Is(err, ErrInvalid) {
+		return
+	}
+	if err != nil {
 		fail(fmt.Errorf("verify %s: %w", ms.name, err))
 		return
 	}
@@ -441,6 +474,12 @@ func TestModel(t *testing.T) {
 		{"persistent", modelConfig{size: 256<<10 + 1234, cacheBytes: 1, transient: func(*rand.Rand) bool { return false }}},
 		{"transient", modelConfig{size: 256<<10 + 1234, cacheBytes: 1, transient: func(*rand.Rand) bool { return true }}},
 		{"mixed", modelConfig{size: 512<<10 + 512, cacheBytes: 64 << 10, transient: mixed}},
+		// Held writes: a tiny cache and a budget of a few writes, so
+		// that held writes, their backpressure and writes waiting behind
+		// them all happen; then a store failing with writes held.
+		{"held", modelConfig{size: 256<<10 + 1234, cacheBytes: 1, held: true, heldBytes: 128 << 10, transient: func(*rand.Rand) bool { return false }}},
+		{"held-mixed", modelConfig{size: 512<<10 + 512, cacheBytes: 64 << 10, held: true, transient: mixed}},
+		{"held-failing", modelConfig{size: 512<<10 + 512, cacheBytes: 64 << 10, held: true, failStores: true, transient: mixed}},
 	}
 	var tinyCacheWaits int64
 	defer func() {

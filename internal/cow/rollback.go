@@ -150,7 +150,7 @@ func (e *Engine) Rollback(ctx context.Context, name string, progress vfs.File, o
 	if !s.persistent {
 		return fmt.Errorf("cow: rollback to %q: a transient snapshot cannot be rolled back to (its copies would not survive a crash in the middle): %w", name, ErrBadOption)
 	}
-	if err := e.lockGate(ctx); err != nil {
+	if err := e.lockGateCtx(ctx); err != nil {
 		return fmt.Errorf("cow: rollback to %q: waiting for origin writes in flight: %w", name, err)
 	}
 	defer e.gate.Unlock()
@@ -221,7 +221,7 @@ func (e *Engine) Rollback(ctx context.Context, name string, progress vfs.File, o
 // takes a request. On success the engine owns prog.
 func (e *Engine) ResumeRollback(prog *backstore.Progress) error {
 	info := prog.Info()
-	e.gate.Lock()
+	e.lockGate()
 	defer e.gate.Unlock()
 	if e.closed {
 		return ErrClosed
@@ -355,7 +355,7 @@ func (e *Engine) RollbackDone() <-chan struct{} {
 // which the owner may then remove: from then on snapshots can be created
 // and the source cleared again.
 func (e *Engine) EndRollback() error {
-	e.gate.Lock()
+	e.lockGate()
 	defer e.gate.Unlock()
 	rb := e.rb.Load()
 	if rb == nil {

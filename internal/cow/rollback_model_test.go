@@ -487,7 +487,7 @@ func runRollbackModel(t *testing.T, seed uint64, ops int) (stats rbModelStats) {
 			if !found {
 				continue // transient, ended by a restart
 			}
-			verifySnap(ctx, &modelSnap{s: c.ms.s, frozen: c.ms.frozen, name: c.ms.name}, fail)
+			verifySnap(ctx, &modelSnap{s: c.ms.s, frozen: c.ms.frozen, name: c.ms.name}, false, fail)
 			err := e.Clear(c.ms.name)
 			log.add("clear %s during the rollback err=%v", c.ms.name, err)
 			if err != nil {

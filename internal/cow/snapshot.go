@@ -101,6 +101,16 @@ type Snapshot struct {
 	lingerUp    bool
 	lingerCond  sync.Cond
 	lingerTimer *time.Timer
+	// syncCost is the last commit's sync time in nanoseconds, read
+	// without mu by Engine.hold.
+	syncCost atomic.Int64
+	// Lazy commits (waitLazy): held writes waiting, a commit asked for
+	// now (hurry), the held writes' delay expired, and its timer.
+	lazyWaiters int
+	hurried     bool
+	lazyDue     bool
+	lazyArmed   bool
+	lazyTimer   *time.Timer
 
 	// life is held shared by reads and exclusively by stop, so the store
 	// is not closed under a read.
@@ -214,7 +224,7 @@ func (s *Snapshot) waitDurable(seq uint64) {
 		if s.persistent && !s.committing && !s.persistReason && len(s.pending) > 0 {
 			// Lead: commit what is pending (ours included) here
 			// rather than wake the writer and wait to be woken.
-			s.commitLocked()
+			s.commitLocked(true)
 			led = true
 			continue
 		}
@@ -231,6 +241,67 @@ func (s *Snapshot) waitDurable(seq uint64) {
 		// than with the yield (measured with 4 writers on /dev/shm).
 		runtime.Gosched()
 	}
+}
+
+// holdDelay is the longest a held write waits for a commit nobody asked
+// for: commits of held writes are otherwise due when half the cache waits
+// for one, when the held writes' budget is half used, or when a read, a
+// flush or a change of the snapshot set waits for them (hurry).
+const holdDelay = 5 * time.Millisecond
+
+// waitLazy is waitDurable for a held write: its answer is sent, so it does
+// not lead a commit at once but when one is due (lazyDueLocked), and so
+// commits gather many clusters and sync once for all of them.
+func (s *Snapshot) waitLazy(seq uint64) {
+	if s.durableSeq.Load() >= seq || s.released.Load() {
+		return
+	}
+	s.mu.Lock()
+	for s.durableSeq.Load() < seq && !s.released.Load() && !s.stopping {
+		if !s.committing && !s.persistReason && len(s.pending) > 0 && s.lazyDueLocked() {
+			s.commitLocked(false)
+			continue
+		}
+		if !s.lazyArmed {
+			s.lazyArmed = true
+			if s.lazyTimer == nil {
+				s.lazyTimer = time.AfterFunc(holdDelay, s.lazyExpired)
+			} else {
+				s.lazyTimer.Reset(holdDelay)
+			}
+		}
+		s.lazyWaiters++
+		s.durCond.Wait()
+		s.lazyWaiters--
+	}
+	s.mu.Unlock()
+}
+
+func (s *Snapshot) lazyExpired() {
+	s.mu.Lock()
+	s.lazyArmed = false
+	s.lazyDue = true
+	s.durCond.Broadcast()
+	s.mu.Unlock()
+}
+
+// lazyDueLocked reports whether the held writes' commit is due.
+func (s *Snapshot) lazyDueLocked() bool {
+	return s.hurried || s.lazyDue || len(s.free) <= s.nslots/2
+}
+
+// hurry asks for a commit of publication seq now, for a held write that a
+// read, a flush or a change of the snapshot set waits for.
+func (s *Snapshot) hurry(seq uint64) {
+	if s.durableSeq.Load() >= seq || s.released.Load() {
+		return
+	}
+	s.mu.Lock()
+	if s.durableSeq.Load() < seq {
+		s.hurried = true
+		s.durCond.Broadcast()
+	}
+	s.mu.Unlock()
 }
 
 // failLocked is fss_error: the snapshot becomes invalid with a reason.
@@ -284,8 +355,11 @@ func (s *Snapshot) run() {
 			s.released.Store(true)
 			s.durCond.Broadcast()
 			continue
-		case len(s.pending) > 0:
-			s.commitLocked()
+		case len(s.pending) > 0 && (s.lazyWaiters == 0 || s.stopping || s.lazyDueLocked()):
+			// Pending clusters that only held writes wait for are
+			// committed when due (waitLazy); those of waiting requests
+			// now.
+			s.commitLocked(true)
 			continue
 		case s.stopping:
 			return
@@ -404,7 +478,7 @@ func (s *Snapshot) abandon(reason string) (bool, error) {
 // its cluster removed from cached, only after the commit returned: by then
 // the store can find it, so a read that misses the cache finds the cluster
 // in the store.
-func (s *Snapshot) commitLocked() {
+func (s *Snapshot) commitLocked(linger bool) {
 	s.committing = true
 	defer func() {
 		s.committing = false
@@ -416,9 +490,10 @@ func (s *Snapshot) commitLocked() {
 			s.workCond.Signal()
 		}
 	}()
-	if s.persistent {
+	if s.persistent && linger {
 		s.linger()
 	}
+	s.hurried, s.lazyDue = false, false
 	batch := append(s.batch[:0], s.pending...)
 	clear(s.pending)
 	s.pending = s.pending[:0]
@@ -448,6 +523,7 @@ func (s *Snapshot) commitLocked() {
 	// The requests this commit releases will likely come back with their
 	// next clusters, while those that arrived during it wait (see linger).
 	s.expect, s.lastSync = len(batch)+len(s.pending), syncTime
+	s.syncCost.Store(int64(syncTime))
 	if err != nil {
 		s.failLocked(fmt.Sprintf("write backing store: %v", err))
 	} else {

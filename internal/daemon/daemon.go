@@ -251,7 +251,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	if err != nil {
 		return nil, err
 	}
-	d.engine, err = cow.NewEngine(vf, cow.EngineOptions{Logger: log, RecordInvalid: d.recordInvalid})
+	d.engine, err = cow.NewEngine(vf, cow.EngineOptions{Logger: log, RecordInvalid: d.recordInvalid, HeldBytes: cfg.HeldBytes})
 	if err != nil {
 		return nil, fmt.Errorf("origin %s: %w", cfg.Origin, err)
 	}

@@ -144,12 +144,17 @@ var (
 	descCommitTime  = prometheus.NewDesc("nbdsnap_snapshot_commit_duration_seconds", "Time a commit took, writes and sync together.", snapLabels, nil)
 	descRollback    = prometheus.NewDesc("nbdsnap_rollback_remaining_bytes", "Bytes a rollback under way has still to copy back (only during one).", []string{"origin", "snapshot", "state"}, nil)
 	descRollbackAll = prometheus.NewDesc("nbdsnap_rollback_total_bytes", "Bytes a rollback under way copies back in all (only during one).", []string{"origin", "snapshot"}, nil)
+	descHeld        = prometheus.NewDesc("nbdsnap_held_writes", "Origin writes answered before their snapshots' commit and not yet on the origin.", []string{"origin"}, nil)
+	descHeldBytes   = prometheus.NewDesc("nbdsnap_held_writes_bytes", "What the held writes cost now (payload and 4 KiB each).", []string{"origin"}, nil)
+	descHeldBudget  = prometheus.NewDesc("nbdsnap_held_writes_budget_bytes", "The most held writes may cost (--held-size); 0: writes are never held.", []string{"origin"}, nil)
+	descHeldTotal   = prometheus.NewDesc("nbdsnap_held_writes_total", "Origin writes held since the daemon started.", []string{"origin"}, nil)
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descOriginSize, descConns, descSnapshots, descValid, descClusters, descCopied,
 		descBytesCopied, descStoreBytes, descStoreMax, descStoreFree, descFSFree, descFSSize, descSpaceLevel,
-		descCowCalls, descCacheWaits, descBatches, descSyncs, descCommitTime, descRollback, descRollbackAll} {
+		descCowCalls, descCacheWaits, descBatches, descSyncs, descCommitTime, descRollback, descRollbackAll,
+		descHeld, descHeldBytes, descHeldBudget, descHeldTotal} {
 		ch <- d
 	}
 }
@@ -165,6 +170,11 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	gauge(descOriginSize, float64(d.engine.Size()), origin)
 	gauge(descConns, float64(d.srv.OpenConns(origin)), origin)
+	held := d.engine.Held()
+	gauge(descHeld, float64(held.Writes), origin)
+	gauge(descHeldBytes, float64(held.Bytes), origin)
+	gauge(descHeldBudget, float64(held.Budget), origin)
+	counter(descHeldTotal, held.Total, origin)
 	if ri, ok := d.engine.RollbackInfo(); ok {
 		st := toStatus(ri)
 		gauge(descRollback, float64(st.RemainingBytes), origin, st.Snapshot, st.State)

@@ -502,6 +502,8 @@ func (d *Daemon) Status(ctx context.Context) (control.Status, error) {
 	if rb, ok := d.rollbackStatus(); ok {
 		st.Rollback = &rb
 	}
+	h := d.engine.Held()
+	st.HeldWrites = control.HeldWrites{BudgetBytes: h.Budget, Bytes: h.Bytes, Writes: h.Writes, Total: h.Total, Failed: h.Failed}
 	// Copies, taken under mu: Clear changes an entry's fields under mu.
 	d.mu.Lock()
 	entries := make([]entry, 0, len(d.snaps))
