@@ -6,6 +6,7 @@ import (
 	"hash/crc32"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -38,14 +39,52 @@ func benchOrigin(b *testing.B, dir string, size int64) vfs.File {
 	return f
 }
 
-// firstWriteBench measures writes of one whole cluster each to clusters
-// no snapshot has copied yet. mode is "none" (no snapshot: the baseline),
-// "transient" or "persistent". Each round covers the whole origin once;
-// between rounds, untimed, the snapshot is replaced by a fresh one.
+// firstWriteCase is one first-write benchmark.
+type firstWriteCase struct {
+	dir        string
+	originSize int64
+	cs         int
+	// mode is "none" (no snapshot: the baseline), "transient",
+	// "transient-nullstore", "persistent" (writes held when the store's
+	// syncs are slow, held.go) or "persistent-unheld" (never held).
+	mode    string
+	writers int
+	// writeSize is each write's length, at the start of its cluster; 0:
+	// the whole cluster.
+	writeSize int
+	// syncDelay is added to every sync of the store (syncDelayFile).
+	syncDelay time.Duration
+}
+
+// syncDelayFile is a store file whose syncs take delay longer: a disk
+// whose flush has that latency but whose bandwidth is the underlying
+// file's (/dev/shm in the benchmarks).
+type syncDelayFile struct {
+	vfs.File
+	delay time.Duration
+}
+
+func (f syncDelayFile) Sync() error {
+	time.Sleep(f.delay)
+	return f.File.Sync()
+}
+
 func firstWriteBench(b *testing.B, dir string, originSize int64, cs int, mode string, writers int) {
+	firstWriteRun(b, firstWriteCase{dir: dir, originSize: originSize, cs: cs, mode: mode, writers: writers})
+}
+
+// firstWriteRun measures writes to clusters no snapshot has copied yet,
+// one write per cluster. Each round covers the whole origin once; between
+// rounds, untimed, the snapshot is replaced by a fresh one.
+func firstWriteRun(b *testing.B, fc firstWriteCase) {
+	dir, originSize, cs, mode, writers := fc.dir, fc.originSize, fc.cs, fc.mode, fc.writers
 	ctx := context.Background()
 	origin := benchOrigin(b, dir, originSize)
-	e, err := NewEngine(origin, EngineOptions{})
+	opts := EngineOptions{}
+	if mode == "persistent-unheld" {
+		opts.HeldBytes = -1
+	}
+	e, err := NewEngine(origin, opts)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -80,19 +119,27 @@ func firstWriteBench(b *testing.B, dir string, originSize int64, cs int, mode st
 		if err != nil {
 			b.Fatal(err)
 		}
-		snap, err = e.Create(ctx, st, SnapshotOptions{Name: "bench", ClusterSize: cs, Transient: mode != "persistent"})
+		if fc.syncDelay > 0 {
+			st = syncDelayFile{st, fc.syncDelay}
+		}
+		persistent := strings.HasPrefix(mode, "persistent")
+		snap, err = e.Create(ctx, st, SnapshotOptions{Name: "bench", ClusterSize: cs, Transient: !persistent})
 		if err != nil {
 			b.Fatal(err)
 		}
 	}
+	wsize := cs
+	if fc.writeSize > 0 {
+		wsize = fc.writeSize
+	}
 	bufs := make([][]byte, writers)
 	for i := range bufs {
-		bufs[i] = make([]byte, cs)
+		bufs[i] = make([]byte, wsize)
 		for j := range bufs[i] {
 			bufs[i][j] = byte(j + i)
 		}
 	}
-	b.SetBytes(int64(cs))
+	b.SetBytes(int64(wsize))
 	b.ResetTimer()
 	done := 0
 	var cpu time.Duration // CPU time (user+system) of the timed parts
@@ -126,6 +173,11 @@ func firstWriteBench(b *testing.B, dir string, originSize int64, cs int, mode st
 		done += int(round)
 	}
 	b.StopTimer()
+	// Held writes still on their way count: the next write after the
+	// benchmark would wait for them.
+	if err := e.Flush(ctx); err != nil {
+		b.Fatal(err)
+	}
 	// On a shared machine wall time varies with other load; the CPU the
 	// process spent per write is steadier.
 	b.ReportMetric(float64(cpu.Nanoseconds())/float64(b.N), "cpu-ns/op")
@@ -163,6 +215,32 @@ func BenchmarkFirstWriteDisk(b *testing.B) {
 		for _, mode := range []string{"none", "persistent"} {
 			b.Run(fmt.Sprintf("cs=64K/writers=%d/%s", writers, mode), func(b *testing.B) {
 				firstWriteBench(b, b.TempDir(), 64<<20, 64<<10, mode, writers)
+			})
+		}
+	}
+}
+
+// BenchmarkFirstWriteSyncLatency: origin and store on /dev/shm, each store
+// sync 2 ms longer (syncDelayFile), as on a disk whose flush takes 2 ms:
+// what a persistent snapshot's first writes cost when the sync is latency
+// rather than bandwidth, held (the default) or not, next to transient. The
+// jobs of test/bench/firstwrite-ab.sh: 4 KiB at the start of each 64 KiB
+// cluster by one writer, and whole 64 KiB clusters by 32 writers.
+func BenchmarkFirstWriteSyncLatency(b *testing.B) {
+	dir, err := os.MkdirTemp("/dev/shm", "nbdsnap-bench-")
+	if err != nil {
+		b.Skipf("no /dev/shm: %v", err)
+	}
+	b.Cleanup(func() { os.RemoveAll(dir) })
+	jobs := []struct {
+		name               string
+		writers, writeSize int
+	}{{"4k-qd1", 1, 4 << 10}, {"64k-qd32", 32, 64 << 10}}
+	for _, job := range jobs {
+		for _, mode := range []string{"transient", "persistent", "persistent-unheld"} {
+			b.Run(job.name+"/"+mode, func(b *testing.B) {
+				firstWriteRun(b, firstWriteCase{dir: dir, originSize: 256 << 20, cs: 64 << 10, mode: mode,
+					writers: job.writers, writeSize: job.writeSize, syncDelay: 2 * time.Millisecond})
 			})
 		}
 	}

@@ -75,7 +75,7 @@ type ReopenOptions struct {
 }
 
 // DefaultCacheBytes is the default cache budget per snapshot.
-const DefaultCacheBytes = 8 << 20
+const DefaultCacheBytes = 32 << 20
 
 // cacheBudget is a cache budget option: 0 means DefaultCacheBytes.
 func cacheBudget(option int64) int64 {

@@ -51,7 +51,7 @@ import (
 // README says what that means for a client that reconnects.
 
 // DefaultHeldBytes is the default budget of held writes.
-const DefaultHeldBytes = 32 << 20
+const DefaultHeldBytes = 64 << 20
 
 const (
 	// heldWriteCost is what a held write costs besides its payload: its

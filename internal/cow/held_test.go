@@ -62,7 +62,7 @@ func newHeldFixture(t *testing.T, opts EngineOptions) *heldFixture {
 
 func (f *heldFixture) create(t *testing.T, name string) *Snapshot {
 	t.Helper()
-	s, err := f.e.Create(context.Background(), nil, SnapshotOptions{Name: name, ClusterSize: 64 << 10, OriginID: "o"})
+	s, err := f.e.Create(context.Background(), nil, SnapshotOptions{Name: name, ClusterSize: 64 << 10, CacheBytes: 8 << 20, OriginID: "o"})
 	if err != nil {
 		t.Fatal(err)
 	}
