@@ -106,7 +106,7 @@ TimeoutStopSec above --stop-timeout. Readiness is reported to systemd
 	f.DurationVar(&o.waitStores, "wait-stores", 0, "at start, wait up to this long for missing backing stores to appear before serving the origin without them")
 	f.BoolVar(&o.movedOrigin, "accept-moved-origin", false, "the origin moved to this path or device: serve snapshots whose recorded origin path or identity differs")
 	f.Var(sizeFlag{&o.cacheSize}, "cache-size", "copy-on-write cache per snapshot (default "+formatSize(cow.DefaultCacheBytes)+")")
-	f.Var(sizeFlag{&o.heldSize}, "held-size", "first writes under a persistent snapshot held in memory until their commit, answered at once; a write that does not fit waits for its commit; 0 answers every first write after its commit (default "+formatSize(cow.DefaultHeldBytes)+")")
+	f.Var(sizeFlag{&o.heldSize}, "held-size", "first writes under a persistent snapshot are answered at once and held, in a log next to the control socket, until their commit; a write that does not fit waits for its commit; 0 answers every first write after its commit (default "+formatSize(daemon.DefaultHeldBytes)+")")
 	f.Var(sizeFlag{&o.reqMemory}, "request-memory", "request payloads in memory at once, all clients together; a client whose request does not fit waits (default "+formatSize(nbdsrv.DefaultMaxBytes)+")")
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&o.logFormat, "log-format", "text", "text or json")

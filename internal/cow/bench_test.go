@@ -45,8 +45,9 @@ type firstWriteCase struct {
 	originSize int64
 	cs         int
 	// mode is "none" (no snapshot: the baseline), "transient",
-	// "transient-nullstore", "persistent" (writes held when the store's
-	// syncs are slow, held.go) or "persistent-unheld" (never held).
+	// "transient-nullstore", "persistent" (with a held-writes log: writes
+	// held when the store's syncs are slow, held.go) or
+	// "persistent-unheld" (no log: never held).
 	mode    string
 	writers int
 	// writeSize is each write's length, at the start of its cluster; 0:
@@ -80,15 +81,20 @@ func firstWriteRun(b *testing.B, fc firstWriteCase) {
 	dir, originSize, cs, mode, writers := fc.dir, fc.originSize, fc.cs, fc.mode, fc.writers
 	ctx := context.Background()
 	origin := benchOrigin(b, dir, originSize)
-	opts := EngineOptions{}
-	if mode == "persistent-unheld" {
-		opts.HeldBytes = -1
-	}
-	e, err := NewEngine(origin, opts)
+	e, err := NewEngine(origin, EngineOptions{})
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer e.Close()
+	if mode == "persistent" {
+		// As the daemon does: a log of the default size on tmpfs.
+		l, err := CreateHeldLog(filepath.Join(b.TempDir(), "held"), 64<<20, "bench")
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer l.Close()
+		e.UseHeldLog(l)
+	}
 	nclusters := originSize / int64(cs)
 	storePath := filepath.Join(dir, "store")
 	if mode == "transient-nullstore" {

@@ -100,7 +100,8 @@ func runCrash(t *testing.T, seed uint64, k int64) (groups int, held int64) {
 		t.Fatal(err)
 	}
 	if seed%2 == 1 {
-		e.held.minSync = 0
+		l := useHeldLog(t, e, MinHeldLogSize)
+		defer l.Close()
 	}
 	workers := []*crashWorker{{lo: 0, hi: size / 2}, {lo: size / 2, hi: size}}
 	for _, w := range workers {

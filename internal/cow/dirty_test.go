@@ -162,13 +162,6 @@ type dirtyConfig struct {
 	reader      bool // a concurrent reader of Changed, ChangedSince, Bases, Tracked
 }
 
-// dirtyEngineOptions: the dirty world never holds writes. Its model counts
-// a write that returned as written for ChangedSince's exactness; a held
-// write may instead be lost by a crash before a flush, which the NBD
-// contract allows and TestCrash checks (whether a store commit slow under
-// the race detector makes writes held must not change what this test
-// expects).
-func dirtyEngineOptions() EngineOptions { return EngineOptions{HeldBytes: -1} }
 
 // dirtyWorld is the engine under test and its model.
 type dirtyWorld struct {
@@ -217,7 +210,7 @@ func newDirtyWorld(t testing.TB, seed uint64, cfg dirtyConfig, log *opLog) *dirt
 	if err := w.origin.Sync(); err != nil {
 		t.Fatal(err)
 	}
-	e, err := NewEngine(w.origin, dirtyEngineOptions())
+	e, err := NewEngine(w.origin, EngineOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -472,7 +465,7 @@ func (w *dirtyWorld) restart() {
 	if err != nil {
 		w.fatalf("close: %v", err)
 	}
-	e, err := NewEngine(w.origin, dirtyEngineOptions())
+	e, err := NewEngine(w.origin, EngineOptions{})
 	if err != nil {
 		w.fatalf("new engine: %v", err)
 	}

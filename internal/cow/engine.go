@@ -34,11 +34,6 @@ type EngineOptions struct {
 	// invalidation twice must be harmless. nil: the store header is the only
 	// record, and Abandon cannot release a snapshot whose store is behind.
 	RecordInvalid func(name, reason string) error
-	// HeldBytes is the budget of held writes (held.go): first writes
-	// answered before their commit, their origin write held until it. 0
-	// means DefaultHeldBytes; negative: writes are never held, every
-	// first write under a persistent snapshot waits for its commit.
-	HeldBytes int64
 }
 
 // SnapshotOptions configure a new snapshot.
@@ -150,14 +145,7 @@ func NewEngine(origin vfs.File, opts EngineOptions) (*Engine, error) {
 		pools:         make(map[int]*bufPool),
 	}
 	e.reqs.New = func() any { return new(cowReq) }
-	switch {
-	case opts.HeldBytes == 0:
-		e.held.init(DefaultHeldBytes)
-	case opts.HeldBytes > 0:
-		e.held.init(opts.HeldBytes)
-	default:
-		e.held.init(0)
-	}
+	e.held.init()
 	return e, nil
 }
 

@@ -7,7 +7,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/nbdsnap/nbdsnap/internal/bytepool"
 )
 
 // Held writes: persistent snapshots without synchronous first writes.
@@ -46,12 +45,10 @@ import (
 //     the set of snapshots never changes under a held write, and a create's
 //     image holds every write answered before its instant.
 //
-// A process crash loses the held writes, which were answered but not
-// flushed: NBD allows it, as a power cut loses a disk's write cache. The
-// README says what that means for a client that reconnects.
-
-// DefaultHeldBytes is the default budget of held writes.
-const DefaultHeldBytes = 64 << 20
+//   - A held write's payload is in the held-writes log (heldlog.go) before
+//     it is answered, and marked issued only once it is on the origin, so a
+//     killed process loses no answered write: its owner replays the log.
+//     Without a log (UseHeldLog) writes are never held.
 
 const (
 	// heldWriteCost is what a held write costs besides its payload: its
@@ -71,7 +68,8 @@ const (
 // heldWrite is one origin write answered before it reached the origin.
 type heldWrite struct {
 	off, end int64
-	buf      *[]byte // the payload, from heldWrites.pool
+	data     []byte // the payload, in the log's record at rec
+	rec      int64
 	cost     int64
 	tickets  []ticket // immutable once registered
 	// prev, next: the list of registered writes, in the order answered.
@@ -81,9 +79,9 @@ type heldWrite struct {
 
 // heldWrites is the engine's set of held writes.
 type heldWrites struct {
-	budget  int64 // 0: never hold
+	log     *HeldLog
+	budget  int64 // the log's size; 0 (no log): never hold
 	minSync int64 // nanoseconds: holdMinSync (tests hold whatever the sync costs)
-	pool    *bytepool.Pool
 	issuing chan struct{} // semaphore of heldIssuers
 	// blocked > 0: a change of the snapshot set is draining the gate;
 	// nothing new is held meanwhile (see Engine.lockGate).
@@ -98,10 +96,8 @@ type heldWrites struct {
 	err        error                  // the first origin error of a held write; sticky
 }
 
-func (h *heldWrites) init(budget int64) {
-	h.budget = budget
+func (h *heldWrites) init() {
 	h.minSync = int64(holdMinSync)
-	h.pool = bytepool.New()
 	h.issuing = make(chan struct{}, heldIssuers)
 	h.granules = make(map[int64][]*heldWrite)
 }
@@ -156,6 +152,12 @@ func (e *Engine) hold(r *cowReq, p []byte, off int64) bool {
 		h.mu.Unlock()
 		return false
 	}
+	rec, data, ok := h.log.alloc(len(p), off)
+	if !ok {
+		h.mu.Unlock()
+		return false
+	}
+	w.rec, w.data = rec, data
 	h.bytes += cost
 	pressed := h.bytes > h.budget/2
 	before := h.overlapsLocked(nil, w.off, w.end)
@@ -171,8 +173,8 @@ func (e *Engine) hold(r *cowReq, p []byte, off int64) bool {
 	h.mu.Unlock()
 	// The copy is taken after registering, before the answer: nobody
 	// can see the write on the origin until done is closed.
-	w.buf = h.pool.Get(len(p))
-	copy(*w.buf, p)
+	copy(w.data, p)
+	h.log.publish(w.rec)
 	h.total.Add(1)
 	if pressed || h.blocked.Load() > 0 {
 		// Half the budget is held: commit now rather than when the
@@ -197,8 +199,11 @@ func (e *Engine) issueHeld(w *heldWrite, before []*heldWrite) {
 	}
 	h := &e.held
 	h.issuing <- struct{}{}
-	_, err := e.origin.WriteAt(*w.buf, w.off)
+	_, err := e.origin.WriteAt(w.data, w.off)
 	<-h.issuing
+	// Marked issued even when the write failed: its error fails every
+	// later FLUSH, and a record that stayed would stop the ring.
+	h.log.issued(w.rec)
 	if err != nil {
 		err = fmt.Errorf("cow: write origin at %d (held write): %w", w.off, err)
 		e.log.Error("a held write failed: the next flushes fail", "offset", w.off, "length", w.end-w.off, "err", err)
@@ -234,7 +239,6 @@ func (e *Engine) issueHeld(w *heldWrite, before []*heldWrite) {
 	h.bytes -= w.cost
 	h.n.Add(-1)
 	h.mu.Unlock()
-	h.pool.Put(w.buf)
 	close(w.done)
 }
 
@@ -288,6 +292,16 @@ func waitWrites(ws []*heldWrite) {
 	for _, w := range ws {
 		<-w.done
 	}
+}
+
+// UseHeldLog makes the engine hold writes, in l: from here on l's size is
+// the budget of held writes. The owner replays what a previous process
+// left in the log (ReadHeldLog) before, and closes l after Close.
+func (e *Engine) UseHeldLog(l *HeldLog) {
+	e.lockGate()
+	defer e.gate.Unlock()
+	e.held.log = l
+	e.held.budget = l.Size()
 }
 
 // HeldInfo reports the held writes.

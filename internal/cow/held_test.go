@@ -3,8 +3,10 @@ package cow
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"math/rand/v2"
+	"path/filepath"
 	"sync"
 	"syscall"
 	"testing"
@@ -25,9 +27,24 @@ type heldFixture struct {
 	commits sync.Mutex
 	failing bool // commits fail (under commits)
 	faults  *vfstest.FaultFS
+	log     *HeldLog
 }
 
-func newHeldFixture(t *testing.T, opts EngineOptions) *heldFixture {
+// useHeldLog gives e a held-writes log of size bytes in a temporary
+// directory and makes it hold writes whatever its stores' syncs cost. The
+// log is closed after the engine (cleanups run last first).
+func useHeldLog(t testing.TB, e *Engine, size int64) *HeldLog {
+	t.Helper()
+	l, err := CreateHeldLog(filepath.Join(t.TempDir(), "held"), size, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.UseHeldLog(l)
+	e.held.minSync = 0
+	return l
+}
+
+func newHeldFixture(t *testing.T, logSize int64) *heldFixture {
 	t.Helper()
 	f := &heldFixture{faults: vfstest.NewFaultFS(nil)}
 	fs := vfstest.NewMemFS()
@@ -37,11 +54,12 @@ func newHeldFixture(t *testing.T, opts EngineOptions) *heldFixture {
 	if _, err := f.origin.WriteAt(f.frozen, 0); err != nil {
 		t.Fatal(err)
 	}
-	e, err := NewEngine(f.faults.Wrap("origin", f.origin), opts)
+	e, err := NewEngine(f.faults.Wrap("origin", f.origin), EngineOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.held.minSync = 0
+	f.log = useHeldLog(t, e, logSize)
+	t.Cleanup(func() { f.log.Close() })
 	e.newStore = func(_ vfs.File, o storeOptions) (clusterStore, error) {
 		m := newMemStore(o)
 		m.fail = func(int) error {
@@ -113,7 +131,7 @@ func fill(n int, b byte) []byte { return bytes.Repeat([]byte{b}, n) }
 // not have), a read of the origin waits for it and sees it, and the
 // snapshot keeps the old data.
 func TestHeldAnswersBeforeCommit(t *testing.T) {
-	f := newHeldFixture(t, EngineOptions{})
+	f := newHeldFixture(t, 8<<20)
 	ctx := context.Background()
 	f.commits.Lock()
 	w := async(func() error { return f.e.WriteAt(ctx, fill(4096, 'a'), 100, false) })
@@ -157,7 +175,7 @@ func TestHeldAnswersBeforeCommit(t *testing.T) {
 // Overlapping writes reach the origin in the order they were answered:
 // held behind held, and a FUA write (never held) behind a held one.
 func TestHeldOverlapOrder(t *testing.T) {
-	f := newHeldFixture(t, EngineOptions{})
+	f := newHeldFixture(t, 8<<20)
 	ctx := context.Background()
 	f.commits.Lock()
 	for i, w := range []struct {
@@ -199,13 +217,13 @@ func TestHeldOverlapOrder(t *testing.T) {
 // Held writes never exceed the budget: a write that does not fit waits
 // for its commit before its answer.
 func TestHeldBudget(t *testing.T) {
-	f := newHeldFixture(t, EngineOptions{HeldBytes: 8192 + heldWriteCost})
+	f := newHeldFixture(t, MinHeldLogSize)
 	ctx := context.Background()
 	f.commits.Lock()
-	if err := returns(t, async(func() error { return f.e.WriteAt(ctx, fill(8192, 'a'), 0, false) }), "write"); err != nil {
+	if err := returns(t, async(func() error { return f.e.WriteAt(ctx, fill(600<<10, 'a'), 0, false) }), "write"); err != nil {
 		t.Fatal(err)
 	}
-	second := async(func() error { return f.e.WriteAt(ctx, fill(4096, 'b'), 256<<10, false) })
+	second := async(func() error { return f.e.WriteAt(ctx, fill(600<<10, 'b'), 4<<20, false) })
 	pending(t, second, "write over the budget")
 	if got := f.e.Held(); got.Writes != 1 || got.Bytes > got.Budget {
 		t.Fatalf("Held() = %+v", got)
@@ -222,7 +240,7 @@ func TestHeldBudget(t *testing.T) {
 // A held write the origin refuses fails every later FLUSH, as a disk
 // reports a lost cached write.
 func TestHeldOriginError(t *testing.T) {
-	f := newHeldFixture(t, EngineOptions{})
+	f := newHeldFixture(t, 8<<20)
 	ctx := context.Background()
 	f.faults.Inject(vfstest.Rule{Kind: vfstest.OpWrite, Name: "origin"})
 	if err := f.e.WriteAt(ctx, fill(4096, 'a'), 0, false); err != nil {
@@ -241,7 +259,7 @@ func TestHeldOriginError(t *testing.T) {
 // A store that fails while writes are held: the snapshot turns invalid,
 // the held writes reach the origin, nothing answered is lost.
 func TestHeldStoreFails(t *testing.T) {
-	f := newHeldFixture(t, EngineOptions{})
+	f := newHeldFixture(t, 8<<20)
 	ctx := context.Background()
 	f.commits.Lock()
 	for i := range 8 {
@@ -272,7 +290,7 @@ func TestHeldStoreFails(t *testing.T) {
 // Create and Clear drain held writes: a create's image holds every write
 // answered before its instant, and no held write outlives its snapshot.
 func TestHeldCreateClearDrain(t *testing.T) {
-	f := newHeldFixture(t, EngineOptions{})
+	f := newHeldFixture(t, 8<<20)
 	ctx := context.Background()
 	f.commits.Lock()
 	if err := returns(t, async(func() error { return f.e.WriteAt(ctx, fill(4096, 'a'), 0, false) }), "write"); err != nil {
@@ -315,7 +333,7 @@ func TestHeldCreateClearDrain(t *testing.T) {
 // Without a read, flush or change waiting, held writes still reach the
 // origin: when half the cache waits for a commit, or after holdDelay.
 func TestHeldCommitsWithoutWaiters(t *testing.T) {
-	f := newHeldFixture(t, EngineOptions{})
+	f := newHeldFixture(t, 8<<20)
 	ctx := context.Background()
 	if err := f.e.WriteAt(ctx, fill(4096, 'a'), 0, false); err != nil {
 		t.Fatal(err)
@@ -336,4 +354,158 @@ func TestHeldCommitsWithoutWaiters(t *testing.T) {
 	if f.s.Info().Stats.CacheFullWaits != 0 {
 		t.Fatal("writes waited for cache space")
 	}
+}
+
+// A killed daemon leaves in its log exactly the writes it answered and may
+// not have issued, in answer order: replayed over the origin it left, they
+// give the origin every answered write.
+func TestHeldLogAfterKill(t *testing.T) {
+	f := newHeldFixture(t, 8<<20)
+	ctx := context.Background()
+	want := bytes.Clone(f.frozen)
+	write := func(off int64, n int, b byte) {
+		t.Helper()
+		if err := returns(t, async(func() error { return f.e.WriteAt(ctx, fill(n, b), off, false) }), "write"); err != nil {
+			t.Fatal(err)
+		}
+		copy(want[off:], fill(n, b))
+	}
+	write(0, 8192, 'a') // issued before the "kill"
+	if err := f.e.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	f.commits.Lock()
+	write(1<<20, 8192, 'b')
+	write(1<<20+4096, 8192, 'c') // overlaps b: replayed after it
+	write(5<<20, 100, 'd')
+	// The process dies here: what is in the log file now is what a kill
+	// leaves (the mapping is shared; nothing is flushed by a kill).
+	recs, err := ReadHeldLog(f.log.f.Name(), "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(recs) != 3 {
+		t.Fatalf("%d records in the log, want the 3 held writes", len(recs))
+	}
+	img := f.raw(t, 0, int64(len(f.frozen)))
+	for i, r := range recs {
+		if i > 0 && r.Seq <= recs[i-1].Seq {
+			t.Fatalf("records out of order: %d after %d", r.Seq, recs[i-1].Seq)
+		}
+		copy(img[r.Off:], r.Data)
+	}
+	if !bytes.Equal(img, want) {
+		t.Fatalf("origin plus the log differs from the answered writes at %d", firstDiff(img, want))
+	}
+	if recs, err := ReadHeldLog(f.log.f.Name(), "another boot"); err != nil || recs != nil {
+		t.Fatalf("a log of another tag: %d records, %v", len(recs), err)
+	}
+	f.commits.Unlock()
+	if err := f.e.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if recs, err := ReadHeldLog(f.log.f.Name(), "test"); err != nil || len(recs) != 0 {
+		t.Fatalf("after a flush the log holds %d records (%v)", len(recs), err)
+	}
+}
+
+// The ring under random record sizes and out-of-order issue: the file
+// always lists exactly the records published and not issued, in order,
+// and a full ring refuses rather than overwrite.
+func TestHeldLogRing(t *testing.T) {
+	for _, seed := range seeds(8, 77) {
+		r := rand.New(rand.NewPCG(seed, 3))
+		l, err := CreateHeldLog(filepath.Join(t.TempDir(), "held"), MinHeldLogSize, "ring")
+		if err != nil {
+			t.Fatal(err)
+		}
+		type live struct {
+			at   int64
+			seq  uint64
+			off  int64
+			data []byte
+		}
+		var held []live
+		var seq uint64
+		refused := 0
+		for i := range 3000 {
+			if len(held) > 0 && r.IntN(2) == 0 {
+				k := r.IntN(len(held))
+				l.issued(held[k].at)
+				held = append(held[:k], held[k+1:]...)
+			} else {
+				n := 1 + r.IntN(200<<10)
+				off := r.Int64N(1 << 30)
+				at, p, ok := l.alloc(n, off)
+				if !ok {
+					refused++
+					continue
+				}
+				seq++
+				fillRandom(r, p)
+				l.publish(at)
+				held = append(held, live{at, seq, off, bytes.Clone(p)})
+			}
+			if i%50 != 0 {
+				continue
+			}
+			got, err := parseHeldLog(l.mem, "ring")
+			if err != nil {
+				t.Fatalf("seed %d op %d: %v", seed, i, err)
+			}
+			if len(got) != len(held) {
+				t.Fatalf("seed %d op %d: %d records, want %d", seed, i, len(got), len(held))
+			}
+			for j, h := range held {
+				if got[j].Seq != h.seq || got[j].Off != h.off || !bytes.Equal(got[j].Data, h.data) {
+					t.Fatalf("seed %d op %d: record %d differs", seed, i, j)
+				}
+			}
+		}
+		if refused == 0 {
+			t.Errorf("seed %d: the ring never filled", seed)
+		}
+		if err := l.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// FuzzParseHeldLog: whatever the file holds, reading it returns records
+// inside it or an error, never a panic.
+func FuzzParseHeldLog(f *testing.F) {
+	l, err := CreateHeldLog(filepath.Join(f.TempDir(), "held"), MinHeldLogSize, "fuzz")
+	if err != nil {
+		f.Fatal(err)
+	}
+	for i := range 5 {
+		at, p, _ := l.alloc(100*i+1, int64(i)<<20)
+		p[0] = byte(i)
+		l.publish(at)
+		if i%2 == 0 {
+			l.issued(at)
+		}
+	}
+	// The seed: the header and the start of the ring (the rest is zero).
+	seed := bytes.Clone(l.mem[:heldLogHeaderSize+8192])
+	l.Close()
+	f.Add(seed)
+	f.Fuzz(func(t *testing.T, b []byte) {
+		// Grow to the ring size the header claims when it is small, so
+		// that the records themselves are parsed.
+		if len(b) >= heldLogHeaderSize {
+			if size := binary.LittleEndian.Uint64(b[80:]); size < 1<<22 && uint64(len(b)-heldLogHeaderSize) < size {
+				b = append(b, make([]byte, size-uint64(len(b)-heldLogHeaderSize))...)
+			}
+		}
+		recs, err := parseHeldLog(b, "fuzz")
+		if err != nil {
+			return
+		}
+		for _, r := range recs {
+			if r.Off < 0 || len(r.Data) > len(b) {
+				t.Fatalf("record %+v out of its file", r.Seq)
+			}
+		}
+	})
 }

@@ -121,8 +121,8 @@ type modelConfig struct {
 	maxSnaps    int
 	realStore   bool
 	// held: first writes under persistent snapshots are held (held.go)
-	// whatever the store's sync costs, within heldBytes (0: the default);
-	// otherwise writes are never held.
+	// whatever the store's sync costs, within heldBytes (0: the log's 1
+	// MiB); otherwise writes are never held.
 	held      bool
 	heldBytes int64
 	// failStores: store syncs fail now and then; the snapshot turns
@@ -161,15 +161,17 @@ func runModel(t *testing.T, seed uint64, cfg modelConfig) (cacheWaits int64) {
 	if _, err := origin.WriteAt(model, 0); err != nil {
 		t.Fatal(err)
 	}
-	heldBytes := int64(-1)
-	if cfg.held {
-		heldBytes = cfg.heldBytes
-	}
-	e, err := NewEngine(origin, EngineOptions{HeldBytes: heldBytes})
+	e, err := NewEngine(origin, EngineOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.held.minSync = 0
+	if cfg.held {
+		l := useHeldLog(t, e, MinHeldLogSize)
+		defer l.Close()
+		if cfg.heldBytes > 0 {
+			e.held.budget = cfg.heldBytes // below the log's size: backpressure sooner
+		}
+	}
 	if !cfg.realStore {
 		e.newStore = func(_ vfs.File, o storeOptions) (clusterStore, error) { return newMemStore(o), nil }
 	}

@@ -43,10 +43,10 @@ type Config struct {
 	// CacheBytes is the copy-on-write cache budget per snapshot; 0 means
 	// the engine's default.
 	CacheBytes int64
-	// HeldBytes is the budget of held writes: first writes under a
-	// persistent snapshot answered before their commit, their origin
-	// write held until it (cow.EngineOptions.HeldBytes). 0 means the
-	// engine's default; negative: never hold.
+	// HeldBytes is the size of the held-writes log (held.go), the budget
+	// of held writes: first writes under a persistent snapshot answered
+	// before their commit, their origin write held until it. 0 means
+	// DefaultHeldBytes; negative: never hold.
 	HeldBytes int64
 	// RequestMemory bounds the request payloads held in memory by all NBD
 	// clients together (nbdsrv.Config.MaxBytes); 0 means nbdsrv's default.

@@ -42,6 +42,10 @@ func TestCreateStatusClear(t *testing.T) {
 	if err != nil || len(st.Snapshots) != 1 || st.Snapshots[0].Stats.CowCalls == 0 {
 		t.Fatalf("status %+v, %v", st, err)
 	}
+	// The status shows the held-writes budget: the default log size.
+	if st.HeldWrites.BudgetBytes != DefaultHeldBytes || st.HeldWrites.Failed {
+		t.Fatalf("status held_writes %+v, want the default budget", st.HeldWrites)
+	}
 
 	// An NBD client holding the snapshot export open makes clear refuse.
 	conn := nbdConnect(t, e.sock, "unix", "s1")

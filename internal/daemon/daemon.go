@@ -30,6 +30,7 @@ type Daemon struct {
 	originF *os.File // holds the O_EXCL open or the flock
 	ident   devinfo.Identity
 	engine  *cow.Engine
+	heldLog *cow.HeldLog // the engine's held-writes log; nil when writes are not held
 	srv     *nbdsrv.Server
 	state   *stateDir
 	started time.Time
@@ -251,7 +252,7 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	if err != nil {
 		return nil, err
 	}
-	d.engine, err = cow.NewEngine(vf, cow.EngineOptions{Logger: log, RecordInvalid: d.recordInvalid, HeldBytes: cfg.HeldBytes})
+	d.engine, err = cow.NewEngine(vf, cow.EngineOptions{Logger: log, RecordInvalid: d.recordInvalid})
 	if err != nil {
 		return nil, fmt.Errorf("origin %s: %w", cfg.Origin, err)
 	}
@@ -296,6 +297,9 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 	// Every snapshot is settled (reopened, or durably invalid) before the
 	// origin takes its first write.
 	if err := d.reopenAll(ctx); err != nil {
+		return nil, err
+	}
+	if err := d.replayHeld(ctx); err != nil {
 		return nil, err
 	}
 	d.watchRollback()
@@ -404,6 +408,12 @@ func (d *Daemon) closeAll() error {
 	if d.engine != nil {
 		if err := d.engine.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("engine: %w", err))
+		}
+	}
+	if d.heldLog != nil {
+		// After the engine: it drained the held writes into the origin.
+		if err := d.heldLog.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("held-writes log: %w", err))
 		}
 	}
 	if d.originF != nil {

@@ -43,6 +43,12 @@ func TestRestartKeepsInvalid(t *testing.T) {
 			t.Fatalf("origin write %d: %v", i, err)
 		}
 	}
+	// The writes were answered while held for their commit; the flush
+	// returns once they reached the origin, which is after the
+	// invalidation was recorded.
+	if err := d.engine.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
 	before, err := c.Snapshot(ctx, "s")
 	if err != nil || before.State != control.StateInvalid || before.Reason == "" {
 		t.Fatalf("snapshot after overflowing its store: %+v, %v", before, err)
