@@ -162,7 +162,6 @@ type dirtyConfig struct {
 	reader      bool // a concurrent reader of Changed, ChangedSince, Bases, Tracked
 }
 
-
 // dirtyWorld is the engine under test and its model.
 type dirtyWorld struct {
 	t      testing.TB

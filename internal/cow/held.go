@@ -6,7 +6,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-
 )
 
 // Held writes: persistent snapshots without synchronous first writes.
@@ -80,8 +79,8 @@ type heldWrite struct {
 // heldWrites is the engine's set of held writes.
 type heldWrites struct {
 	log     *HeldLog
-	budget  int64 // the log's size; 0 (no log): never hold
-	minSync int64 // nanoseconds: holdMinSync (tests hold whatever the sync costs)
+	budget  int64         // the log's size; 0 (no log): never hold
+	minSync int64         // nanoseconds: holdMinSync (tests hold whatever the sync costs)
 	issuing chan struct{} // semaphore of heldIssuers
 	// blocked > 0: a change of the snapshot set is draining the gate;
 	// nothing new is held meanwhile (see Engine.lockGate).
