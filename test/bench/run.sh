@@ -21,7 +21,8 @@
 # Environment: RUNS (default 3), RUNTIME seconds per fio run (default 10),
 # SIZE of the file (default 1G), OUT file for the table (default
 # /tmp/nbdsnap-bench.md), SCENARIOS=builtin to skip scenarios.d,
-# SCENARIOS=sparse for the sparse copy alone; NBDSNAP the binary of the
+# SCENARIOS=sparse for the sparse copy alone, SCENARIOS=NAME for
+# scenarios.d/NAME.sh alone (e.g. heldwrites); NBDSNAP the binary of the
 # sparse copy (default bin/nbdsnap), NBDSNAP_BEFORE an older one to compare
 # it with (default: NBDSNAP with the map ignored by nbdcopy).
 set -euo pipefail
@@ -48,7 +49,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-if [ "$SCENARIOS" != sparse ]; then
+if [ "$SCENARIOS" = all ] || [ "$SCENARIOS" = builtin ]; then
 	echo "bench: building the server" >&2
 	go build -o "$work/fileserver" ./test/bench/fileserver
 	# Random contents: a sparse or zero file would let a server answer
@@ -204,6 +205,20 @@ if [ "$SCENARIOS" = sparse ]; then
 	exit 0
 fi
 
+if [ -e "test/bench/scenarios.d/$SCENARIOS.sh" ]; then
+	# shellcheck source=/dev/null
+	. "test/bench/scenarios.d/$SCENARIOS.sh"
+	stop_all
+	{
+		echo "nbdsnap bench, scenarios.d/$SCENARIOS.sh alone, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, medians of $RUNS runs"
+		echo
+		echo "| scenario | ours | ref | unit | ours/ref | runs ours / ref |"
+		echo "|---|---|---|---|---|---|"
+		printf '%s\n' "${rows[@]}"
+	} | tee "$OUT"
+	exit 0
+fi
+
 # --- Built-in scenarios: file served as is. ---
 start_ours "$work/ours.sock"
 start_nbdkit "$work/kit.sock" file "$FILE"
@@ -257,7 +272,8 @@ done
 	echo "nbdsnap bench, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, file $SIZE in /dev/shm," \
 		"medians of $RUNS fio runs of ${RUNTIME}s; ours = internal/nbdsrv (test/bench/fileserver), ref = nbdkit $(nbdkit --version | awk '{print $2}');" \
 		"in the backup rows (scenarios.d/backup.sh, medians of $RUNS copies), ours = an incremental copy through qemu:dirty-bitmap, ref = a full nbdcopy;" \
-		"in the rollback rows (scenarios.d/rollback.sh), ours = nbdsnap rollback --wait, ref = nbdcopy of the snapshot's export onto the origin export"
+		"in the rollback rows (scenarios.d/rollback.sh), ours = nbdsnap rollback --wait, ref = nbdcopy of the snapshot's export onto the origin export;" \
+		"in the held-writes rows (scenarios.d/heldwrites.sh), ours and ref are the modes the row names"
 	echo
 	echo "| scenario | ours | ref | unit | ours/ref | runs ours / ref |"
 	echo "|---|---|---|---|---|---|"
