@@ -64,6 +64,10 @@ func (e *Engine) Extents(ctx context.Context, off, length int64) ([]Extent, erro
 		out.add(length, false)
 		return out, nil
 	}
+	// A held write (held.go) to a hole is not in the file yet: the map
+	// waits for the held writes it overlaps, as a read does, or a client
+	// would skip the data it was told is written.
+	e.held.waitOverlaps(off, length)
 	exts, err := originExtents(e.origin, off, off+length)
 	if err != nil {
 		return nil, fmt.Errorf("cow: origin: %w", err)

@@ -27,10 +27,11 @@ import (
 //     for them first, as a waiting request does.
 //   - A write is registered before it is answered (hold), and every origin
 //     modification and origin read overlapping a registered write waits
-//     until it is on the origin (settle, Engine.ReadAt); a held write waits
-//     for the registered writes it overlaps (issueHeld). So reads see every
-//     answered write, and writes to one range reach the origin in the order
-//     they were answered, whatever the connection: multi-conn stays true.
+//     until it is on the origin (settle, Engine.ReadAt, Engine.Extents); a
+//     held write waits for the registered writes it overlaps (issueHeld).
+//     So reads and block status see every answered write, and writes to one
+//     range reach the origin in the order they were answered, whatever the
+//     connection: multi-conn stays true.
 //   - FLUSH returns only once every write registered before it is on the
 //     origin and the origin was synced (Engine.Flush); an origin error of a
 //     held write fails every later FLUSH, as a disk reports a lost cached

@@ -147,12 +147,17 @@ func TestHeldAnswersBeforeCommit(t *testing.T) {
 	p := make([]byte, 8192)
 	r := async(func() error { return f.e.ReadAt(ctx, p, 0) })
 	pending(t, r, "read of the held range")
+	ext := async(func() error { _, err := f.e.Extents(ctx, 0, 8192); return err })
+	pending(t, ext, "block status of the held range")
 	other := make([]byte, 4096)
 	if err := f.e.ReadAt(ctx, other, 512<<10); err != nil || !bytes.Equal(other, f.frozen[512<<10:512<<10+4096]) {
 		t.Fatalf("read elsewhere: %v", err)
 	}
 	f.commits.Unlock()
 	if err := returns(t, r, "read"); err != nil {
+		t.Fatal(err)
+	}
+	if err := returns(t, ext, "block status"); err != nil {
 		t.Fatal(err)
 	}
 	want := bytes.Clone(f.frozen[:8192])

@@ -272,8 +272,9 @@ func Start(ctx context.Context, cfg Config) (_ *Daemon, err error) {
 		MetaContexts: func() []nbdsrv.MetaContext {
 			return dirtyContexts(d.engine.Tracked(), d.engine.ChangedSince)
 		},
-		// Every write has completed on the origin before it is answered,
-		// and a flush on any connection syncs the whole origin.
+		// Every answered write is seen by reads on every connection (a
+		// held write is waited for, cow's held.go), and a flush on any
+		// connection makes every write answered before it durable.
 		MultiConn: true,
 	}); err != nil {
 		return nil, fmt.Errorf("export origin: %w", err)
