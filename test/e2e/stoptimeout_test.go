@@ -60,7 +60,7 @@ func TestStopTimeoutStalledStore(t *testing.T) {
 		size     int  // bytes written at 32 MiB while the store is stalled
 		cacheful bool // the write waits for cache space, not inside the store
 		answered bool
-		held     bool // answered before the stall is seen, on the origin only after the restart
+		held     bool   // answered before the stall is seen, on the origin only after the restart
 		said     string // in the daemon's last line, after "stop forced at the stop timeout: "
 	}{
 		{"write waits for the cache", 20 << 20, true, true, false, "snapshot(s) s invalidated (" + stoppedReason + ")"},
