@@ -40,6 +40,13 @@
 //     syncs are slow (a disk), the committer lingers briefly for the requests
 //     the previous commit released, so that concurrent writers share syncs
 //     instead of alternating in two halves.
+//   - Held writes (held.go): with a held-writes log (UseHeldLog), a plain
+//     write whose commit a slow store would make it wait for is answered
+//     once its old clusters are cached, and its origin write is held until
+//     the commit, which is then due lazily and gathers many clusters. Reads,
+//     block status, overlapping writes, FLUSH and changes of the snapshot
+//     set wait for held writes; the log lets the owner replay them after a
+//     crash of the process (heldlog.go).
 //   - Transient mode is exactly fss: the modification waits only for the copy
 //     into the cache, the store is never synced and cannot be reopened.
 //   - Snapshots sharing a cluster size share one origin read per cluster.

@@ -2,6 +2,7 @@ package cow
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -313,14 +314,6 @@ func parseHeldLog(b []byte, tag string) ([]HeldRecord, error) {
 			at = 0
 		}
 	}
-	slices.SortFunc(out, func(a, b HeldRecord) int {
-		switch {
-		case a.Seq < b.Seq:
-			return -1
-		case a.Seq > b.Seq:
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(out, func(a, b HeldRecord) int { return cmp.Compare(a.Seq, b.Seq) })
 	return out, nil
 }

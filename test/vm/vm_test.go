@@ -30,6 +30,7 @@ var scenarios = []string{
 	"tls",         // the kernel client over TCP with TLS: client certificates, allow-lists, plain TCP refused
 	"incremental", // full dd of s1, then only the ranges `nbdsnap diff s1 s2` lists: equals s2, e2fsck clean
 	"rollback",    // refused while attached; umount, detach, rollback s1 --wait: set A exactly; again with --consume
+	"heldwrites",  // kill -9 with held writes: replayed at the restart, nothing answered lost
 }
 
 // A boot may last bootTimeout per scenario it runs, and its console may stay

@@ -47,6 +47,16 @@
 //     again passes e2fsck -fn and holds set A exactly. s1 is kept: after more
 //     changes, `rollback s1 --wait --consume` brings set A back again and
 //     clears s1 (gone from the list, its backing store removed).
+//   - heldwrites: held writes across a kill -9 of the daemon, snap1's store
+//     on a block device nbdkit serves (/dev/nbd2: its sync is slow enough
+//     for the daemon to hold writes, and the scenario can stop it): a
+//     synced burst (the daemon must have held some of its writes), unsynced
+//     files, then O_DIRECT overwrites with the store stopped (answered,
+//     never flushed, all first writes still held) and the kill; after
+//     detach, lazy umount and a restart, which replays the held writes, the
+//     origin passes e2fsck -fn once its journal is replayed and holds every
+//     synced file and every answered write exactly, and the snapshot is
+//     byte-identical to the create instant and passes e2fsck -fn.
 //
 // Reconnecting: Debian 12's nbd-client (3.24) attaches through netlink and
 // exits; it cannot reconnect such a device (in 3.24 -persist is handled only
@@ -90,6 +100,7 @@ var scenarios = map[string]func(context.Context, *guest) error{
 	"tls":         scenarioTLS,
 	"incremental": scenarioIncremental,
 	"rollback":    scenarioRollback,
+	"heldwrites":  scenarioHeldWrites,
 	"powerloss":   scenarioPowerLoss,
 }
 

@@ -90,12 +90,15 @@ const (
 )
 
 // createOrigin makes the sparse origin image.
-func createOrigin() error {
-	f, err := os.OpenFile(originImage, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+func createOrigin() error { return createImage(originImage, originSize) }
+
+// createImage makes a new sparse image file of size bytes.
+func createImage(path string, size int64) error {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return err
 	}
-	if err := f.Truncate(originSize); err != nil {
+	if err := f.Truncate(size); err != nil {
 		f.Close()
 		return err
 	}
@@ -179,10 +182,13 @@ func (g *guest) nbdsnap(ctx context.Context, args ...string) (string, error) {
 	return g.run(ctx, "nbdsnap", append(args, "--control", controlSock)...)
 }
 
-// createSnap1 takes the scenarios' snapshot, snap1, into /work/snap1.cow,
-// with further create flags.
+// snap1Store is the backing store of the scenarios' snapshot, snap1.
+const snap1Store = "/work/snap1.cow"
+
+// createSnap1 takes the scenarios' snapshot, snap1, into snap1Store, with
+// further create flags.
 func (g *guest) createSnap1(ctx context.Context, flags ...string) error {
-	_, err := g.nbdsnap(ctx, append([]string{"create", "snap1", "--backing", "/work/snap1.cow"}, flags...)...)
+	_, err := g.nbdsnap(ctx, append([]string{"create", "snap1", "--backing", snap1Store}, flags...)...)
 	return err
 }
 

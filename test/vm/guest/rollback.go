@@ -21,7 +21,7 @@ const (
 )
 
 // rbStatus is the part of `nbdsnap status --json` (the daemon's) the
-// rollback scenario checks.
+// rollback and heldwrites scenarios check.
 type rbStatus struct {
 	Rollback *struct {
 		Snapshot       string    `json:"snapshot"`
@@ -38,6 +38,11 @@ type rbStatus struct {
 		ClusterSize    int64  `json:"cluster_size"`
 		ClustersCopied int64  `json:"clusters_copied"`
 	} `json:"snapshots"`
+	HeldWrites struct {
+		Writes int64 `json:"writes"` // held now
+		Total  int64 `json:"total"`  // held since the daemon started
+		Failed bool  `json:"failed"`
+	} `json:"held_writes"`
 }
 
 // daemonStatus reads `nbdsnap status --json` without a snapshot name.

@@ -425,6 +425,28 @@ func compareDevice(dev, ref string) error {
 	}
 }
 
+// createInstantImage is the origin image as it was at snap1's create
+// instant, kept by createSnap1Unmounted.
+const createInstantImage = "/work/create-instant.img"
+
+// createSnap1Unmounted unmounts the origin's file system, keeps a copy of
+// the origin image in createInstantImage, creates snap1 (a persistent
+// snapshot) on a backing store and mounts the file system again. With the
+// file system unmounted nothing writes, so the copy is exactly what the
+// snapshot must keep.
+func (g *guest) createSnap1Unmounted(ctx context.Context, backing string) error {
+	if err := g.umount(ctx, originMnt); err != nil {
+		return err
+	}
+	if err := copySparse(originImage, createInstantImage); err != nil {
+		return err
+	}
+	if _, err := g.nbdsnap(ctx, "create", "snap1", "--backing", backing); err != nil {
+		return err
+	}
+	return g.mount(ctx, nbd0, originMnt, "rw")
+}
+
 // crashUnderLoad runs the write load on the mounted origin, kills the server
 // with SIGKILL while writes are in flight, restarts it and reconnects
 // /dev/nbd0; the load must then go on for a while more and end without a
@@ -493,40 +515,43 @@ func waitInflightWrites(ctx context.Context, dev string) (int, error) {
 	return 0, fmt.Errorf("no write in flight on %s for 20s although the load runs", dev)
 }
 
+// startNbdkit serves an image file with nbdkit on a unix socket, any export
+// name, and waits until it accepts connections.
+func (g *guest) startNbdkit(ctx context.Context, sock, image, pidFile string) (*proc, error) {
+	os.Remove(sock) // nbdkit refuses a stale socket
+	os.Remove(pidFile)
+	// nbdkit writes its pid file once it accepts connections.
+	srv, err := g.start("nbdkit", nil, "nbdkit", "-f", "-U", sock, "-P", pidFile, "file", image)
+	if err != nil {
+		return nil, err
+	}
+	for {
+		if _, err := os.Stat(pidFile); err == nil {
+			return srv, nil
+		}
+		if srv.exited() {
+			return nil, fmt.Errorf("nbdkit exited: %v", srv.err)
+		}
+		if err := sleepCtx(ctx, 20); err != nil {
+			srv.kill()
+			return nil, err
+		}
+	}
+}
+
 // scenarioReference proves the harness on nbdkit: attach, ext4, a write
 // load across a kill -9 of the server and the reconnection, e2fsck clean.
 func scenarioReference(ctx context.Context, g *guest) error {
 	const sock, image, pidFile = "/run/nbdkit.sock", "/work/ref.img", "/run/nbdkit.pid"
 	var srv *proc
 	startNbdkit := func() (err error) {
-		os.Remove(sock) // nbdkit refuses a stale socket
-		os.Remove(pidFile)
-		// nbdkit writes its pid file once it accepts connections.
-		srv, err = g.start("nbdkit", nil, "nbdkit", "-f", "-U", sock, "-P", pidFile, "file", image)
-		if err != nil {
-			return err
-		}
-		for {
-			if _, err := os.Stat(pidFile); err == nil {
-				return nil
-			}
-			if srv.exited() {
-				return fmt.Errorf("nbdkit exited: %v", srv.err)
-			}
-			if err := sleepCtx(ctx, 20); err != nil {
-				return err
-			}
-		}
+		srv, err = g.startNbdkit(ctx, sock, image, pidFile)
+		return err
 	}
 	if err := g.step("nbdkit", func() error {
-		f, err := os.Create(image)
-		if err != nil {
+		if err := createImage(image, originSize); err != nil {
 			return err
 		}
-		if err := f.Truncate(originSize); err != nil {
-			return err
-		}
-		f.Close()
 		return startNbdkit()
 	}); err != nil {
 		return err
@@ -583,22 +608,7 @@ func scenarioCrash(ctx context.Context, g *guest) error {
 	if err != nil {
 		return err
 	}
-	// The create instant's image: with the file system unmounted nothing
-	// writes, so a copy of the origin now is exactly what the snapshot
-	// must keep.
-	const ref = "/work/create-instant.img"
-	if err := g.step("umount, copy the origin, create, mount", func() error {
-		if err := g.umount(ctx, originMnt); err != nil {
-			return err
-		}
-		if err := copySparse(originImage, ref); err != nil {
-			return err
-		}
-		if err := g.createSnap1(ctx); err != nil {
-			return err
-		}
-		return g.mount(ctx, nbd0, originMnt, "rw")
-	}); err != nil {
+	if err := g.step("umount, copy the origin, create, mount", func() error { return g.createSnap1Unmounted(ctx, snap1Store) }); err != nil {
 		return err
 	}
 	m := a.clone()
@@ -624,7 +634,7 @@ func scenarioCrash(ctx context.Context, g *guest) error {
 			return err
 		}
 		start := time.Now()
-		if err := compareDevice(nbd1, ref); err != nil {
+		if err := compareDevice(nbd1, createInstantImage); err != nil {
 			return err
 		}
 		g.log.Info("snapshot read and compared", "MiB_per_s", fmt.Sprintf("%.1f", float64(originSize>>20)/time.Since(start).Seconds()))
