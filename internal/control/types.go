@@ -58,7 +58,7 @@ type Status struct {
 // HeldWrites describes the held writes.
 type HeldWrites struct {
 	BudgetBytes int64 `json:"budget_bytes"` // the most they may cost; 0: writes are never held
-	Bytes       int64 `json:"bytes"`        // what those held now cost (payload and 4 KiB each)
+	Bytes       int64 `json:"bytes"`        // what those held now cost (payload and 8 KiB each)
 	Writes      int64 `json:"writes"`       // held now
 	Total       int64 `json:"total"`        // held since the daemon started
 	// Failed: a held write could not be written to the origin; every

@@ -53,7 +53,7 @@ import (
 const (
 	// heldWriteCost is what a held write costs besides its payload: its
 	// goroutine, entry and channel. It bounds the number of goroutines.
-	heldWriteCost = 4 << 10
+	heldWriteCost = 8 << 10
 	// heldIssuers bounds the held writes writing the origin at once, so
 	// that a commit releasing thousands does not start as many threads.
 	heldIssuers = 16

@@ -145,7 +145,7 @@ var (
 	descRollback    = prometheus.NewDesc("nbdsnap_rollback_remaining_bytes", "Bytes a rollback under way has still to copy back (only during one).", []string{"origin", "snapshot", "state"}, nil)
 	descRollbackAll = prometheus.NewDesc("nbdsnap_rollback_total_bytes", "Bytes a rollback under way copies back in all (only during one).", []string{"origin", "snapshot"}, nil)
 	descHeld        = prometheus.NewDesc("nbdsnap_held_writes", "Origin writes answered before their snapshots' commit and not yet on the origin.", []string{"origin"}, nil)
-	descHeldBytes   = prometheus.NewDesc("nbdsnap_held_writes_bytes", "What the held writes cost now (payload and 4 KiB each).", []string{"origin"}, nil)
+	descHeldBytes   = prometheus.NewDesc("nbdsnap_held_writes_bytes", "What the held writes cost now (payload and 8 KiB each).", []string{"origin"}, nil)
 	descHeldBudget  = prometheus.NewDesc("nbdsnap_held_writes_budget_bytes", "The most held writes may cost (--held-size); 0: writes are never held.", []string{"origin"}, nil)
 	descHeldTotal   = prometheus.NewDesc("nbdsnap_held_writes_total", "Origin writes held since the daemon started.", []string{"origin"}, nil)
 )
