@@ -59,7 +59,7 @@ const (
 	heldIssuers = 16
 	// heldGranuleShift sizes the granules of the overlap index.
 	heldGranuleShift = 20
-	// holdMinSync: a snapshot whose last sync took less (tmpfs) gains
+	// holdMinSync: a snapshot whose syncs take less (tmpfs) gains
 	// nothing from held writes (its commits are cheap), and the copy of the
 	// payload would cost more than the wait: writes wait for it instead.
 	holdMinSync = 100 * time.Microsecond

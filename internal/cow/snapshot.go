@@ -101,8 +101,8 @@ type Snapshot struct {
 	lingerUp    bool
 	lingerCond  sync.Cond
 	lingerTimer *time.Timer
-	// syncCost is the last commit's sync time in nanoseconds, read
-	// without mu by Engine.hold.
+	// syncCost is the commits' sync time in nanoseconds, averaged (see
+	// commitLocked), read without mu by Engine.hold.
 	syncCost atomic.Int64
 	// Lazy commits (waitLazy): held writes waiting, a commit asked for
 	// now (hurry), the held writes' delay expired, and its timer.
@@ -523,7 +523,14 @@ func (s *Snapshot) commitLocked(linger bool) {
 	// The requests this commit releases will likely come back with their
 	// next clusters, while those that arrived during it wait (see linger).
 	s.expect, s.lastSync = len(batch)+len(s.pending), syncTime
-	s.syncCost.Store(int64(syncTime))
+	// A moving average (weight 1/8 for the new sample), so that one slow
+	// sync of a fast store does not make writes held, nor one fast sync of
+	// a slow store stop it.
+	if c := s.syncCost.Load(); c == 0 {
+		s.syncCost.Store(int64(syncTime))
+	} else {
+		s.syncCost.Store(c + (int64(syncTime)-c)/8)
+	}
 	if err != nil {
 		s.failLocked(fmt.Sprintf("write backing store: %v", err))
 	} else {
