@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"math/rand/v2"
+	"os"
 	"path/filepath"
 	"sync"
 	"syscall"
@@ -404,6 +405,25 @@ func TestHeldLogAfterKill(t *testing.T) {
 	}
 	if recs, err := ReadHeldLog(f.log.f.Name(), "another boot"); err != nil || recs != nil {
 		t.Fatalf("a log of another tag: %d records, %v", len(recs), err)
+	}
+	for _, c := range []struct {
+		name    string
+		content []byte
+		err     error
+	}{
+		{"missing", nil, nil},
+		{"empty", []byte{}, nil},
+		{"not ours", []byte("precious data of somebody else"), ErrNotHeldLog},
+	} {
+		p := filepath.Join(t.TempDir(), "held")
+		if c.content != nil {
+			if err := os.WriteFile(p, c.content, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if recs, err := ReadHeldLog(p, "test"); !errors.Is(err, c.err) || len(recs) != 0 {
+			t.Errorf("%s file: %d records, %v; want none, %v", c.name, len(recs), err, c.err)
+		}
 	}
 	f.commits.Unlock()
 	if err := f.e.Flush(ctx); err != nil {

@@ -242,11 +242,17 @@ func (l *HeldLog) storeEnds() {
 // something else wrote the file.
 var ErrHeldLogDamaged = errors.New("held-writes log damaged")
 
+// ErrNotHeldLog: a file that is not empty and not a held-writes log of a
+// version this program reads. The owner must not overwrite it: it is not
+// ours, or it is a newer program's.
+var ErrNotHeldLog = errors.New("not a held-writes log")
+
 // ReadHeldLog returns the held records of the log at path, in sequence
 // order: the writes a killed daemon answered and may not have issued. A
-// missing or empty file, a file that is not a log, or a log of another tag
-// (another boot, whose page cache is gone with the writes it had; another
-// origin) holds none. The records' data is copied out of the file.
+// missing or empty file, or a log of another tag (another boot, whose page
+// cache is gone with the writes it had; another origin) holds none; any
+// other file fails with ErrNotHeldLog. The records' data is copied out of
+// the file.
 func ReadHeldLog(path, tag string) ([]HeldRecord, error) {
 	b, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
@@ -260,9 +266,12 @@ func ReadHeldLog(path, tag string) ([]HeldRecord, error) {
 
 // parseHeldLog is ReadHeldLog on the file's bytes.
 func parseHeldLog(b []byte, tag string) ([]HeldRecord, error) {
+	if len(b) == 0 {
+		return nil, nil
+	}
 	if len(b) < heldLogHeaderSize || !bytes.Equal(b[:8], []byte(heldLogMagic)) ||
 		binary.LittleEndian.Uint32(b[8:]) != heldLogVersion {
-		return nil, nil
+		return nil, ErrNotHeldLog
 	}
 	tl := binary.LittleEndian.Uint32(b[12:])
 	if tl > heldMaxTag || string(b[16:16+tl]) != tag {

@@ -406,15 +406,26 @@ func (d *Daemon) closeAll() error {
 	}
 	d.bgCancel()
 	d.bg.Wait()
+	engineClosed := false
 	if d.engine != nil {
 		if err := d.engine.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("engine: %w", err))
+		} else {
+			engineClosed = true
 		}
 	}
 	if d.heldLog != nil {
-		// After the engine: it drained the held writes into the origin.
+		// After the engine, which drained the held writes into the
+		// origin. A log with nothing left to replay is removed, which
+		// gives its tmpfs pages back; otherwise the next start replays it.
+		drained := engineClosed && d.engine.Held().Writes == 0
 		if err := d.heldLog.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("held-writes log: %w", err))
+		}
+		if drained {
+			if err := os.Remove(heldLogPath(d.cfg.Control, d.cfg.Name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, fmt.Errorf("held-writes log: %w", err))
+			}
 		}
 	}
 	if d.originF != nil {

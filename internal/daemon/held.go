@@ -54,6 +54,9 @@ func (d *Daemon) replayHeld(ctx context.Context) error {
 		return nil
 	}
 	recs, err := cow.ReadHeldLog(path, tag)
+	if errors.Is(err, cow.ErrNotHeldLog) {
+		return fmt.Errorf("%s is in the way of the held-writes log: %w; it is left as it is (move it, or give --control another directory)", path, err)
+	}
 	if err != nil {
 		return fmt.Errorf("held-writes log %s: %w: the origin is not served, since the log may hold writes a killed daemon answered; move it aside only if you accept losing them", path, err)
 	}

@@ -22,6 +22,13 @@
 # before each sample, so that the previous one's dirty pages are not
 # written back during it.
 #
+# The ceiling: what the location's file system writes synced (fio, 16M
+# sequential writes each followed by fdatasync, HELD_PASS), against the
+# copies transient first writes put in the page cache per second (qd1:
+# IOPS x 64 KiB; qd32: its MiB/s): a persistent snapshot must make those
+# copies durable, so where the ratio is under 1 it bounds persistent first
+# writes whatever holding hides.
+#
 # Memory: one 4-connection storm per location and mode (fio --numjobs=4,
 # 64k random writes at QD32, HELD_PASS each) to a fresh persistent snapshot;
 # the row is the daemon's peak RSS (VmHWM) afterwards, held vs unheld.
@@ -147,6 +154,13 @@ for spec in "${hw_spec[@]}"; do
 		done
 	done
 	for m in held unheld; do hw_sample "$loc" "$dir" storm "$m" 1; done
+	for i in $(seq "$RUNS"); do
+		sync
+		v=$(fio --name=sync --rw=write --bs=16M --fdatasync=1 --size="$HELD_PASS" --filename="$dir/synced.img" \
+			--output-format=json | jq '.jobs[0].write.bw_bytes / 1048576')
+		rm -f "$dir/synced.img"
+		printf '%s\tsynced\tfio\t%s\t%.1f\n' "$loc" "$i" "$v" | tee -a "$HELD_SAMPLES" >&2
+	done
 	rm -rf "$dir"
 done
 hw_cleanup
@@ -178,6 +192,13 @@ for loc in "${hw_locs[@]}"; do
 	hw_row "held writes, $loc, 4k random QD1 fsync=8: persistent (held) vs QEMU fleecing" "$loc" fsync8 held qemu IOPS
 	hw_row "held writes, $loc, 4k random QD1 fsync=8: transient vs QEMU fleecing" "$loc" fsync8 transient qemu IOPS
 	hw_row "held writes, $loc, peak RSS after a 4-connection 64k QD32 storm: held vs not held" "$loc" storm held unheld MiB
+	synced=$(hw_col "$loc" synced fio | median)
+	copies1=$(echo "$(hw_col "$loc" qd1 transient | median) * 64 / 1024" | bc -l)
+	copies32=$(hw_col "$loc" qd32 transient | median)
+	rows+=("$(printf '| held writes, %s, ceiling: synced write bandwidth (fio 16M + fdatasync) vs the copies of transient first writes, 4k QD1 one per cluster | %.0f | %.0f | MiB/s | %.3fx | %s |' \
+		"$loc" "$synced" "$copies1" "$(echo "$synced / $copies1" | bc -l)" "$(printf '%.0f ' $(hw_col "$loc" synced fio))")")
+	rows+=("$(printf '| held writes, %s, ceiling: synced write bandwidth (fio 16M + fdatasync) vs the copies of transient first writes, 64k QD32 | %.0f | %.0f | MiB/s | %.3fx | %s |' \
+		"$loc" "$synced" "$copies32" "$(echo "$synced / $copies32" | bc -l)" "$(printf '%.0f ' $(hw_col "$loc" synced fio))")")
 done
 for job in 4k-qd1 64k-qd32; do
 	hw_row "held writes, engine, store sync +2 ms, first writes $job: persistent (held) vs transient" synclat2ms "$job" persistent transient writes/s
