@@ -204,13 +204,12 @@ func (e *Engine) issueHeld(w *heldWrite, before []*heldWrite) {
 	// Marked issued even when the write failed: its error fails every
 	// later FLUSH, and a record that stayed would stop the ring.
 	h.log.issued(w.rec)
-	if err != nil {
-		err = fmt.Errorf("cow: write origin at %d (held write): %w", w.off, err)
-		e.log.Error("a held write failed: the next flushes fail", "offset", w.off, "length", w.end-w.off, "err", err)
-	}
 	h.mu.Lock()
 	if err != nil && h.err == nil {
-		h.err = err
+		// Logged once: every later FLUSH fails from here on anyway, and
+		// a dead origin would otherwise log a line per held write.
+		h.err = fmt.Errorf("cow: write origin at %d (held write): %w", w.off, err)
+		e.log.Error("a held write failed: every later flush fails", "offset", w.off, "length", w.end-w.off, "err", h.err)
 	}
 	granulesOf(w.off, w.end, func(g int64) {
 		ws := h.granules[g]
