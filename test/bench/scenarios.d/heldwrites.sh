@@ -42,8 +42,9 @@
 #
 # Uses run.sh's RUNS, $work, pids, rows, median and cleanup. Overrides:
 # HELD_NBDSNAP (run.sh's NBDSNAP, else bin/nbdsnap; copied), HELD_LOCATIONS,
-# HELD_SIZE (1G), HELD_PASS (512M), HELD_SAMPLES (default
-# $work/held-samples.tsv).
+# HELD_SIZE (1G), HELD_PASS (512M; at least 16M, the ceiling's fio block), HELD_SAMPLES (default
+# $work/held-samples.tsv), HELD_BENCHTIME (the engine benchmark's
+# -test.benchtime, default 8192x).
 for tool in fio jq qemu-storage-daemon go; do
 	command -v "$tool" >/dev/null || { echo "bench: $tool is not installed (make deps)" >&2; exit 1; }
 done
@@ -54,6 +55,7 @@ HELD_LOCATIONS=${HELD_LOCATIONS:-disk=/var/tmp,tmpfs=/dev/shm}
 HELD_SIZE=${HELD_SIZE:-1G}
 HELD_PASS=${HELD_PASS:-512M}
 HELD_SAMPLES=${HELD_SAMPLES:-$work/held-samples.tsv}
+HELD_BENCHTIME=${HELD_BENCHTIME:-8192x}
 echo "bench: held writes: persistent first writes held, not held and transient, fio over NBD" >&2
 
 hw_dirs=()
@@ -169,7 +171,7 @@ trap cleanup EXIT
 
 echo "bench: held writes: the engine with a store whose sync takes 2 ms (BenchmarkFirstWriteSyncLatency)" >&2
 go test -c -o "$hw/cow.test" ./internal/cow
-(cd "$hw" && ./cow.test -test.run '^$' -test.bench 'BenchmarkFirstWriteSyncLatency' -test.benchtime 8192x \
+(cd "$hw" && ./cow.test -test.run '^$' -test.bench 'BenchmarkFirstWriteSyncLatency' -test.benchtime "$HELD_BENCHTIME" \
 	-test.count "$RUNS") | awk '/^BenchmarkFirstWriteSyncLatency/ { split($1, n, "/"); sub(/-[0-9]+$/, "", n[3]); print "synclat2ms\t" n[2] "\t" n[3] "\t-\t" 1e9 / $3 }' |
 	tee -a "$HELD_SAMPLES" >&2
 

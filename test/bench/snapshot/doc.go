@@ -9,7 +9,8 @@
 //   - nbdsnap-pprof/ is the nbdsnap CLI with a net/http/pprof listener, for
 //     profiling the daemon under these workloads without touching its code;
 //   - smoke_test.go runs the driver with tiny sizes in `make test`, so the
-//     harness cannot rot.
+//     harness cannot rot, and the held-writes rows (scenarios.d/heldwrites.sh)
+//     the same way.
 //
 // test/bench/scenarios.d/snapshot.sh hooks the driver into test/bench/run.sh.
 package snapshot

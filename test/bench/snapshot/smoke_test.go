@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -113,5 +114,62 @@ func TestBenchSmoke(t *testing.T) {
 	}
 	if !bytes.HasPrefix(png, []byte("\x89PNG")) || len(png) < 10000 {
 		t.Errorf("chart.png: %d bytes, not a plausible PNG chart", len(png))
+	}
+}
+
+// TestHeldWritesBenchSmoke runs the held-writes rows of `make bench`
+// (SCENARIOS=heldwrites test/bench/run.sh) with tiny sizes, one run and one
+// location, and checks that every row has its two numbers.
+func TestHeldWritesBenchSmoke(t *testing.T) {
+	for _, tool := range []string{"fio", "nbdkit", "qemu-storage-daemon", "nbdcopy", "jq", "bc", "go", "bash"} {
+		testenv.RequireTool(t, tool)
+	}
+	root, err := filepath.Abs("../../..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmp := t.TempDir()
+	bin := filepath.Join(tmp, "nbdsnap")
+	build := exec.Command("go", "build", "-o", bin, "./cmd/nbdsnap")
+	build.Dir = root
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build nbdsnap: %v\n%s", err, out)
+	}
+	loc := filepath.Join(tmp, "loc")
+	if err := os.Mkdir(loc, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(tmp, "results.md")
+	cmd := exec.Command("bash", "test/bench/run.sh")
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), "SCENARIOS=heldwrites", "RUNS=1", "NBDSNAP="+bin, "OUT="+out,
+		"HELD_LOCATIONS=tmp="+loc, "HELD_SIZE=32M", "HELD_PASS=16M", "HELD_BENCHTIME=64x")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	t0 := time.Now()
+	if _, err := cmd.Output(); err != nil {
+		t.Fatalf("benchmark: %v\n%s", err, stderr.String())
+	}
+	t.Logf("smoke run took %v", time.Since(t0))
+	md, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rows := 0
+	for _, line := range strings.Split(string(md), "\n") {
+		cells := strings.Split(line, "|")
+		if len(cells) != 8 || !strings.HasPrefix(strings.TrimSpace(cells[1]), "held writes, ") {
+			continue
+		}
+		rows++
+		for _, c := range cells[2:4] {
+			if v, err := strconv.ParseFloat(strings.TrimSpace(c), 64); err != nil || v <= 0 {
+				t.Errorf("row %q: %q is not a measurement", strings.TrimSpace(cells[1]), c)
+			}
+		}
+	}
+	// Per location 8 rows and 2 ceilings, and 4 rows of the engine.
+	if rows != 14 {
+		t.Errorf("%d held-writes rows, want 14:\n%s", rows, md)
 	}
 }
