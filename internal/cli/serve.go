@@ -160,6 +160,9 @@ func (o *serveOptions) run(cmd *cobra.Command, origin, version string) error {
 	if o.waitStores < 0 {
 		return usagef("--wait-stores must not be negative")
 	}
+	if o.heldSize > 0 && o.heldSize < cow.MinHeldLogSize {
+		return usagef("--held-size must be 0 (no held writes) or at least %s", formatSize(cow.MinHeldLogSize))
+	}
 	if err := o.tls.Check(); err != nil {
 		return usageError{err}
 	}

@@ -403,7 +403,8 @@ func TestHeldLogAfterKill(t *testing.T) {
 	if !bytes.Equal(img, want) {
 		t.Fatalf("origin plus the log differs from the answered writes at %d", firstDiff(img, want))
 	}
-	if recs, err := ReadHeldLog(f.log.f.Name(), "another boot"); err != nil || recs != nil {
+	var other *OtherTagError
+	if recs, err := ReadHeldLog(f.log.f.Name(), "another boot"); !errors.As(err, &other) || other.Tag != "test" || recs != nil {
 		t.Fatalf("a log of another tag: %d records, %v", len(recs), err)
 	}
 	for _, c := range []struct {

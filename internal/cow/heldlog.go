@@ -247,12 +247,20 @@ var ErrHeldLogDamaged = errors.New("held-writes log damaged")
 // ours, or it is a newer program's.
 var ErrNotHeldLog = errors.New("not a held-writes log")
 
+// OtherTagError: the log belongs to another owner tag (another boot, whose
+// page cache is gone with the writes it had; another origin): its records
+// must not be replayed here.
+type OtherTagError struct{ Tag string }
+
+func (e *OtherTagError) Error() string {
+	return fmt.Sprintf("cow: held-writes log of another boot or origin (tag %q)", e.Tag)
+}
+
 // ReadHeldLog returns the held records of the log at path, in sequence
 // order: the writes a killed daemon answered and may not have issued. A
-// missing or empty file, or a log of another tag (another boot, whose page
-// cache is gone with the writes it had; another origin) holds none; any
-// other file fails with ErrNotHeldLog. The records' data is copied out of
-// the file.
+// missing or empty file holds none; a log of another tag fails with an
+// *OtherTagError, any other file that is not a log with ErrNotHeldLog. The
+// records' data is copied out of the file.
 func ReadHeldLog(path, tag string) ([]HeldRecord, error) {
 	b, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
@@ -274,8 +282,11 @@ func parseHeldLog(b []byte, tag string) ([]HeldRecord, error) {
 		return nil, ErrNotHeldLog
 	}
 	tl := binary.LittleEndian.Uint32(b[12:])
-	if tl > heldMaxTag || string(b[16:16+tl]) != tag {
-		return nil, nil
+	if tl > heldMaxTag {
+		return nil, fmt.Errorf("cow: %w: a tag of %d bytes", ErrHeldLogDamaged, tl)
+	}
+	if got := string(b[16 : 16+tl]); got != tag {
+		return nil, &OtherTagError{Tag: got}
 	}
 	size := binary.LittleEndian.Uint64(b[80:])
 	if size%heldRecordHeader != 0 || size != uint64(len(b)-heldLogHeaderSize) {

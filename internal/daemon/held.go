@@ -54,6 +54,21 @@ func (d *Daemon) replayHeld(ctx context.Context) error {
 		return nil
 	}
 	recs, err := cow.ReadHeldLog(path, tag)
+	var other *cow.OtherTagError
+	if errors.As(err, &other) {
+		// Not replayed: of an earlier boot, its writes went with that
+		// boot's page cache, as the origin's own unflushed writes did; of
+		// another origin identity (the origin moved, --accept-moved-origin),
+		// they cannot be told to belong to this one.
+		bootNow, _, _ := strings.Cut(tag, ":")
+		if bootThen, _, _ := strings.Cut(other.Tag, ":"); bootThen == bootNow {
+			d.log.Warn("the held-writes log a killed daemon left is of another origin identity: its writes are not replayed and are lost",
+				"log", path, "tag", other.Tag)
+		} else {
+			d.log.Info("the held-writes log is of an earlier boot: not replayed", "log", path)
+		}
+		recs, err = nil, nil
+	}
 	if errors.Is(err, cow.ErrNotHeldLog) {
 		return fmt.Errorf("%s is in the way of the held-writes log: %w; it is left as it is (move it, or give --control another directory)", path, err)
 	}

@@ -3,9 +3,13 @@ package daemon
 import (
 	"bytes"
 	"context"
+	"log/slog"
 	"os"
 	"strings"
 	"testing"
+
+	"github.com/nbdsnap/nbdsnap/internal/cow"
+	"github.com/nbdsnap/nbdsnap/internal/testenv"
 )
 
 // A file at the held-writes log's path that is not a log is somebody
@@ -58,5 +62,40 @@ func TestHeldLogRemovedAtCleanStop(t *testing.T) {
 	}
 	if _, err := os.Stat(path); !os.IsNotExist(err) {
 		t.Fatalf("the held-writes log is still there after a clean stop: %v", err)
+	}
+}
+
+// A log a killed daemon left for another origin identity (the origin moved)
+// is not replayed, and the start says its writes are lost; one of an
+// earlier boot is not replayed either, quietly.
+func TestHeldLogOfAnotherOrigin(t *testing.T) {
+	boot, err := os.ReadFile(bootIDPath)
+	if err != nil {
+		t.Skipf("no boot ID: %v", err)
+	}
+	for _, c := range []struct {
+		name, tag, want string
+	}{
+		{"other origin", strings.TrimSpace(string(boot)) + ":00000000000000000000000000", "of another origin identity"},
+		{"earlier boot", "00000000-0000-0000-0000-000000000000:00000000000000000000000000", "of an earlier boot"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			e := newEnv(t, 4<<20)
+			cfg := e.config()
+			logs := &testenv.SyncBuffer{}
+			cfg.Logger = slog.New(slog.NewTextHandler(logs, nil))
+			l, err := cow.CreateHeldLog(heldLogPath(cfg.Control, cfg.Name), cow.MinHeldLogSize, c.tag)
+			if err != nil {
+				t.Fatal(err)
+			}
+			l.Close()
+			d := start(t, cfg)
+			if !strings.Contains(logs.String(), c.want) {
+				t.Errorf("the start does not say the log is %s:\n%s", c.want, logs)
+			}
+			if got := d.engine.Held(); got.Budget != DefaultHeldBytes {
+				t.Errorf("the daemon does not hold writes after finding the log: %+v", got)
+			}
+		})
 	}
 }
