@@ -1,6 +1,65 @@
 package nbdsrv
 
-import "sync"
+import (
+	"math/bits"
+	"sync"
+)
+
+// Buffers come from one sync.Pool per power-of-two size class, 4 KiB to
+// 32 MiB, so that a request's payload costs no allocation once the pool is
+// warm and a buffer is never more than twice the size asked for.
+const (
+	minClassShift = 12
+	maxClassShift = 25
+)
+
+type bufPool struct {
+	classes [maxClassShift - minClassShift + 1]sync.Pool
+}
+
+func newBufPool() *bufPool {
+	p := &bufPool{}
+	for i := range p.classes {
+		size := 1 << (minClassShift + i)
+		p.classes[i].New = func() any {
+			b := make([]byte, size)
+			return &b
+		}
+	}
+	return p
+}
+
+func classOf(n int) int {
+	if n <= 1<<minClassShift {
+		return 0
+	}
+	return bits.Len(uint(n-1)) - minClassShift
+}
+
+// get returns a buffer of length n. Its contents are arbitrary.
+func (p *bufPool) get(n int) *[]byte {
+	c := classOf(n)
+	if c >= len(p.classes) {
+		b := make([]byte, n)
+		return &b
+	}
+	b := p.classes[c].Get().(*[]byte)
+	*b = (*b)[:n]
+	return b
+}
+
+// put returns a buffer obtained from get.
+func (p *bufPool) put(b *[]byte) {
+	if b == nil {
+		return
+	}
+	c := classOf(cap(*b))
+	if c >= len(p.classes) || cap(*b) != 1<<(minClassShift+c) {
+		return // not one of ours: let the GC have it
+	}
+	*b = (*b)[:cap(*b)]
+	p.classes[c].Put(b)
+}
 
 // budget bounds what one connection has in flight: the number of requests
 // admitted and not yet replied to, and the payload bytes they hold.

@@ -8,6 +8,25 @@ import (
 	"testing"
 )
 
+func TestBufPool(t *testing.T) {
+	p := newBufPool()
+	for _, n := range []int{1, 4096, 4097, 1 << 20, 32 << 20} {
+		b := p.get(n)
+		if len(*b) != n || cap(*b) < n || cap(*b) > max(2*n, 4096) {
+			t.Errorf("get(%d): len %d cap %d", n, len(*b), cap(*b))
+		}
+		p.put(b)
+	}
+	if b := p.get(64 << 20); len(*b) != 64<<20 {
+		t.Errorf("oversize get: %d", len(*b))
+	}
+	foreign := make([]byte, 5000)
+	p.put(&foreign) // not a class size: dropped, not pooled
+	if b := p.get(5000); cap(*b) != 8192 {
+		t.Errorf("foreign buffer came back: cap %d", cap(*b))
+	}
+}
+
 // nullBackend does no work, so that the test measures the server alone.
 type nullBackend struct{}
 

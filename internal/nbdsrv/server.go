@@ -11,8 +11,6 @@ import (
 	"sort"
 	"sync"
 	"time"
-
-	"github.com/nbdsnap/nbdsnap/internal/bytepool"
 )
 
 // Server defaults and hard limits.
@@ -88,7 +86,7 @@ type Config struct {
 type Server struct {
 	cfg    Config
 	log    *slog.Logger
-	pool   *bytepool.Pool
+	pool   *bufPool
 	mem    *memory
 	loglim *logLimiter
 	zero   []byte // read-only zeros: emulated WRITE_ZEROES and hole detection
@@ -141,7 +139,7 @@ func NewServer(cfg Config) *Server {
 	s := &Server{
 		cfg:       cfg,
 		log:       cfg.Logger,
-		pool:      bytepool.New(),
+		pool:      newBufPool(),
 		mem:       newMemory(cfg.MaxBytes),
 		loglim:    newLogLimiter(cfg.Logger),
 		zero:      make([]byte, 1<<20),

@@ -203,7 +203,7 @@ func (c *conn) readLoop(t *readTurn) error {
 				if c.br.Buffered() < n {
 					c.flushHeld()
 				}
-				r.buf = c.s.pool.Get(n)
+				r.buf = c.s.pool.get(n)
 				if _, err := io.ReadFull(c.br, *r.buf); err != nil {
 					c.release(r)
 					if c.draining.Load() {
@@ -329,7 +329,7 @@ func (c *conn) handle(r *request) (ok bool) {
 	if err := c.do(r); err != nil {
 		c.failed(r, err)
 		if r.cmd == CmdRead || r.cmd == CmdBlockStatus {
-			c.s.pool.Put(r.buf)
+			c.s.pool.put(r.buf)
 			r.buf = nil
 		}
 	}
@@ -358,7 +358,7 @@ func (c *conn) do(r *request) error {
 	fua := r.flags&FlagFUA != 0
 	switch r.cmd {
 	case CmdRead:
-		r.buf = c.s.pool.Get(int(min(r.length, readChunk)))
+		r.buf = c.s.pool.get(int(min(r.length, readChunk)))
 		if err := b.ReadAt(ctx, *r.buf, off); err != nil {
 			return fmt.Errorf("read: %w", err)
 		}
@@ -425,7 +425,7 @@ func (c *conn) blockStatus(ctx context.Context, r *request) error {
 	if r.flags&FlagReqOne != 0 {
 		maxDescs = 1
 	}
-	r.buf = c.s.pool.Get(int(r.cost))
+	r.buf = c.s.pool.get(int(r.cost))
 	out := (*r.buf)[:0]
 	for k, sc := range c.meta {
 		exts, err := sc.mc.Extents(ctx, int64(r.off), int64(r.length))
@@ -647,7 +647,7 @@ func (c *conn) streamRest(r *request) {
 
 // release returns a request's buffer and budget.
 func (c *conn) release(r *request) {
-	c.s.pool.Put(r.buf)
+	c.s.pool.put(r.buf)
 	c.budget.release(r.cost)
 	c.s.mem.release(r.cost)
 	c.s.putRequest(r)
