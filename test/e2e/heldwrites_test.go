@@ -43,19 +43,7 @@ for h in hs:
 // one connection are seen, in the order answered, by reads on another
 // (multi-conn), with the snapshot untouched by them.
 func TestHeldWritesAcrossConnections(t *testing.T) {
-	e2e(t)
-	py := pythonNBD(t)
-	// The store on a FUSE file system, whose syncs cost more than the
-	// threshold for holding writes whatever /tmp is (a tmpfs would hold
-	// none).
-	stall := stallfs.Mount(t, t.TempDir())
-	dir := t.TempDir()
-	origin := filepath.Join(dir, "origin.img")
-	initial := randomFile(t, origin, 64<<20)
-	d := startDaemon(t, dir, origin)
-	mustCLI(t, "create", "s", "--control", d.ctl, "--backing", filepath.Join(stall.Dir(), "s.cow"))
-	// One commit first, so that the snapshot knows what its syncs cost.
-	run(t, py, "-m", "nbd", "-u", d.uri("data"), "-c", `h.pwrite(b"\x01" * 65536, 0); h.flush()`)
+	py, _, _, _, initial, d := heldSetup(t)
 	run(t, py, "-c", heldOrderScript, d.uri("data"), "100")
 	st := d.status(t)
 	if st.HeldWrites.Total == 0 {
@@ -73,15 +61,7 @@ func TestHeldWritesAcrossConnections(t *testing.T) {
 // origin holds every answered write and the snapshot is still its create
 // instant.
 func TestHeldWritesKill9(t *testing.T) {
-	e2e(t)
-	py := pythonNBD(t)
-	stall := stallfs.Mount(t, t.TempDir())
-	dir := t.TempDir()
-	origin := filepath.Join(dir, "origin.img")
-	initial := randomFile(t, origin, 64<<20)
-	d := startDaemon(t, dir, origin)
-	mustCLI(t, "create", "s", "--control", d.ctl, "--backing", filepath.Join(stall.Dir(), "s.cow"))
-	run(t, py, "-m", "nbd", "-u", d.uri("data"), "-c", `h.pwrite(b"\x01" * 65536, 0); h.flush()`)
+	py, stall, dir, origin, initial, d := heldSetup(t)
 	want := bytes.Clone(initial)
 	copy(want, bytes.Repeat([]byte{1}, 65536))
 
@@ -137,4 +117,24 @@ func firstDiff(a, b []byte) int {
 		}
 	}
 	return min(len(a), len(b))
+}
+
+// heldSetup starts a daemon on a 64 MiB random origin with a persistent
+// snapshot s whose store is on a FUSE file system (stallfs), whose syncs
+// cost more than the threshold for holding writes whatever /tmp is (a
+// tmpfs would hold none), and writes and flushes one cluster, so that the
+// snapshot knows what its syncs cost. initial is the origin at s's create
+// instant.
+func heldSetup(t *testing.T) (py string, stall *stallfs.FS, dir, origin string, initial []byte, d *daemon) {
+	t.Helper()
+	e2e(t)
+	py = pythonNBD(t)
+	stall = stallfs.Mount(t, t.TempDir())
+	dir = t.TempDir()
+	origin = filepath.Join(dir, "origin.img")
+	initial = randomFile(t, origin, 64<<20)
+	d = startDaemon(t, dir, origin)
+	mustCLI(t, "create", "s", "--control", d.ctl, "--backing", filepath.Join(stall.Dir(), "s.cow"))
+	run(t, py, "-m", "nbd", "-u", d.uri("data"), "-c", `h.pwrite(b"\x01" * 65536, 0); h.flush()`)
+	return py, stall, dir, origin, initial, d
 }

@@ -22,22 +22,9 @@ func TestBenchSmoke(t *testing.T) {
 	for _, tool := range []string{"fio", "nbdkit", "qemu-storage-daemon", "nbdcopy", "gnuplot", "go", "bash"} {
 		testenv.RequireTool(t, tool)
 	}
-	root, err := filepath.Abs("../../..")
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmp := t.TempDir()
-	bin := filepath.Join(tmp, "nbdsnap")
-	build := exec.Command("go", "build", "-o", bin, "./cmd/nbdsnap")
-	build.Dir = root
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build nbdsnap: %v\n%s", err, out)
-	}
+	root, tmp, bin := smokeSetup(t)
 	out := filepath.Join(tmp, "out")
 	locDir := filepath.Join(tmp, "loc")
-	if err := os.Mkdir(locDir, 0o755); err != nil {
-		t.Fatal(err)
-	}
 	cmd := exec.Command("bash", "-c", "set -euo pipefail; . test/bench/scenarios.d/snapshot.sh")
 	cmd.Dir = root
 	cmd.Env = append(os.Environ(),
@@ -124,21 +111,8 @@ func TestHeldWritesBenchSmoke(t *testing.T) {
 	for _, tool := range []string{"fio", "nbdkit", "qemu-storage-daemon", "nbdcopy", "jq", "bc", "go", "bash"} {
 		testenv.RequireTool(t, tool)
 	}
-	root, err := filepath.Abs("../../..")
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmp := t.TempDir()
-	bin := filepath.Join(tmp, "nbdsnap")
-	build := exec.Command("go", "build", "-o", bin, "./cmd/nbdsnap")
-	build.Dir = root
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build nbdsnap: %v\n%s", err, out)
-	}
+	root, tmp, bin := smokeSetup(t)
 	loc := filepath.Join(tmp, "loc")
-	if err := os.Mkdir(loc, 0o755); err != nil {
-		t.Fatal(err)
-	}
 	out := filepath.Join(tmp, "results.md")
 	cmd := exec.Command("bash", "test/bench/run.sh")
 	cmd.Dir = root
@@ -172,4 +146,26 @@ func TestHeldWritesBenchSmoke(t *testing.T) {
 	if rows != 14 {
 		t.Errorf("%d held-writes rows, want 14:\n%s", rows, md)
 	}
+}
+
+// smokeSetup returns the repository's root, a temporary directory with an
+// empty "loc" directory for the benchmark's files, and an nbdsnap built
+// from the tree in it.
+func smokeSetup(t *testing.T) (root, tmp, bin string) {
+	t.Helper()
+	root, err := filepath.Abs("../../..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmp = t.TempDir()
+	bin = filepath.Join(tmp, "nbdsnap")
+	build := exec.Command("go", "build", "-o", bin, "./cmd/nbdsnap")
+	build.Dir = root
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build nbdsnap: %v\n%s", err, out)
+	}
+	if err := os.Mkdir(filepath.Join(tmp, "loc"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return root, tmp, bin
 }
