@@ -11,8 +11,8 @@
 #   - extra scenarios live in test/bench/scenarios.d/*.sh, sourced after the
 #     built-in ones; they may define servers and call `compare`, or add rows
 #     of their own (backup.sh: an incremental backup through the
-#     qemu:dirty-bitmap context vs a full nbdcopy; test/bench/backup.sh runs
-#     it alone).
+#     qemu:dirty-bitmap context vs a full nbdcopy; test/bench/scenario.sh
+#     runs one alone). What they share with this script is in lib.sh.
 #
 # A second table, the sparse copy, times nbdcopy of a snapshot export of a
 # 90%-sparse 1 GiB origin to a file, with nbdsnap's allocation map and
@@ -21,8 +21,8 @@
 # Environment: RUNS (default 3), RUNTIME seconds per fio run (default 10),
 # SIZE of the file (default 1G), OUT file for the table (default
 # /tmp/nbdsnap-bench.md), SCENARIOS=builtin to skip scenarios.d,
-# SCENARIOS=sparse for the sparse copy alone, SCENARIOS=NAME for
-# scenarios.d/NAME.sh alone (e.g. heldwrites); NBDSNAP the binary of the
+# SCENARIOS=sparse for the sparse copy alone (test/bench/scenario.sh runs
+# one of scenarios.d alone); NBDSNAP the binary of the
 # sparse copy (default bin/nbdsnap), NBDSNAP_BEFORE an older one to compare
 # it with (default: NBDSNAP with the map ignored by nbdcopy).
 set -euo pipefail
@@ -40,16 +40,10 @@ for tool in fio nbdkit jq go nbdcopy; do
 done
 [ -x "$NBDSNAP" ] || { echo "bench: $NBDSNAP is not built (make build)" >&2; exit 1; }
 
-work=$(mktemp -d /dev/shm/nbdsnap-bench.XXXXXX)
-pids=()
-cleanup() {
-	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-	wait 2>/dev/null || true
-	rm -rf "$work"
-}
-trap cleanup EXIT
+# shellcheck source=lib.sh
+DIR=/dev/shm . test/bench/lib.sh
 
-if [ "$SCENARIOS" = all ] || [ "$SCENARIOS" = builtin ]; then
+if [ "$SCENARIOS" != sparse ]; then
 	echo "bench: building the server" >&2
 	go build -o "$work/fileserver" ./test/bench/fileserver
 	# Random contents: a sparse or zero file would let a server answer
@@ -106,9 +100,6 @@ fio_metric() {
 		| [.iops, .bw_bytes / 1048576] | @tsv' <<<"$json"
 }
 
-median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-
-rows=()
 declare -A med # LABEL/ours, LABEL/ref: the medians, for the TLS table
 # compare LABEL UNIT OURS_SOCK REF_SOCK FIO-ARGS...; UNIT is iops or MiB/s.
 compare() {
@@ -201,20 +192,6 @@ if [ "$SCENARIOS" = sparse ]; then
 		echo "| copy | ours s | before s | ours/before | ours MiB held | before MiB held | runs ours / before (s) |"
 		echo "|---|---|---|---|---|---|---|"
 		printf '%s\n' "${sparse_rows[@]}"
-	} | tee "$OUT"
-	exit 0
-fi
-
-if [ -e "test/bench/scenarios.d/$SCENARIOS.sh" ]; then
-	# shellcheck source=/dev/null
-	. "test/bench/scenarios.d/$SCENARIOS.sh"
-	stop_all
-	{
-		echo "nbdsnap bench, scenarios.d/$SCENARIOS.sh alone, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, medians of $RUNS runs"
-		echo
-		echo "| scenario | ours | ref | unit | ours/ref | runs ours / ref |"
-		echo "|---|---|---|---|---|---|"
-		printf '%s\n' "${rows[@]}"
 	} | tee "$OUT"
 	exit 0
 fi

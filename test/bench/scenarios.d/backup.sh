@@ -1,6 +1,7 @@
 # shellcheck shell=bash
 # Sourced by test/bench/run.sh after its built-in scenarios (and by
-# test/bench/backup.sh, which runs it alone): the "backup" rows. What an
+# `test/bench/scenario.sh backup`, which runs it alone, in DIR): the
+# "backup" rows. What an
 # incremental backup through the changed-block contexts costs against a
 # full copy of the snapshot.
 #
@@ -24,7 +25,8 @@
 # incremental, ref = full nbdcopy); the samples go to
 # BACKUP_SAMPLES (default $work/backup-samples.tsv).
 #
-# Uses run.sh's RUNS, SIZE, $work, pids, rows and median. Overrides:
+# Uses RUNS, SIZE, NBDSNAP and lib.sh's $work, pids, rows, median and
+# bench_mounts; sets scenario_note. Overrides:
 # BACKUP_NBDSNAP (run.sh's NBDSNAP, else bin/nbdsnap; copied, so that a
 # rebuild during the run does not change it), BACKUP_CHANGED, BACKUP_SEED
 # (1).
@@ -34,6 +36,7 @@ done
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || { echo "bench: python3-libnbd is not installed (make deps)" >&2; exit 1; }
 bk=$work/backup
 mkdir -p "$bk/mnt"
+bench_mounts+=("$bk/mnt")
 cp "${BACKUP_NBDSNAP:-${NBDSNAP:-bin/nbdsnap}}" "$bk/nbdsnap"
 BACKUP_CHANGED=${BACKUP_CHANGED:-1}
 BACKUP_SAMPLES=${BACKUP_SAMPLES:-$work/backup-samples.tsv}
@@ -165,3 +168,4 @@ for m in "${bk_methods[@]}"; do
 		"$(echo "$b / $bk_full_b" | bc -l)" "$(printf '%.1f ' $(bk_col "$m" 4 | awk '{print $1/1048576}'))" \
 		"$(printf '%.1f ' $(bk_col full 4 | awk '{print $1/1048576}'))")")
 done
+scenario_note="ours = the incremental, ref = a full nbdcopy of s2 (nbdcopy $(nbdcopy --version | awk 'NR==1 {print $2}')); $bk_written of $(($(stat -c %s "$bk/origin.img") / 65536)) 64 KiB clusters written (4 KiB each) between s1 and s2, origin in $work"

@@ -1,6 +1,7 @@
 # shellcheck shell=bash
-# Sourced by test/bench/run.sh after its built-in scenarios (alone with
-# SCENARIOS=heldwrites): the "held writes" rows.
+# Sourced by test/bench/run.sh after its built-in scenarios (and by
+# `test/bench/scenario.sh heldwrites`, which runs it alone): the "held
+# writes" rows.
 # What a persistent snapshot's first writes cost next to a transient one's,
 # with held writes (the default: a first write is answered once its old
 # cluster is cached, its origin write held until the commit) and without
@@ -40,7 +41,8 @@
 # NBD layer; rows: persistent held vs transient and vs unheld (writes per
 # second, from the time per write).
 #
-# Uses run.sh's RUNS, $work, pids, rows, median and cleanup. Overrides:
+# Uses RUNS, NBDSNAP and lib.sh's $work, pids, rows, median, bench_forget
+# and bench_location_dir; sets scenario_note. Overrides:
 # HELD_NBDSNAP (run.sh's NBDSNAP, else bin/nbdsnap; copied), HELD_LOCATIONS,
 # HELD_SIZE (1G), HELD_PASS (512M; at least 16M, the ceiling's fio block), HELD_SAMPLES (default
 # $work/held-samples.tsv), HELD_BENCHTIME (the engine benchmark's
@@ -58,13 +60,7 @@ HELD_SAMPLES=${HELD_SAMPLES:-$work/held-samples.tsv}
 HELD_BENCHTIME=${HELD_BENCHTIME:-8192x}
 echo "bench: held writes: persistent first writes held, not held and transient, fio over NBD" >&2
 
-hw_dirs=()
 hw_pid=""
-hw_cleanup() {
-	if [ -n "$hw_pid" ]; then kill "$hw_pid" 2>/dev/null || true; wait "$hw_pid" 2>/dev/null || true; fi
-	rm -rf "${hw_dirs[@]}"
-}
-trap 'hw_cleanup; cleanup' EXIT
 
 # hw_fio prints fio's JSON (fio prints lines before it with the nbd engine).
 hw_fio() { fio --name=bench --ioengine=nbd --output-format=json "$@" | sed -n '/^{/,$p'; }
@@ -112,9 +108,7 @@ hw_up() {
 hw_down() {
 	kill "$hw_pid"
 	wait "$hw_pid" || { echo "bench: held writes: the server did not stop cleanly:" >&2; cat "$hw/run/log" >&2; exit 1; }
-	local keep=() p
-	for p in "${pids[@]}"; do [ "$p" = "$hw_pid" ] || keep+=("$p"); done
-	pids=("${keep[@]}")
+	bench_forget "$hw_pid"
 	hw_pid=""
 }
 # hw_sample LOCATION DIR JOB MODE RUN appends a sample: IOPS (qd1, fsync8),
@@ -136,14 +130,9 @@ printf 'location\tjob\tmode\trun\tvalue\n' >"$HELD_SAMPLES"
 hw_locs=()
 IFS=, read -r -a hw_spec <<<"$HELD_LOCATIONS"
 for spec in "${hw_spec[@]}"; do
-	loc=${spec%%=*} base=${spec#*=}
-	if [ "$base" = /dev/shm ]; then
-		dir=$hw/$loc
-		mkdir -p "$dir"
-	else
-		dir=$(mktemp -d "$base/nbdsnap-held.XXXXXX")
-		hw_dirs+=("$dir")
-	fi
+	loc=${spec%%=*}
+	bench_location_dir "held-$loc" "${spec#*=}"
+	dir=$loc_dir
 	hw_locs+=("$loc")
 	echo "bench: held writes: $loc: writing a $HELD_SIZE template of random data in $dir" >&2
 	head -c "$HELD_SIZE" /dev/urandom >"$dir/template.img"
@@ -165,9 +154,7 @@ for spec in "${hw_spec[@]}"; do
 	done
 	rm -rf "$dir"
 done
-hw_cleanup
-hw_dirs=()
-trap cleanup EXIT
+scenario_note="ours and ref are the modes each row names; locations $HELD_LOCATIONS, passes of $HELD_PASS over $HELD_SIZE"
 
 echo "bench: held writes: the engine with a store whose sync takes 2 ms (BenchmarkFirstWriteSyncLatency)" >&2
 go test -c -o "$hw/cow.test" ./internal/cow

@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Sourced by test/bench/run.sh after its built-in scenarios (and by
-# test/bench/rollback.sh, which runs it alone): the "rollback" rows. How
+# `test/bench/scenario.sh rollback`, which runs it alone): the "rollback" rows. How
 # fast `nbdsnap rollback` puts a snapshot's content back onto the origin,
 # against doing the same with stock tools.
 #
@@ -38,7 +38,8 @@
 # medians, in run.sh's table (ours = rollback, ref = nbdcopy); the samples
 # go to ROLLBACK_SAMPLES (default $work/rollback-samples.tsv).
 #
-# Uses run.sh's RUNS, SIZE, $work, pids, rows, median and cleanup.
+# Uses RUNS, SIZE, NBDSNAP and lib.sh's $work, pids, rows, median,
+# bench_forget and bench_location_dir; sets scenario_note.
 # Overrides: ROLLBACK_NBDSNAP (run.sh's NBDSNAP, else bin/nbdsnap; copied,
 # so that a rebuild during the run does not change it), ROLLBACK_LOCATIONS,
 # ROLLBACK_CHANGED, ROLLBACK_SEED (1; run i of a location writes with seed
@@ -76,17 +77,7 @@ h.shutdown()
 print(n)
 EOF
 
-# The location's directories, outside $work when not on /dev/shm: removed
-# by rb_cleanup, which the EXIT trap runs before the caller's cleanup
-# until the scenario ends.
-rb_dirs=()
 rb_pid=""
-rb_cleanup() {
-	if [ -n "$rb_pid" ]; then kill "$rb_pid" 2>/dev/null || true; wait "$rb_pid" 2>/dev/null || true; fi
-	rm -rf "${rb_dirs[@]}"
-}
-trap 'rb_cleanup; cleanup' EXIT
-
 rb_uri() { echo "nbd+unix:///$1?socket=$rb_d/sock"; }
 # rb_proc prints the daemon's CPU ticks (utime + stime), syscr and syscw.
 rb_proc() {
@@ -119,9 +110,7 @@ rb_setup() {
 rb_teardown() {
 	kill "$rb_pid"
 	wait "$rb_pid" || { echo "bench: rollback: the daemon did not stop cleanly:" >&2; cat "$rb_d/log" >&2; exit 1; }
-	local keep=() p
-	for p in "${pids[@]}"; do [ "$p" = "$rb_pid" ] || keep+=("$p"); done
-	pids=("${keep[@]}")
+	bench_forget "$rb_pid"
 	rb_pid=""
 	rm -rf "$rb_d"
 }
@@ -169,14 +158,9 @@ printf 'location\tmethod\trun\tseconds\tbytes_put_back\tdaemon_copy_seconds\tdae
 rb_locs=()
 IFS=, read -r -a rb_spec <<<"$ROLLBACK_LOCATIONS"
 for spec in "${rb_spec[@]}"; do
-	loc=${spec%%=*} base=${spec#*=}
-	if [ "$base" = /dev/shm ]; then
-		dir=$rb/$loc
-		mkdir -p "$dir"
-	else
-		dir=$(mktemp -d "$base/nbdsnap-rollback.XXXXXX")
-		rb_dirs+=("$dir")
-	fi
+	loc=${spec%%=*}
+	bench_location_dir "rollback-$loc" "${spec#*=}"
+	dir=$loc_dir
 	rb_locs+=("$loc")
 	echo "bench: rollback: $loc: writing a $SIZE template of random data in $dir" >&2
 	head -c "$SIZE" /dev/urandom >"$dir/template.img"
@@ -187,9 +171,7 @@ for spec in "${rb_spec[@]}"; do
 	done
 	rm -rf "$dir"
 done
-rb_cleanup
-rb_dirs=()
-trap cleanup EXIT
+scenario_note="ours = nbdsnap rollback s1 --wait, ref = nbdcopy --flush of s1's export onto the origin export (nbdcopy $(nbdcopy --version | awk 'NR==1 {print $2}')), $ROLLBACK_CHANGED% of the 64 KiB clusters of $SIZE changed since s1, locations $ROLLBACK_LOCATIONS, a fresh setup per sample"
 
 # rb_col LOCATION METHOD COLUMN prints the samples of one method, one a line.
 rb_col() { awk -F'\t' -v l="$1" -v m="$2" -v c="$3" '$1 == l && $2 == m { print $c }' "$ROLLBACK_SAMPLES"; }

@@ -105,7 +105,7 @@ func TestBenchSmoke(t *testing.T) {
 }
 
 // TestHeldWritesBenchSmoke runs the held-writes rows of `make bench`
-// (SCENARIOS=heldwrites test/bench/run.sh) with tiny sizes, one run and one
+// (test/bench/scenario.sh heldwrites) with tiny sizes, one run and one
 // location, and checks that every row has its two numbers.
 func TestHeldWritesBenchSmoke(t *testing.T) {
 	for _, tool := range []string{"fio", "nbdkit", "qemu-storage-daemon", "nbdcopy", "jq", "bc", "go", "bash"} {
@@ -113,10 +113,10 @@ func TestHeldWritesBenchSmoke(t *testing.T) {
 	}
 	root, tmp, bin := smokeSetup(t)
 	loc := filepath.Join(tmp, "loc")
-	out := filepath.Join(tmp, "results.md")
-	cmd := exec.Command("bash", "test/bench/run.sh")
+	out := filepath.Join(tmp, "out")
+	cmd := exec.Command("bash", "test/bench/scenario.sh", "heldwrites")
 	cmd.Dir = root
-	cmd.Env = append(os.Environ(), "SCENARIOS=heldwrites", "RUNS=1", "NBDSNAP="+bin, "OUT="+out,
+	cmd.Env = append(os.Environ(), "RUNS=1", "NBDSNAP="+bin, "OUT="+out,
 		"HELD_LOCATIONS=tmp="+loc, "HELD_SIZE=32M", "HELD_PASS=16M", "HELD_BENCHTIME=64x")
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
@@ -125,9 +125,12 @@ func TestHeldWritesBenchSmoke(t *testing.T) {
 		t.Fatalf("benchmark: %v\n%s", err, stderr.String())
 	}
 	t.Logf("smoke run took %v", time.Since(t0))
-	md, err := os.ReadFile(out)
+	md, err := os.ReadFile(filepath.Join(out, "results.md"))
 	if err != nil {
 		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(out, "samples.tsv")); err != nil {
+		t.Errorf("no samples kept: %v", err)
 	}
 	rows := 0
 	for _, line := range strings.Split(string(md), "\n") {
