@@ -219,7 +219,7 @@ func TestAbandonStalledStore(t *testing.T) {
 	// which is harmless), then ends.
 	stall.Resume()
 	select {
-	case <-s.done:
+	case <-s.commits.done:
 	case <-time.After(10 * time.Second):
 		t.Fatal("the writer did not end once the store answered again")
 	}
@@ -367,7 +367,7 @@ func TestAbandonDuringClose(t *testing.T) {
 	a.originIs(t, a.expect([3]int{0, 4, 0xe5}), "after the stop")
 	stall.Resume()
 	select {
-	case <-s.done:
+	case <-s.commits.done:
 	case <-time.After(10 * time.Second):
 		t.Fatal("the writer did not end once the store answered again")
 	}

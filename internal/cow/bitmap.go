@@ -3,7 +3,7 @@ package cow
 import "sync/atomic"
 
 // bitmap is the copied bitmap (fss sc_copied). Bits are only ever set, and
-// only under the owning snapshot's mutex; they are read without the mutex by
+// only under the owning cache's mutex; they are read without the mutex by
 // snapshot reads, hence the atomic words.
 type bitmap []atomic.Uint64
 

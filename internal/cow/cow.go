@@ -92,7 +92,7 @@ func (r *cowReq) addTicket(s *Snapshot, seq uint64) {
 // wait blocks until every ticket is durable (or its snapshot failed).
 func (r *cowReq) wait() {
 	for _, t := range r.tickets {
-		t.s.waitDurable(t.seq)
+		t.s.commits.waitDurable(t.seq)
 	}
 }
 
@@ -111,7 +111,7 @@ func (e *Engine) copyOnWrite(r *cowReq, set *snapSet, off, n int64) {
 	for gi := range set.groups {
 		g := &set.groups[gi]
 		for _, s := range g.snaps {
-			if !s.invalid.Load() {
+			if !s.inv.invalid.Load() {
 				s.stats.cowCalls.Add(1)
 			}
 		}
@@ -141,48 +141,23 @@ func (e *Engine) copyCluster(r *cowReq, g *group, c uint32) {
 		if s.settled(c) {
 			continue
 		}
-		s.mu.Lock()
-		for {
-			if s.invalid.Load() || s.stopping {
-				if s.persistent && !s.released.Load() && !s.stopping {
-					// Not before the invalidation is recorded.
-					r.addTicket(s, math.MaxUint64)
-				}
-				break
-			}
-			if s.copied.get(c) {
-				// Copied by an earlier request. In persistent mode
-				// the copy may still be on its way to the store: the
-				// origin must wait for it just as the first writer does.
-				if sl := s.cached[c]; s.persistent && sl != nil && sl.seq > s.durableSeq.Load() {
-					r.addTicket(s, sl.seq)
-				}
-				break
-			}
-			if _, busy := s.cached[c]; busy {
-				// cowwait2: another request is reading this cluster.
-				s.slotCond.Wait()
-				continue
-			}
-			if len(s.free) == 0 {
-				// cowwait3: the cache is full; the writer frees
-				// slots as it commits (backpressure).
-				s.stats.cacheFullWaits.Add(1)
-				// In persistent mode nobody else may be about to
-				// commit (a request larger than the cache waits here
-				// before waiting for its tickets): wake the writer.
-				s.workCond.Signal()
-				s.slotCond.Wait()
-				continue
-			}
-			sl := s.free[len(s.free)-1]
-			s.free = s.free[:len(s.free)-1]
-			sl.cluster, sl.state = c, slotBusy
-			s.cached[c] = sl
+		sl, seq, res := s.cache.reserve(c)
+		switch res {
+		case reserved:
 			r.reserved = append(r.reserved, reservation{s, sl})
-			break
+		case alreadyCopied:
+			// Copied by an earlier request. In persistent mode the copy
+			// may still be on its way to the store: the origin must wait
+			// for it just as the first writer does.
+			if s.persistent && seq > s.commits.durableSeq.Load() {
+				r.addTicket(s, seq)
+			}
+		case refusedNow:
+			if s.persistent && s.inv.invalid.Load() && !s.inv.released.Load() {
+				// Not before the invalidation is recorded.
+				r.addTicket(s, math.MaxUint64)
+			}
 		}
-		s.mu.Unlock()
 	}
 	if len(r.reserved) == 0 {
 		return
@@ -198,50 +173,30 @@ func (e *Engine) copyCluster(r *cowReq, g *group, c uint32) {
 	}
 	clear(buf.data[n:])
 	for _, rv := range r.reserved {
-		s, sl := rv.s, rv.sl
-		s.mu.Lock()
-		if err != nil || s.invalid.Load() || s.stopping {
-			delete(s.cached, c)
-			sl.state = slotFree
-			s.free = append(s.free, sl)
-			s.slotCond.Broadcast()
-			if err != nil {
-				s.failLocked(fmt.Sprintf("read origin cluster %d: %v", c, err))
-			}
-			if s.invalid.Load() && s.persistent {
+		s := rv.s
+		if err != nil {
+			s.fail(fmt.Sprintf("read origin cluster %d: %v", c, err))
+		}
+		// The copy is complete: publish makes it VALID and sets the
+		// copied bit before this request (or any other) may modify the
+		// origin; snapshot reads rely on it.
+		seq, ok := s.cache.publish(rv.sl, buf)
+		if !ok {
+			if s.persistent && s.inv.invalid.Load() {
 				r.addTicket(s, math.MaxUint64)
 			}
-			s.mu.Unlock()
 			buf.release()
 			continue
 		}
-		// Publication order matters: the copy is complete (VALID) and
-		// the copied bit set before this request (or any other) may
-		// modify the origin; snapshot reads rely on it.
-		seq := s.validSeq.Load() + 1
-		s.validSeq.Store(seq)
-		sl.seq, sl.buf, sl.state = seq, buf, slotValid
-		if s.copied.set(c) {
-			s.copiedN++
-		}
-		s.pending = append(s.pending, sl)
 		s.stats.clustersCopied.Add(1)
 		if !s.bookmark.Load() {
 			s.stats.bytesCopied.Add(int64(n))
 		}
 		if s.persistent {
-			// No writer wake-up: this request commits the cluster
-			// itself, or finds it in a commit in progress
-			// (waitDurable).
+			// This request commits the cluster itself, or finds it in
+			// a commit in progress (waitDurable).
 			r.addTicket(s, seq)
-		} else {
-			s.workCond.Signal()
 		}
-		if s.lingering {
-			s.lingerCond.Signal()
-		}
-		s.slotCond.Broadcast()
-		s.mu.Unlock()
 	}
 	clear(r.reserved)
 	r.reserved = r.reserved[:0]

@@ -46,7 +46,7 @@ func TestDamagedCopyInvalidatesSnapshot(t *testing.T) {
 			if err := e.WriteAt(ctx, bytes.Repeat([]byte{0xEE}, cs), c*cs, false); err != nil {
 				t.Fatal(err)
 			}
-			s.waitDurable(s.validSeq.Load())
+			s.commits.waitDurable(s.commits.validSeq.Load())
 			p := make([]byte, cs)
 			if err := s.ReadAt(ctx, p, c*cs); err != nil || !bytes.Equal(p, data[c*cs:(c+1)*cs]) {
 				t.Fatalf("read of the intact copy: %v", err)

@@ -62,10 +62,8 @@ func (e *Engine) basesNow() []storeBase {
 		if !s.persistent {
 			continue
 		}
-		s.mu.Lock()
-		ok := !s.invalid.Load() && !s.stopping && !s.committing && len(s.pending) == 0
-		copied := s.copiedN
-		s.mu.Unlock()
+		ok := !s.inv.invalid.Load() && !s.commits.stopping.Load() && s.commits.idle()
+		copied := s.cache.copiedCount()
 		n := s.st.count()
 		if !ok || int64(n) != copied {
 			if ok {
@@ -94,7 +92,7 @@ func (e *Engine) baseOf(uuid string) (*Snapshot, bool) {
 // exactBase reports whether b can answer for changes up to n entries.
 // The caller holds b.life shared, so that b's store is not closed under it.
 func (b *Snapshot) exactBase(n uint32) bool {
-	return b.persistent && !b.invalid.Load() && !b.closed.Load() && b.st.count() >= n
+	return b.persistent && !b.inv.invalid.Load() && !b.closed.Load() && b.st.count() >= n
 }
 
 // liveBase is exactBase for a caller that does not hold b.life.
@@ -106,7 +104,7 @@ func (b *Snapshot) liveBase(n uint32) bool {
 
 // tracks reports whether s can be the far end of a changed-blocks answer.
 func (s *Snapshot) tracks() bool {
-	return s.persistent && !s.invalid.Load() && !s.closed.Load()
+	return s.persistent && !s.inv.invalid.Load() && !s.closed.Load()
 }
 
 // Bases lists the snapshots and bookmarks that s can report changed blocks
@@ -204,12 +202,12 @@ func (e *Engine) ChangedSince(ctx context.Context, name string, off, length int6
 	if !s.tracks() {
 		return nil, fmt.Errorf("cow: changes since %q: it is transient, invalid or cleared: %w", name, ErrNoBase)
 	}
-	changed := s.copied.get
+	changed := s.cache.copied.get
 	if rb := e.active(); rb != nil {
 		// Clusters still to restore differ from s too. A restore copies
 		// for s before it clears pending, hence pending is asked first.
 		changed = func(c uint32) bool {
-			return rb.pendingIn(s.geo.off(c), int64(s.geo.clusterLen(c))) || s.copied.get(c)
+			return rb.pendingIn(s.geo.off(c), int64(s.geo.clusterLen(c))) || s.cache.copied.get(c)
 		}
 	}
 	runs := changedRuns(s.geo, off, length, changed)

@@ -80,12 +80,14 @@
 // held shared by each origin-modifying request for its whole duration and
 // exclusively by Create, Reopen, Clear, Bookmark, Rollback and Close: that
 // is the create instant (stop admitting, drain, sync the origin, create the
-// store, establish copy-on-write, resume). Requests do their I/O under no mutex: a snapshot's
-// mutex guards its bitmap writes, slots and queues and is held only for
-// bookkeeping. Requests on different clusters do not wait for each other
-// except for cache space and shared commits. Lock order: gate, then
-// Snapshot.mu of snapshots in creation order, never two Snapshot.mu at once;
-// Engine.mu is a leaf.
+// store, establish copy-on-write, resume). Requests do their I/O under no
+// mutex. A snapshot's state is in three parts, each with its own mutex held
+// only for bookkeeping: its cache (slots and copied bitmap), its committer
+// (the commit queue, the writer, the commit policy) and its invalidation
+// state. Requests on different clusters do not wait for each other except
+// for cache space and shared commits. Lock order: gate, then one snapshot's
+// locks at a time, in creation order of the snapshots, within a snapshot
+// cache, committer, invalidation; Engine.mu is a leaf.
 //
 // # Invariants
 //

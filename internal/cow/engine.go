@@ -115,6 +115,10 @@ type Engine struct {
 
 	reqs sync.Pool // *cowReq: per-request scratch, so the hot path does not allocate
 
+	// clock drives the snapshots' commit policy; tests may replace it
+	// before the first Create or Reopen.
+	clock clock
+
 	held heldWrites
 }
 
@@ -143,6 +147,7 @@ func NewEngine(origin vfs.File, opts EngineOptions) (*Engine, error) {
 		set:           &snapSet{},
 		byName:        make(map[string]*Snapshot),
 		pools:         make(map[int]*bufPool),
+		clock:         realClock{},
 	}
 	e.reqs.New = func() any { return new(cowReq) }
 	e.held.init()
@@ -328,7 +333,7 @@ func (e *Engine) Flush(ctx context.Context) error {
 	}
 	for _, s := range e.Snapshots() {
 		if s.persistent {
-			s.waitDurable(s.validSeq.Load())
+			s.commits.waitDurable(s.commits.validSeq.Load())
 		}
 	}
 	return nil
@@ -472,7 +477,7 @@ func (e *Engine) Create(ctx context.Context, store vfs.File, opts SnapshotOption
 	e.register(s)
 	s.pause = time.Since(start)
 	e.log.Info("snapshot created", "snapshot", s.name, "cluster_size", geo.csize,
-		"clusters", geo.count, "cache_slots", s.nslots, "persistent", s.persistent,
+		"clusters", geo.count, "cache_slots", s.cache.nslots, "persistent", s.persistent,
 		"pause", s.pause)
 	return s, nil
 }
@@ -546,18 +551,14 @@ func (e *Engine) reopen(st clusterStore, opts ReopenOptions) (*Snapshot, error) 
 			bad = fmt.Errorf("cow: reopen %q: store holds cluster %d of %d", h.Name, c, geo.count)
 			return
 		}
-		if s.copied.set(c) {
-			s.copiedN++
-		}
+		s.cache.markCopied(c)
 	})
 	if bad != nil {
-		s.pool.reserve(-s.nslots)
+		s.pool.reserve(-s.cache.nslots)
 		return nil, bad
 	}
 	if !h.Valid {
-		s.invalid.Store(true)
-		s.released.Store(true)
-		s.reason = h.Reason
+		s.inv.restore(h.Reason)
 	}
 	s.bookmark.Store(h.Bookmark)
 	e.register(s)
@@ -632,29 +633,19 @@ func (e *Engine) Bookmark(name string) error {
 	if rb := e.rb.Load(); rb != nil && rb.src == s {
 		return fmt.Errorf("cow: bookmark %q: %w from it", name, ErrRollback)
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for s.committing {
-		s.durCond.Wait()
-	}
+	pending := s.commits.holdStore() // the store is ours: no commit starts meanwhile
+	defer s.commits.releaseStore()
 	switch {
-	case s.invalid.Load():
-		return fmt.Errorf("cow: bookmark %q: %w", name, &invalidError{reason: s.reason})
+	case s.inv.invalid.Load():
+		return fmt.Errorf("cow: bookmark %q: %w", name, &invalidError{reason: s.inv.why()})
 	case s.bookmark.Load():
 		return nil
-	case len(s.pending) > 0:
+	case pending > 0:
 		// Every origin write waits for its clusters' commit, and none is
 		// in flight.
-		return fmt.Errorf("cow: bookmark %q: %d clusters not committed with no origin write in flight", name, len(s.pending))
+		return fmt.Errorf("cow: bookmark %q: %d clusters not committed with no origin write in flight", name, pending)
 	}
-	s.committing = true // the store is ours: no commit starts meanwhile
-	s.mu.Unlock()
-	err := s.st.bookmark()
-	s.mu.Lock()
-	s.committing = false
-	s.durCond.Broadcast()
-	s.workCond.Signal()
-	if err != nil {
+	if err := s.st.bookmark(); err != nil {
 		return fmt.Errorf("cow: bookmark %q: %w", name, err)
 	}
 	s.bookmark.Store(true)

@@ -341,7 +341,7 @@ func TestInvalidation(t *testing.T) {
 				t.Fatal(err)
 			}
 			// Transient commits run behind the requests: let them finish.
-			bad.waitDurable(bad.validSeq.Load())
+			bad.commits.waitDurable(bad.commits.validSeq.Load())
 			info := bad.Info()
 			if info.Valid || info.Reason == "" {
 				t.Fatalf("bad snapshot: valid %v reason %q", info.Valid, info.Reason)
@@ -954,9 +954,7 @@ func TestClearRefusesReadsBeforeDropping(t *testing.T) {
 	cleared := make(chan error, 1)
 	go func() { cleared <- e.Clear("s") }()
 	for stopping := false; !stopping; {
-		s.mu.Lock()
-		stopping = s.stopping
-		s.mu.Unlock()
+		stopping = s.commits.stopping.Load()
 		runtime.Gosched()
 	}
 	if err := s.ReadAt(ctx, make([]byte, csize), csize); !errors.Is(err, ErrCleared) {

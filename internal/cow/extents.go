@@ -170,8 +170,8 @@ func (s *Snapshot) Extents(ctx context.Context, off, length int64) ([]Extent, er
 		for p := pos; x.Hole && p < end && len(out) < maxExtents; {
 			// A run of clusters copied alike, clipped to the hole.
 			first, last := s.geo.span(p, end-p)
-			runEnd := min(end, s.geo.off(s.copied.runEnd(first, last)))
-			out.add(runEnd-p, !s.copied.get(first))
+			runEnd := min(end, s.geo.off(s.cache.copied.runEnd(first, last)))
+			out.add(runEnd-p, !s.cache.copied.get(first))
 			p = runEnd
 		}
 		if len(out) >= maxExtents {

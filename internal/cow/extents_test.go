@@ -246,9 +246,7 @@ func TestSnapshotExtents(t *testing.T) {
 
 			// An invalid snapshot answers nothing: copy-on-write may
 			// have skipped it.
-			s.mu.Lock()
-			s.failLocked("test")
-			s.mu.Unlock()
+			s.fail("test")
 			if _, err := s.Extents(ctx, 0, 4096); !errors.Is(err, ErrInvalid) {
 				t.Errorf("invalid snapshot: %v, want ErrInvalid", err)
 			}
@@ -290,7 +288,7 @@ func refExtents(s *Snapshot, frozen []byte, off, end int64) []Extent {
 	for pos := off; pos < end; {
 		blk := pos &^ (vfstest.HoleBlock - 1)
 		next := min(blk+vfstest.HoleBlock, end, int64(len(frozen)))
-		hole := !s.copied.get(uint32(pos>>s.geo.shift)) &&
+		hole := !s.cache.copied.get(uint32(pos>>s.geo.shift)) &&
 			!slices.ContainsFunc(frozen[blk:min(blk+vfstest.HoleBlock, int64(len(frozen)))], func(b byte) bool { return b != 0 })
 		l.add(next-pos, hole)
 		pos = next

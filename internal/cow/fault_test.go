@@ -159,7 +159,7 @@ func runFault(t *testing.T, seed uint64) (invalidated, reopenedInvalid bool) {
 	// Transient snapshots commit behind the requests' backs: let the
 	// writers finish before judging.
 	for _, s := range []*Snapshot{good, bad} {
-		s.waitDurable(s.validSeq.Load())
+		s.commits.waitDurable(s.commits.validSeq.Load())
 	}
 
 	img := make([]byte, size)

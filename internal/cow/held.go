@@ -140,7 +140,7 @@ func (e *Engine) hold(r *cowReq, p []byte, off int64) bool {
 		return false
 	}
 	for _, t := range r.tickets {
-		if t.s.syncCost.Load() < h.minSync {
+		if t.s.commits.syncCost.Load() < h.minSync {
 			return false
 		}
 	}
@@ -192,7 +192,7 @@ func (e *Engine) hold(r *cowReq, p []byte, off int64) bool {
 func (e *Engine) issueHeld(w *heldWrite, before []*heldWrite) {
 	defer e.gate.RUnlock()
 	for _, t := range w.tickets {
-		t.s.waitLazy(t.seq)
+		t.s.commits.waitLazy(t.seq)
 	}
 	for _, b := range before {
 		<-b.done
@@ -244,7 +244,7 @@ func (e *Engine) issueHeld(w *heldWrite, before []*heldWrite) {
 // hurry asks w's snapshots to commit now.
 func (w *heldWrite) hurry() {
 	for _, t := range w.tickets {
-		t.s.hurry(t.seq)
+		t.s.commits.hurry(t.seq)
 	}
 }
 

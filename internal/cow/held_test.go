@@ -352,7 +352,7 @@ func TestHeldCommitsWithoutWaiters(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 	// Half the cache's slots: the commit is due at once.
-	for i := range f.s.nslots/2 + 1 {
+	for i := range f.s.cache.nslots/2 + 1 {
 		if err := f.e.WriteAt(ctx, fill(512, 'b'), int64(i+1)*(64<<10), false); err != nil {
 			t.Fatal(err)
 		}

@@ -67,7 +67,7 @@ func TestRecordInvalid(t *testing.T) {
 			defer release() // a failed test must not leave the writer blocked
 			var s *Snapshot
 			e.recordInvalid = func(name, reason string) error {
-				if s.released.Load() {
+				if s.inv.released.Load() {
 					t.Error("snapshot released before RecordInvalid was called")
 				}
 				calls <- call{name, reason}
@@ -169,7 +169,7 @@ func TestRecordInvalidTransient(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	s.waitDurable(s.validSeq.Load())
+	s.commits.waitDurable(s.commits.validSeq.Load())
 	if s.Info().Valid {
 		t.Fatal("transient snapshot still valid after a failed commit")
 	}

@@ -163,22 +163,19 @@ func (e *Engine) Rollback(ctx context.Context, name string, progress vfs.File, o
 	if cur, ok := e.Snapshot(name); !ok || cur != s {
 		return fmt.Errorf("%w: %q", ErrNotFound, name)
 	}
-	s.mu.Lock()
-	for s.committing {
-		s.durCond.Wait()
-	}
+	pending := s.commits.holdStore()
+	s.commits.releaseStore()
 	var refuse error
 	switch {
-	case s.invalid.Load():
-		refuse = &invalidError{reason: s.reason}
+	case s.inv.invalid.Load():
+		refuse = &invalidError{reason: s.inv.why()}
 	case s.bookmark.Load():
 		refuse = ErrBookmark
-	case len(s.pending) > 0:
+	case pending > 0:
 		// Every origin write waits for its clusters' commit, and none is
 		// in flight.
-		refuse = fmt.Errorf("%d clusters not committed with no origin write in flight", len(s.pending))
+		refuse = fmt.Errorf("%d clusters not committed with no origin write in flight", pending)
 	}
-	s.mu.Unlock()
 	if refuse != nil {
 		return fmt.Errorf("cow: rollback to %q: %w", name, refuse)
 	}

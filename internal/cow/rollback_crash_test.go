@@ -306,7 +306,7 @@ func runRollbackCrash(seed uint64, k int64, log *opLog) (res rbCrashResult, err 
 	ss, _ := e.Snapshot(src.name)
 	var todo int64
 	for c := range ss.geo.count {
-		if ss.copied.get(c) {
+		if ss.cache.copied.get(c) {
 			todo += int64(ss.geo.clusterLen(c))
 		}
 	}

@@ -213,7 +213,7 @@ func (w *rbFaults) mustWrite(t *testing.T, max int64) {
 func (w *rbFaults) todo() []uint32 {
 	var out []uint32
 	for c := range w.a.geo.count {
-		if w.a.copied.get(c) {
+		if w.a.cache.copied.get(c) {
 			out = append(out, c)
 		}
 	}
@@ -522,7 +522,7 @@ func TestRollbackSourceInvalidated(t *testing.T) {
 	w := newRBFaults(t, 5)
 	var fresh []uint32 // clusters a never copied
 	for c := range w.a.geo.count {
-		if !w.a.copied.get(c) {
+		if !w.a.cache.copied.get(c) {
 			fresh = append(fresh, c)
 		}
 	}

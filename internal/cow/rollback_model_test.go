@@ -184,7 +184,7 @@ func runRollbackModel(t *testing.T, seed uint64, ops int) (stats rbModelStats) {
 	}
 	var total int64
 	for c := range src.s.geo.count {
-		if src.s.copied.get(c) {
+		if src.s.cache.copied.get(c) {
 			total += int64(src.s.geo.clusterLen(c))
 		}
 	}

@@ -1,0 +1,258 @@
+package cow
+
+import (
+	"sync"
+	"testing"
+	"time"
+)
+
+// manualClock is a clock that moves only when the test advances it.
+type manualClock struct {
+	mu     sync.Mutex
+	now    time.Duration
+	timers []*manualTimer
+}
+
+type manualTimer struct {
+	c     *manualClock
+	at    time.Duration
+	f     func()
+	armed bool
+}
+
+func (c *manualClock) AfterFunc(d time.Duration, f func()) timer {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	t := &manualTimer{c: c, at: c.now + d, f: f, armed: true}
+	c.timers = append(c.timers, t)
+	return t
+}
+
+func (t *manualTimer) Stop() bool {
+	t.c.mu.Lock()
+	defer t.c.mu.Unlock()
+	was := t.armed
+	t.armed = false
+	return was
+}
+
+func (t *manualTimer) Reset(d time.Duration) bool {
+	t.c.mu.Lock()
+	defer t.c.mu.Unlock()
+	was := t.armed
+	t.at, t.armed = t.c.now+d, true
+	return was
+}
+
+// advance moves the clock by d and runs the timers that came due.
+func (c *manualClock) advance(d time.Duration) {
+	c.mu.Lock()
+	c.now += d
+	var due []func()
+	for _, t := range c.timers {
+		if t.armed && t.at <= c.now {
+			t.armed = false
+			due = append(due, t.f)
+		}
+	}
+	c.mu.Unlock()
+	for _, f := range due {
+		f()
+	}
+}
+
+// armed waits until a timer is armed and returns how far ahead it is due.
+func (c *manualClock) armed(t *testing.T) time.Duration {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		c.mu.Lock()
+		for _, tm := range c.timers {
+			if tm.armed {
+				d := tm.at - c.now
+				c.mu.Unlock()
+				return d
+			}
+		}
+		c.mu.Unlock()
+	}
+	t.Fatal("no timer armed")
+	return 0
+}
+
+// batchStore is a store whose commits report a fixed sync time, tell the
+// test how many clusters each carries, and wait for the test to let them
+// through.
+type batchStore struct {
+	*memStore
+	sync    time.Duration
+	batches chan int      // a commit sends its size as it begins
+	gate    chan struct{} // then waits for a value from it
+}
+
+func (b *batchStore) commit(batch []storeCluster) (time.Duration, error) {
+	b.batches <- len(batch)
+	<-b.gate
+	_, err := b.memStore.commit(batch)
+	return b.sync, err
+}
+
+// newTestCommitter starts a persistent committer of nslots slots over st,
+// alone: its dropped slots go nowhere. At the end of the test st lets every
+// commit through, so that a failed test does not leave the writer stuck.
+func newTestCommitter(t *testing.T, st *batchStore, clk clock, nslots int) *committer {
+	t.Helper()
+	q := &committer{persistent: true, st: st, inv: &invalidation{}, stats: &counters{}, clock: clk}
+	q.init(nslots)
+	q.drop = func([]*slot) {}
+	q.fail = func(reason string) { t.Errorf("the committer failed: %s", reason) }
+	q.record = func(string) {}
+	q.start()
+	t.Cleanup(func() {
+		close(st.gate)
+		q.stop(false)
+		q.waitStopped()
+	})
+	return q
+}
+
+func newBatchStore(csize int) *batchStore {
+	return &batchStore{
+		memStore: newMemStore(storeOptions{Name: "t", ClusterSize: csize, Persistent: true}),
+		sync:     time.Millisecond,
+		gate:     make(chan struct{}, 64),
+		batches:  make(chan int, 64),
+	}
+}
+
+// publish queues a VALID slot for cluster c, as cache.publish does.
+func publishSlot(q *committer, c uint32, csize int) uint64 {
+	return q.enqueue(&slot{cluster: c, state: slotValid, buf: &clusterBuf{data: make([]byte, csize)}})
+}
+
+func goWait(fn func()) <-chan struct{} {
+	done := make(chan struct{})
+	go func() {
+		fn()
+		close(done)
+	}()
+	return done
+}
+
+func wantBatch(t *testing.T, st *batchStore, n int) {
+	t.Helper()
+	select {
+	case got := <-st.batches:
+		if got != n {
+			t.Fatalf("commit of %d clusters, want %d", got, n)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("no commit; want one of %d clusters", n)
+	}
+}
+
+// noBatch checks that no commit begins for a while: what is tested waits on
+// the manual clock or on a condition, so a commit now would be a bug.
+func noBatch(t *testing.T, st *batchStore, when string) {
+	t.Helper()
+	select {
+	case n := <-st.batches:
+		t.Fatalf("commit of %d clusters %s", n, when)
+	case <-time.After(20 * time.Millisecond):
+	}
+}
+
+func waitDone(t *testing.T, done <-chan struct{}, what string) {
+	t.Helper()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatalf("%s did not return", what)
+	}
+}
+
+// TestCommitterLinger: after a commit with an expensive sync that released
+// several requests, the next commit waits for as many clusters as it
+// expects, for at most lingerFor's time on the committer's clock.
+func TestCommitterLinger(t *testing.T) {
+	const csize = 4096
+	for _, tc := range []struct {
+		name  string
+		more  bool // a third cluster arrives while the commit lingers
+		batch int
+	}{
+		{"clusters arrive", true, 3},
+		{"time runs out", false, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			clk := &manualClock{}
+			st := newBatchStore(csize)
+			q := newTestCommitter(t, st, clk, 8)
+
+			// Commit 1 (one cluster; no sync time known, so no
+			// linger) is held in the store while two more clusters
+			// are published: it expects 3 next, after a 1 ms sync.
+			first := goWait(func() { q.waitDurable(publishSlot(q, 0, csize)) })
+			wantBatch(t, st, 1)
+			publishSlot(q, 1, csize)
+			seq := publishSlot(q, 2, csize)
+			st.gate <- struct{}{}
+			waitDone(t, first, "the first write")
+
+			// Commit 2 lingers for a third cluster.
+			second := goWait(func() { q.waitDurable(seq) })
+			if d, want := clk.armed(t), lingerFor(time.Millisecond, 2, 3); d != want {
+				t.Fatalf("linger of %v, want %v", d, want)
+			}
+			noBatch(t, st, "while lingering")
+			if tc.more {
+				publishSlot(q, 3, csize)
+			} else {
+				clk.advance(maxLinger)
+			}
+			wantBatch(t, st, tc.batch)
+			st.gate <- struct{}{}
+			waitDone(t, second, "the second write")
+		})
+	}
+}
+
+// TestCommitterLazy: a held write's commit is due after holdDelay on the
+// committer's clock, when hurried, or when half the cache waits for one;
+// not before.
+func TestCommitterLazy(t *testing.T) {
+	const csize, nslots = 4096, 8
+	for _, tc := range []struct {
+		name  string
+		due   func(t *testing.T, q *committer, st *batchStore, clk *manualClock) // makes the commit due
+		batch int
+	}{
+		{"delay", func(t *testing.T, _ *committer, st *batchStore, clk *manualClock) {
+			clk.advance(holdDelay - time.Microsecond)
+			noBatch(t, st, "before the delay ran out")
+			clk.advance(time.Microsecond)
+		}, 1},
+		{"hurry", func(_ *testing.T, q *committer, _ *batchStore, _ *manualClock) { q.hurry(1) }, 1},
+		{"half the cache", func(_ *testing.T, q *committer, _ *batchStore, _ *manualClock) {
+			var seq uint64
+			for c := uint32(1); c < nslots/2; c++ {
+				seq = publishSlot(q, c, csize)
+			}
+			q.waitLazy(seq) // the held write that fills half the cache commits
+		}, nslots / 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			clk := &manualClock{}
+			st := newBatchStore(csize)
+			q := newTestCommitter(t, st, clk, nslots)
+			st.gate <- struct{}{} // the store answers at once
+			held := goWait(func() { q.waitLazy(publishSlot(q, 0, csize)) })
+			if d := clk.armed(t); d != holdDelay {
+				t.Fatalf("held write waits %v, want %v", d, holdDelay)
+			}
+			noBatch(t, st, "before it was due")
+			tc.due(t, q, st, clk)
+			wantBatch(t, st, tc.batch)
+			waitDone(t, held, "the held write's wait")
+		})
+	}
+}
