@@ -63,8 +63,9 @@ type committer struct {
 	durCond  sync.Cond // durableSeq advanced, a commit ended, or the snapshot failed or was released
 	workCond sync.Cond // the writer has work: pending (transient), stop, a record due
 	pending  []*slot   // VALID slots in publication order
-	// full: a request waits for a free slot (cache.reserve) since the last
-	// commit freed some.
+	// full: a request found no free slot (cache.reserve) since the last
+	// commit took its batch. It may be stale once that commit freed its
+	// slots, which only makes the next commit come early.
 	full    bool
 	discard bool // stopping without committing what is cached (Clear)
 	// committing: a store write is in progress; batch and clusters belong
@@ -296,7 +297,7 @@ func (q *committer) commitLocked(linger bool) {
 	if q.persistent && linger {
 		q.linger()
 	}
-	q.hurried, q.lazyDue = false, false
+	q.hurried, q.lazyDue, q.full = false, false, false
 	batch := append(q.batch[:0], q.pending...)
 	clear(q.pending)
 	q.pending = q.pending[:0]
@@ -336,7 +337,6 @@ func (q *committer) commitLocked(linger bool) {
 	q.drop(batch)
 
 	q.mu.Lock()
-	q.full = false
 	q.batch, q.clusters = batch[:0], clusters[:0]
 	if drop {
 		return
