@@ -240,6 +240,11 @@ package backstore
 // So after a crash during Commit b the disk holds every committed version
 // plus some subset of b's writes, possibly torn.
 //
+// The next Commit, b+1, may do its step 1 while b does steps 2 and 3: its
+// slots come after b's, and no metadata points at them until its own step
+// 2, which starts only once b returned. So a crash then leaves b's writes
+// as above plus data nothing refers to: still one batch in flight.
+//
 // Recovery (Open) reads the metadata region from block 0 up to the first
 // logical block with no valid version, and takes as the committed state the
 // highest-numbered batch that is complete: every block it wrote has a valid

@@ -57,7 +57,7 @@ func Open(f vfs.File, origin io.ReaderAt) (*Store, error) {
 	}
 	s := newStore(f, r.geo, h)
 	s.idx, s.crcs = r.idx, r.crcs
-	s.count = r.total
+	s.count, s.next = r.total, r.total
 	s.lastBatch = r.committed
 	s.tail, s.tailSlot = r.tail, r.tailSlot
 	s.recovery = rec

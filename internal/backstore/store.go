@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -59,7 +60,16 @@ type Store struct {
 	persistent bool      // immutable copy of the header's flag
 	id         uuid.UUID // immutable copy of the header's UUID
 
-	// commitMu serialises Commit and Close and owns the fields below it.
+	// stageMu orders commits (see Commit) and owns next; it is taken
+	// before commitMu.
+	stageMu sync.Mutex
+	next    uint32 // the first data slot the next Commit writes
+	// failed is the I/O error that broke the store, if any: set once, read
+	// under either lock.
+	failed atomic.Pointer[error]
+
+	// commitMu serialises the metadata and sync of commits, Bookmark and
+	// Close, and owns the fields below it.
 	commitMu  sync.Mutex
 	count     uint32  // entries committed: data slots 0 … count−1 are in use
 	tail      []entry // entries of the partly filled last block (count%505 of them)
@@ -67,7 +77,6 @@ type Store struct {
 	nextBatch uint64
 	lastBatch uint64 // number of the last committed batch; 0: none yet
 	limit     int64  // the store may not grow past this offset; 0: no limit
-	failed    error  // the I/O error that broke the store, if any
 	blockBuf  []byte
 
 	// hdrMu serialises header writes (Invalidate, Open's batch base,
@@ -214,17 +223,31 @@ func (s *Store) setLimit() error {
 // error (ENOSPC wraps ErrFull too) fails the store: later Commits return
 // ErrFailed, and a reopen recovers the last committed state. On an invalid
 // store Commit returns ErrInvalid.
+//
+// Two Commits may run at once: the second writes its data while the first
+// writes its metadata and syncs, and then waits for it. Commits take their
+// data slots under stageMu and take commitMu before they let go of it, so
+// they write their metadata in the order of their slots. The second's data
+// goes to slots no metadata points at until its own, so a crash still finds
+// at most one batch in flight (see "Commit" in format.go). A Commit whose
+// data is written when the one before it fails returns ErrFailed. Other
+// Bookmark and Close wait for Commits in progress.
 func (s *Store) Commit(batch []Cluster) error {
-	s.commitMu.Lock()
-	defer s.commitMu.Unlock()
+	s.stageMu.Lock()
+	staging := true
+	defer func() {
+		if staging {
+			s.stageMu.Unlock()
+		}
+	}()
 	s.mu.RLock()
 	closed, state, bookmark := s.closed, s.hdr.State, s.hdr.Bookmark
 	s.mu.RUnlock()
 	switch {
 	case closed:
 		return fmt.Errorf("backstore: commit: %w", ErrClosed)
-	case s.failed != nil:
-		return fmt.Errorf("backstore: commit: %w: %v", ErrFailed, s.failed)
+	case s.failure() != nil:
+		return fmt.Errorf("backstore: commit: %w: %v", ErrFailed, s.failure())
 	case state != StateValid:
 		return fmt.Errorf("backstore: commit: %w", ErrInvalid)
 	case len(batch) == 0:
@@ -233,7 +256,7 @@ func (s *Store) Commit(batch []Cluster) error {
 	if err := s.checkBatch(batch); err != nil {
 		return fmt.Errorf("backstore: commit: %w", err)
 	}
-	first := s.count
+	first := s.next
 	total := first + uint32(len(batch))
 	if end := s.geo.slotOff(total); s.limit > 0 && end > s.limit && !bookmark {
 		return fmt.Errorf("backstore: commit of %d clusters needs %d bytes, limit %d: %w", len(batch), end, s.limit, ErrFull)
@@ -253,6 +276,18 @@ func (s *Store) Commit(batch []Cluster) error {
 			return s.fail(fmt.Errorf("backstore: write data slot %d (cluster %d): %w", slot, c.Index, ioErr(err)))
 		}
 	}
+	s.next = total
+	s.commitMu.Lock()
+	defer s.commitMu.Unlock()
+	s.stageMu.Unlock()
+	staging = false
+	if err := s.failure(); err != nil {
+		// The Commit before this one failed after this one took its
+		// slots: the store is broken, and these entries cannot follow.
+		return fmt.Errorf("backstore: commit: %w: %v", ErrFailed, err)
+	}
+	// Every Commit that took slots before this one has returned, so first
+	// is count.
 	var newTail []entry
 	var newTailSlot int
 	if s.persistent {
@@ -345,8 +380,16 @@ func (s *Store) writeMeta(first, total uint32, added []entry) ([]entry, int, err
 
 // fail records an I/O error that leaves the store in an unknown state.
 func (s *Store) fail(err error) error {
-	s.failed = err
+	s.failed.CompareAndSwap(nil, &err)
 	return err
+}
+
+// failure is the error that broke the store, or nil.
+func (s *Store) failure() error {
+	if p := s.failed.Load(); p != nil {
+		return *p
+	}
+	return nil
 }
 
 // ioErr adds ErrFull to an error caused by ENOSPC.
@@ -562,6 +605,8 @@ func (s *Store) Invalidate(reason string) error {
 // region is then deallocated where the file can (a regular file on a file
 // system that punches holes; a block device keeps its bytes).
 func (s *Store) Bookmark() error {
+	s.stageMu.Lock()
+	defer s.stageMu.Unlock()
 	s.commitMu.Lock()
 	defer s.commitMu.Unlock()
 	s.hdrMu.Lock()
@@ -574,8 +619,8 @@ func (s *Store) Bookmark() error {
 		return fmt.Errorf("backstore: bookmark: %w", ErrClosed)
 	case !s.persistent:
 		return fmt.Errorf("backstore: bookmark: %w: a transient store keeps no map", ErrOptions)
-	case s.failed != nil:
-		return fmt.Errorf("backstore: bookmark: %w: %v", ErrFailed, s.failed)
+	case s.failure() != nil:
+		return fmt.Errorf("backstore: bookmark: %w: %v", ErrFailed, s.failure())
 	case h.State != StateValid:
 		return fmt.Errorf("backstore: bookmark: %w", ErrInvalid)
 	case h.Bookmark:
@@ -622,6 +667,8 @@ func (s *Store) writeHeader(h *Header) error {
 // header. The file is closed even if writing the mark fails; the store is
 // then reopened as after a crash, which is safe.
 func (s *Store) Close() error {
+	s.stageMu.Lock()
+	defer s.stageMu.Unlock()
 	s.commitMu.Lock()
 	defer s.commitMu.Unlock()
 	s.hdrMu.Lock()
@@ -638,7 +685,7 @@ func (s *Store) Close() error {
 	// An invalid header without its reason is an Invalidate whose header
 	// write failed: writing h would persist "invalid" with no reason.
 	unpersisted := h.State == StateInvalid && h.Reason == ""
-	if s.persistent && s.failed == nil && !unpersisted {
+	if s.persistent && s.failure() == nil && !unpersisted {
 		h.Clean, h.CleanBatch, h.CleanCount = true, s.lastBatch, s.count
 		if m := s.damagedMark; m != nil {
 			h.CleanBatch, h.CleanCount = m[0], uint32(m[1])
