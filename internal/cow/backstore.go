@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -19,10 +20,16 @@ import (
 // engine refuses (Reopen of another origin) can be released while the
 // caller keeps its file, as Create's and Reopen's contracts say.
 type bstore struct {
-	s     *backstore.Store
-	f     vfs.File
-	sf    *storeFile
-	batch []backstore.Cluster // reused: commit runs on one goroutine at a time
+	s       *backstore.Store
+	f       vfs.File
+	sf      *storeFile
+	batches sync.Pool // *[]backstore.Cluster: two commits may run at once
+}
+
+func newBstore(s *backstore.Store, f vfs.File, sf *storeFile) *bstore {
+	b := &bstore{s: s, f: f, sf: sf}
+	b.batches.New = func() any { return new([]backstore.Cluster) }
+	return b
 }
 
 // storeFile is the file as the backing store sees it: Close does nothing,
@@ -30,6 +37,7 @@ type bstore struct {
 type storeFile struct {
 	vfs.File
 	lastSync atomic.Int64 // nanoseconds
+	syncs    atomic.Int64
 }
 
 func (*storeFile) Close() error { return nil }
@@ -46,6 +54,7 @@ func (f *storeFile) Sync() error {
 	start := time.Now()
 	err := f.File.Sync()
 	f.lastSync.Store(int64(time.Since(start)))
+	f.syncs.Add(1)
 	return err
 }
 
@@ -73,7 +82,7 @@ func createBackstore(f vfs.File, o storeOptions) (clusterStore, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &bstore{s: s, f: f, sf: sf}, nil
+	return newBstore(s, f, sf), nil
 }
 
 // openBackstore reopens a store. origin is the origin as it is now:
@@ -101,18 +110,28 @@ func openBackstore(f vfs.File, origin io.ReaderAt, log *slog.Logger) (clusterSto
 				"store", s.Header().Name, "batch", d.Batch, "entries", fmt.Sprintf("%d…%d", d.First, d.Total-1), "why", d.Why)
 		}
 	}
-	return &bstore{s: s, f: f, sf: sf}, nil
+	return newBstore(s, f, sf), nil
 }
 
+// commit reports the store's latest sync time if the store synced during
+// it: with two commits at once, that may be the other's, which serves the
+// committer's average as well.
 func (b *bstore) commit(batch []storeCluster) (time.Duration, error) {
-	b.batch = b.batch[:0]
+	bp := b.batches.Get().(*[]backstore.Cluster)
+	cs := (*bp)[:0]
 	for _, c := range batch {
-		b.batch = append(b.batch, backstore.Cluster{Index: c.index, Data: c.data})
+		cs = append(cs, backstore.Cluster{Index: c.index, Data: c.data})
 	}
-	b.sf.lastSync.Store(0)
-	err := b.s.Commit(b.batch)
-	clear(b.batch)
-	return time.Duration(b.sf.lastSync.Load()), err
+	syncs := b.sf.syncs.Load()
+	err := b.s.Commit(cs)
+	clear(cs)
+	*bp = cs[:0]
+	b.batches.Put(bp)
+	var took time.Duration
+	if b.sf.syncs.Load() != syncs {
+		took = time.Duration(b.sf.lastSync.Load())
+	}
+	return took, err
 }
 
 func (b *bstore) readCluster(index uint32, p []byte, off int) (bool, error) {

@@ -31,11 +31,20 @@ func (realClock) AfterFunc(d time.Duration, f func()) timer { return time.AfterF
 // (validSeq is the last); durableSeq is the highest whose commit returned.
 // Every commit takes the whole queue, so the queue and the numbers agree.
 //
-// Single writer: store writes (commits, the invalidation's record, and
-// what holdStore's caller does) run one at a time, while committing is set
-// under mu; mu itself is released during the store call. A commit is run by
-// the writer goroutine (run) or, in persistent mode, by a request waiting
-// for it (waitDurable): that saves two goroutine hand-offs per first write.
+// Store writes: a commit runs on the writer goroutine (run) or, in
+// persistent mode, on a request waiting for it (waitDurable), which saves
+// two goroutine hand-offs per first write. Commits are in inflight, in the
+// order they took their batches, from before their store call until every
+// commit before them returned too; mu is released during the store call.
+// Two may be in flight only when the second is a held writes' lazy commit
+// (waitLazy): its data writes then overlap the first's sync, and the store
+// orders them (backstore.Store.Commit). Other store writes (the
+// invalidation's record, what holdStore's caller does) run alone, with
+// exclusive set, and no commit starts meanwhile.
+//
+// durableSeq advances to the top of a commit only once it and every commit
+// before it returned nil, and never once the snapshot is invalid: then the
+// requests wait for the release instead.
 //
 // Failure: a commit that fails makes the snapshot invalid (fail) before it
 // drops its slots, so a request that then finds the cluster copied and out
@@ -66,13 +75,11 @@ type committer struct {
 	// full: a request found no free slot (cache.reserve) since the last
 	// commit took its batch. It may be stale once that commit freed its
 	// slots, which only makes the next commit come early.
-	full    bool
-	discard bool // stopping without committing what is cached (Clear)
-	// committing: a store write is in progress; batch and clusters belong
-	// to it.
-	committing bool
-	batch      []*slot
-	clusters   []storeCluster
+	full      bool
+	discard   bool         // stopping without committing what is cached (Clear)
+	inflight  []*commitRun // see Store writes above
+	exclusive bool
+	spare     []*commitRun // finished runs, for reuse
 	// givenUp is closed by abandon, under mu: the engine stopped waiting
 	// for this snapshot's store, so stop no longer waits for the writer or
 	// a commit in progress, either of which may be inside a store call
@@ -100,8 +107,6 @@ type committer struct {
 func (q *committer) init(nslots int) {
 	q.nslots = nslots
 	q.pending = make([]*slot, 0, nslots)
-	q.batch = make([]*slot, 0, nslots)
-	q.clusters = make([]storeCluster, 0, nslots)
 	q.givenUp = make(chan struct{})
 	q.done = make(chan struct{})
 	q.durCond.L = &q.mu
@@ -159,7 +164,7 @@ func (q *committer) waitDurable(seq uint64) {
 	q.mu.Lock()
 	led := false
 	for q.durableSeq.Load() < seq && !q.inv.released.Load() && !q.stopping.Load() {
-		if q.persistent && !q.committing && !q.inv.recordDue.Load() && len(q.pending) > 0 {
+		if q.persistent && !q.busyLocked() && !q.inv.recordDue.Load() && len(q.pending) > 0 {
 			// Lead: commit what is pending (ours included) here
 			// rather than wake the writer and wait to be woken.
 			q.commitLocked(true)
@@ -196,7 +201,7 @@ func (q *committer) waitLazy(seq uint64) {
 	}
 	q.mu.Lock()
 	for q.durableSeq.Load() < seq && !q.inv.released.Load() && !q.stopping.Load() {
-		if !q.committing && !q.inv.recordDue.Load() && len(q.pending) > 0 && q.lazyDueLocked() {
+		if !q.exclusive && !q.lingering && len(q.inflight) < maxInflight && !q.inv.recordDue.Load() && len(q.pending) > 0 && q.lazyDueLocked() {
 			q.commitLocked(false)
 			continue
 		}
@@ -254,16 +259,16 @@ func (q *committer) run() {
 	defer q.mu.Unlock()
 	for {
 		switch {
-		case q.committing:
+		case q.busyLocked():
 			// A request is committing; it signals when done.
 		case q.inv.recordDue.Load():
 			reason, _ := q.inv.takeRecord()
-			q.committing = true
+			q.exclusive = true
 			q.mu.Unlock()
 			q.record(reason)
 			q.inv.release()
 			q.mu.Lock()
-			q.committing = false
+			q.exclusive = false
 			q.durCond.Broadcast()
 			continue
 		case len(q.pending) > 0 && (q.lazyWaiters == 0 || q.stopping.Load() || q.lazyDueLocked()):
@@ -279,13 +284,29 @@ func (q *committer) run() {
 	}
 }
 
+// maxInflight is how many commits may be in flight: one syncing, the next
+// writing its data.
+const maxInflight = 2
+
+// commitRun is one commit in flight.
+type commitRun struct {
+	batch    []*slot
+	clusters []storeCluster
+	top      uint64 // the batch's highest publication number
+	returned bool   // its store call returned
+	ok       bool   // ... nil
+}
+
+// busyLocked reports whether a store write runs or is about to (a commit
+// lingering for its batch).
+func (q *committer) busyLocked() bool { return q.exclusive || q.lingering || len(q.inflight) > 0 }
+
 // commitLocked commits every pending cluster as one batch. It is called
-// with mu held and no store write in progress, by the writer or by a
-// request (waitDurable, waitLazy), and releases mu during the store I/O.
+// with mu held, by the writer or a request (waitDurable) when the store is
+// not busy, or by a held write (waitLazy) when fewer than maxInflight
+// commits are in flight, and releases mu during the store I/O.
 func (q *committer) commitLocked(linger bool) {
-	q.committing = true
 	defer func() {
-		q.committing = false
 		q.durCond.Broadcast()
 		if len(q.pending) > 0 || q.stopping.Load() || q.inv.recordDue.Load() {
 			// The writer may be waiting for this commit to end (run);
@@ -294,33 +315,40 @@ func (q *committer) commitLocked(linger bool) {
 			q.workCond.Signal()
 		}
 	}()
-	if q.persistent && linger {
-		q.linger()
+	if q.persistent && linger && len(q.inflight) == 0 {
+		q.linger() // busy meanwhile (lingering): no other commit starts
 	}
 	q.hurried, q.lazyDue, q.full = false, false, false
-	batch := append(q.batch[:0], q.pending...)
-	clear(q.pending)
-	q.pending = q.pending[:0]
-	if len(batch) == 0 {
+	if len(q.pending) == 0 {
 		return
 	}
+	var run *commitRun
+	if n := len(q.spare); n > 0 {
+		run, q.spare = q.spare[n-1], q.spare[:n-1]
+	} else {
+		run = &commitRun{batch: make([]*slot, 0, q.nslots), clusters: make([]storeCluster, 0, q.nslots)}
+	}
+	run.batch = append(run.batch[:0], q.pending...)
+	run.top, run.returned, run.ok = run.batch[len(run.batch)-1].seq, false, false
+	clear(q.pending)
+	q.pending = q.pending[:0]
+	q.inflight = append(q.inflight, run)
 	drop := q.inv.invalid.Load() || q.discard
-	top := batch[len(batch)-1].seq
 	q.mu.Unlock()
 
 	var (
 		syncTime time.Duration
 		err      error
 	)
-	clusters := q.clusters[:0]
 	if !drop {
-		for _, sl := range batch {
-			clusters = append(clusters, storeCluster{index: sl.cluster, data: sl.buf.data})
+		for _, sl := range run.batch {
+			run.clusters = append(run.clusters, storeCluster{index: sl.cluster, data: sl.buf.data})
 		}
 		start := time.Now()
-		syncTime, err = q.st.commit(clusters)
+		syncTime, err = q.st.commit(run.clusters)
 		took := time.Since(start)
-		clear(clusters)
+		clear(run.clusters)
+		run.clusters = run.clusters[:0]
 		if err != nil {
 			// Before the drop: see Failure above.
 			q.fail(fmt.Sprintf("write backing store: %v", err))
@@ -330,14 +358,24 @@ func (q *committer) commitLocked(linger bool) {
 			if q.persistent {
 				q.stats.syncs.Add(1)
 			}
-			q.stats.mapWrites.Add(int64(len(batch)))
+			q.stats.mapWrites.Add(int64(len(run.batch)))
 		}
 	}
-	n := len(batch)
-	q.drop(batch)
+	n := len(run.batch)
+	q.drop(run.batch)
+	run.batch = run.batch[:0]
 
 	q.mu.Lock()
-	q.batch, q.clusters = batch[:0], clusters[:0]
+	run.returned, run.ok = true, !drop && err == nil
+	// Advance over the commits that returned, in order (see above).
+	for len(q.inflight) > 0 && q.inflight[0].returned {
+		r := q.inflight[0]
+		if r.ok && !q.inv.invalid.Load() {
+			q.durableSeq.Store(max(q.durableSeq.Load(), r.top))
+		}
+		q.inflight = append(q.inflight[:0], q.inflight[1:]...)
+		q.spare = append(q.spare, r)
+	}
 	if drop {
 		return
 	}
@@ -351,9 +389,6 @@ func (q *committer) commitLocked(linger bool) {
 		q.syncCost.Store(int64(syncTime))
 	} else {
 		q.syncCost.Store(c + (int64(syncTime)-c)/8)
-	}
-	if err == nil {
-		q.durableSeq.Store(top)
 	}
 }
 
@@ -418,7 +453,7 @@ func (q *committer) lingerExpired() {
 // the release). A transient snapshot's pending clusters count too: they
 // hold cache slots that requests may be waiting for.
 func (q *committer) heldUpLocked() bool {
-	return !q.inv.released.Load() && (q.committing || len(q.pending) > 0 || q.inv.invalid.Load())
+	return !q.inv.released.Load() && (q.busyLocked() || len(q.pending) > 0 || q.inv.invalid.Load())
 }
 
 // holdStore waits for the store write in progress and keeps any other from
@@ -428,16 +463,16 @@ func (q *committer) heldUpLocked() bool {
 func (q *committer) holdStore() int {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	for q.committing {
+	for q.busyLocked() {
 		q.durCond.Wait()
 	}
-	q.committing = true
+	q.exclusive = true
 	return len(q.pending)
 }
 
 func (q *committer) releaseStore() {
 	q.mu.Lock()
-	q.committing = false
+	q.exclusive = false
 	q.durCond.Broadcast()
 	q.workCond.Signal()
 	q.mu.Unlock()
@@ -448,7 +483,7 @@ func (q *committer) releaseStore() {
 func (q *committer) idle() bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	return !q.committing && len(q.pending) == 0
+	return !q.busyLocked() && len(q.pending) == 0
 }
 
 // stop asks the writer to commit what is pending (or to drop it, when
@@ -471,7 +506,7 @@ func (q *committer) waitStopped() {
 	case <-q.givenUp:
 	}
 	q.mu.Lock()
-	for q.committing && !q.gaveUp() { // a request's commit that began before stopping
+	for q.busyLocked() && !q.gaveUp() { // a request's commit that began before stopping
 		q.durCond.Wait()
 	}
 	q.mu.Unlock()
@@ -498,6 +533,6 @@ func (q *committer) gaveUp() bool {
 // release drops the committer's memory once it stopped.
 func (q *committer) release() {
 	q.mu.Lock()
-	q.pending, q.batch, q.clusters = nil, nil, nil
+	q.pending, q.spare = nil, nil
 	q.mu.Unlock()
 }

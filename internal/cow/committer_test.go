@@ -80,18 +80,28 @@ func (c *manualClock) armed(t *testing.T) time.Duration {
 }
 
 // batchStore is a store whose commits report a fixed sync time, tell the
-// test how many clusters each carries, and wait for the test to let them
+// test how many clusters each carries, and wait for the test to let each
 // through.
 type batchStore struct {
 	*memStore
-	sync    time.Duration
-	batches chan int      // a commit sends its size as it begins
-	gate    chan struct{} // then waits for a value from it
+	sync  time.Duration
+	calls chan storeCall // a commit sends itself as it begins
+	done  chan struct{}  // closed at the end of the test: commits go through
+}
+
+// storeCall is one commit in the store, waiting for release to close.
+type storeCall struct {
+	n       int
+	release chan struct{}
 }
 
 func (b *batchStore) commit(batch []storeCluster) (time.Duration, error) {
-	b.batches <- len(batch)
-	<-b.gate
+	call := storeCall{n: len(batch), release: make(chan struct{})}
+	b.calls <- call
+	select {
+	case <-call.release:
+	case <-b.done:
+	}
 	_, err := b.memStore.commit(batch)
 	return b.sync, err
 }
@@ -108,7 +118,7 @@ func newTestCommitter(t *testing.T, st *batchStore, clk clock, nslots int) *comm
 	q.record = func(string) {}
 	q.start()
 	t.Cleanup(func() {
-		close(st.gate)
+		close(st.done)
 		q.stop(false)
 		q.waitStopped()
 	})
@@ -119,8 +129,8 @@ func newBatchStore(csize int) *batchStore {
 	return &batchStore{
 		memStore: newMemStore(storeOptions{Name: "t", ClusterSize: csize, Persistent: true}),
 		sync:     time.Millisecond,
-		gate:     make(chan struct{}, 64),
-		batches:  make(chan int, 64),
+		calls:    make(chan storeCall, 64),
+		done:     make(chan struct{}),
 	}
 }
 
@@ -138,16 +148,20 @@ func goWait(fn func()) <-chan struct{} {
 	return done
 }
 
-func wantBatch(t *testing.T, st *batchStore, n int) {
+// wantBatch waits for a commit of n clusters to reach the store and
+// returns it, waiting for release.
+func wantBatch(t *testing.T, st *batchStore, n int) storeCall {
 	t.Helper()
 	select {
-	case got := <-st.batches:
-		if got != n {
-			t.Fatalf("commit of %d clusters, want %d", got, n)
+	case call := <-st.calls:
+		if call.n != n {
+			t.Fatalf("commit of %d clusters, want %d", call.n, n)
 		}
+		return call
 	case <-time.After(5 * time.Second):
 		t.Fatalf("no commit; want one of %d clusters", n)
 	}
+	return storeCall{}
 }
 
 // noBatch checks that no commit begins for a while: what is tested waits on
@@ -155,8 +169,8 @@ func wantBatch(t *testing.T, st *batchStore, n int) {
 func noBatch(t *testing.T, st *batchStore, when string) {
 	t.Helper()
 	select {
-	case n := <-st.batches:
-		t.Fatalf("commit of %d clusters %s", n, when)
+	case call := <-st.calls:
+		t.Fatalf("commit of %d clusters %s", call.n, when)
 	case <-time.After(20 * time.Millisecond):
 	}
 }
@@ -192,10 +206,10 @@ func TestCommitterLinger(t *testing.T) {
 			// linger) is held in the store while two more clusters
 			// are published: it expects 3 next, after a 1 ms sync.
 			first := goWait(func() { q.waitDurable(publishSlot(q, 0, csize)) })
-			wantBatch(t, st, 1)
+			call := wantBatch(t, st, 1)
 			publishSlot(q, 1, csize)
 			seq := publishSlot(q, 2, csize)
-			st.gate <- struct{}{}
+			close(call.release)
 			waitDone(t, first, "the first write")
 
 			// Commit 2 lingers for a third cluster.
@@ -209,8 +223,7 @@ func TestCommitterLinger(t *testing.T) {
 			} else {
 				clk.advance(maxLinger)
 			}
-			wantBatch(t, st, tc.batch)
-			st.gate <- struct{}{}
+			close(wantBatch(t, st, tc.batch).release)
 			waitDone(t, second, "the second write")
 		})
 	}
@@ -237,22 +250,60 @@ func TestCommitterLazy(t *testing.T) {
 			for c := uint32(1); c < nslots/2; c++ {
 				seq = publishSlot(q, c, csize)
 			}
-			q.waitLazy(seq) // the held write that fills half the cache commits
+			go q.waitLazy(seq) // the held write that fills half the cache commits
 		}, nslots / 2},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			clk := &manualClock{}
 			st := newBatchStore(csize)
 			q := newTestCommitter(t, st, clk, nslots)
-			st.gate <- struct{}{} // the store answers at once
 			held := goWait(func() { q.waitLazy(publishSlot(q, 0, csize)) })
 			if d := clk.armed(t); d != holdDelay {
 				t.Fatalf("held write waits %v, want %v", d, holdDelay)
 			}
 			noBatch(t, st, "before it was due")
 			tc.due(t, q, st, clk)
-			wantBatch(t, st, tc.batch)
+			close(wantBatch(t, st, tc.batch).release)
 			waitDone(t, held, "the held write's wait")
 		})
+	}
+}
+
+// TestCommitterOverlap: a held write's commit that comes due while another
+// commit is in the store starts at once, so that its data writes overlap
+// the other's sync; and publications become durable in order: the second
+// commit returning first makes nothing durable.
+func TestCommitterOverlap(t *testing.T) {
+	const csize, nslots = 4096, 8
+	st := newBatchStore(csize)
+	q := newTestCommitter(t, st, &manualClock{}, nslots)
+	first := goWait(func() { q.waitDurable(publishSlot(q, 0, csize)) })
+	a := wantBatch(t, st, 1)
+	var seq uint64
+	for c := uint32(1); c <= nslots/2; c++ {
+		seq = publishSlot(q, c, csize)
+	}
+	held := goWait(func() { q.waitLazy(seq) }) // due: half the cache waits
+	b := wantBatch(t, st, nslots/2)
+	third := publishSlot(q, nslots, csize)
+	goWait(func() { q.waitLazy(third) })
+	q.hurry(third)
+	noBatch(t, st, "while two are in flight")
+	close(b.release)
+	select {
+	case <-first:
+		t.Fatal("the first commit's write returned before that commit did")
+	case <-held:
+		t.Fatal("the second commit's held write returned before the first commit did")
+	case <-time.After(20 * time.Millisecond):
+	}
+	if d := q.durableSeq.Load(); d != 0 {
+		t.Fatalf("durable up to %d with the first commit still in the store", d)
+	}
+	close(a.release)
+	waitDone(t, first, "the first write")
+	waitDone(t, held, "the held write's wait")
+	if d := q.durableSeq.Load(); d < seq {
+		t.Fatalf("durable up to %d after both commits returned, want %d", d, seq)
 	}
 }

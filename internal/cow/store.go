@@ -8,10 +8,12 @@ import (
 
 // clusterStore is what the engine needs from a backing store. The
 // production implementation wraps *backstore.Store (backstore.go); tests can
-// substitute their own. The mutating methods (commit, invalidate, close) are
-// never called concurrently: commit and invalidate under the snapshot's
-// committing flag, close after the writer stopped and no commit runs.
-// readCluster runs concurrently with commit.
+// substitute their own. The mutating methods are never called
+// concurrently, but for two commits (see committer): the second may start
+// while the first runs, and a store that keeps crash images must write the
+// second's metadata only after the first's returned, as backstore.Store
+// does. invalidate, bookmark and close run alone; readCluster runs
+// concurrently with commit.
 type clusterStore interface {
 	// commit stores a batch of clusters. Persistent stores: when it
 	// returns nil every cluster of the batch is durable and findable
