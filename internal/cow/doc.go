@@ -98,10 +98,12 @@
 //     before the cluster's commit returned.
 //   - A slot leaves the cache only after the store can find its cluster (or
 //     the snapshot is invalid).
-//   - Store writes (commit, invalidate) run one at a time (the committing
-//     flag), on the writer goroutine or on a request leading a commit;
-//     Clear and Close stop the writer and wait for a commit in progress
-//     before closing the store.
+//   - Store writes run one at a time, on the writer goroutine or on a
+//     request leading a commit, except that a held writes' commit may start
+//     while one other commit is in the store (the store orders their
+//     metadata); a commit's clusters count as durable only once every
+//     commit before it returned too. Clear and Close stop the writer and
+//     wait for the commits in progress before closing the store.
 //   - In persistent mode a snapshot that failed keeps holding origin
 //     modifications back until its invalidation was (tried to be) recorded
 //     in the store and in the owner's record (EngineOptions.RecordInvalid),

@@ -222,7 +222,7 @@ func (s *Snapshot) recordInvalid(reason string) {
 //
 // abandon never touches the store: the writer, or a request leading a
 // commit, may be inside a store call that never returns, and store writes
-// are single-writer (committer). So a persistent snapshot's invalidation is
+// are the committer's alone. So a persistent snapshot's invalidation is
 // recorded by the owner's record alone (EngineOptions.RecordInvalid), on
 // the caller's goroutine, and s is released only if that succeeded: the
 // invariant of recordInvalid holds. When it fails, unlike a failure while
