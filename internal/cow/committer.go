@@ -293,8 +293,8 @@ type commitRun struct {
 	batch    []*slot
 	clusters []storeCluster
 	top      uint64 // the batch's highest publication number
-	returned bool   // its store call returned
-	ok       bool   // ... nil
+	returned bool   // its store call returned (or its batch was dropped)
+	ok       bool   // the store call returned nil
 }
 
 // busyLocked reports whether a store write runs or is about to (a commit
