@@ -28,7 +28,7 @@ func (realClock) AfterFunc(d time.Duration, f func()) timer { return time.AfterF
 // and tells requests when their clusters are durable.
 //
 // Publication numbers: enqueue numbers VALID slots 1, 2, ... in queue order
-// (validSeq is the last); durableSeq is the highest whose commit returned.
+// (validSeq is the last); durableSeq is the highest known durable (below).
 // Every commit takes the whole queue, so the queue and the numbers agree.
 //
 // Store writes: a commit runs on the writer goroutine (run) or, in
