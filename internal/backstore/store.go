@@ -230,8 +230,10 @@ func (s *Store) setLimit() error {
 // they write their metadata in the order of their slots. The second's data
 // goes to slots no metadata points at until its own, so a crash still finds
 // at most one batch in flight (see "Commit" in format.go). A Commit whose
-// data is written when the one before it fails returns ErrFailed. Other
-// Bookmark and Close wait for Commits in progress.
+// data is written when the one before it fails returns ErrFailed. The
+// clusters of a Commit still in flight are not known yet to the next one's
+// ErrBadCluster check: its caller must not commit a cluster twice. Bookmark
+// and Close wait for Commits in progress.
 func (s *Store) Commit(batch []Cluster) error {
 	s.stageMu.Lock()
 	staging := true
