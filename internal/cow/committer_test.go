@@ -139,15 +139,6 @@ func publishSlot(q *committer, c uint32, csize int) uint64 {
 	return q.enqueue(&slot{cluster: c, state: slotValid, buf: &clusterBuf{data: make([]byte, csize)}})
 }
 
-func goWait(fn func()) <-chan struct{} {
-	done := make(chan struct{})
-	go func() {
-		fn()
-		close(done)
-	}()
-	return done
-}
-
 // wantBatch waits for a commit of n clusters to reach the store and
 // returns it, waiting for release.
 func wantBatch(t *testing.T, st *batchStore, n int) storeCall {
@@ -175,15 +166,6 @@ func noBatch(t *testing.T, st *batchStore, when string) {
 	}
 }
 
-func waitDone(t *testing.T, done <-chan struct{}, what string) {
-	t.Helper()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		t.Fatalf("%s did not return", what)
-	}
-}
-
 // TestCommitterLinger: after a commit with an expensive sync that released
 // several requests, the next commit waits for as many clusters as it
 // expects, for at most lingerFor's time on the committer's clock.
@@ -205,15 +187,15 @@ func TestCommitterLinger(t *testing.T) {
 			// Commit 1 (one cluster; no sync time known, so no
 			// linger) is held in the store while two more clusters
 			// are published: it expects 3 next, after a 1 ms sync.
-			first := goWait(func() { q.waitDurable(publishSlot(q, 0, csize)) })
+			first := async(func() error { q.waitDurable(publishSlot(q, 0, csize)); return nil })
 			call := wantBatch(t, st, 1)
 			publishSlot(q, 1, csize)
 			seq := publishSlot(q, 2, csize)
 			close(call.release)
-			waitDone(t, first, "the first write")
+			await(t, first, "the first write")
 
 			// Commit 2 lingers for a third cluster.
-			second := goWait(func() { q.waitDurable(seq) })
+			second := async(func() error { q.waitDurable(seq); return nil })
 			if d, want := clk.armed(t), lingerFor(time.Millisecond, 2, 3); d != want {
 				t.Fatalf("linger of %v, want %v", d, want)
 			}
@@ -224,7 +206,7 @@ func TestCommitterLinger(t *testing.T) {
 				clk.advance(maxLinger)
 			}
 			close(wantBatch(t, st, tc.batch).release)
-			waitDone(t, second, "the second write")
+			await(t, second, "the second write")
 		})
 	}
 }
@@ -257,14 +239,14 @@ func TestCommitterLazy(t *testing.T) {
 			clk := &manualClock{}
 			st := newBatchStore(csize)
 			q := newTestCommitter(t, st, clk, nslots)
-			held := goWait(func() { q.waitLazy(publishSlot(q, 0, csize)) })
+			held := async(func() error { q.waitLazy(publishSlot(q, 0, csize)); return nil })
 			if d := clk.armed(t); d != holdDelay {
 				t.Fatalf("held write waits %v, want %v", d, holdDelay)
 			}
 			noBatch(t, st, "before it was due")
 			tc.due(t, q, st, clk)
 			close(wantBatch(t, st, tc.batch).release)
-			waitDone(t, held, "the held write's wait")
+			await(t, held, "the held write's wait")
 		})
 	}
 }
@@ -277,32 +259,27 @@ func TestCommitterOverlap(t *testing.T) {
 	const csize, nslots = 4096, 8
 	st := newBatchStore(csize)
 	q := newTestCommitter(t, st, &manualClock{}, nslots)
-	first := goWait(func() { q.waitDurable(publishSlot(q, 0, csize)) })
+	first := async(func() error { q.waitDurable(publishSlot(q, 0, csize)); return nil })
 	a := wantBatch(t, st, 1)
 	var seq uint64
 	for c := uint32(1); c <= nslots/2; c++ {
 		seq = publishSlot(q, c, csize)
 	}
-	held := goWait(func() { q.waitLazy(seq) }) // due: half the cache waits
+	held := async(func() error { q.waitLazy(seq); return nil }) // due: half the cache waits
 	b := wantBatch(t, st, nslots/2)
 	third := publishSlot(q, nslots, csize)
-	goWait(func() { q.waitLazy(third) })
+	async(func() error { q.waitLazy(third); return nil })
 	q.hurry(third)
 	noBatch(t, st, "while two are in flight")
 	close(b.release)
-	select {
-	case <-first:
-		t.Fatal("the first commit's write returned before that commit did")
-	case <-held:
-		t.Fatal("the second commit's held write returned before the first commit did")
-	case <-time.After(20 * time.Millisecond):
-	}
+	pending(t, first, "the first commit's write")
+	pending(t, held, "the second commit's held write (with the first commit in the store)")
 	if d := q.durableSeq.Load(); d != 0 {
 		t.Fatalf("durable up to %d with the first commit still in the store", d)
 	}
 	close(a.release)
-	waitDone(t, first, "the first write")
-	waitDone(t, held, "the held write's wait")
+	await(t, first, "the first write")
+	await(t, held, "the held write's wait")
 	if d := q.durableSeq.Load(); d < seq {
 		t.Fatalf("durable up to %d after both commits returned, want %d", d, seq)
 	}

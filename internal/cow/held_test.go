@@ -114,17 +114,6 @@ func pending(t *testing.T, ch <-chan error, what string) {
 	}
 }
 
-func returns(t *testing.T, ch <-chan error, what string) error {
-	t.Helper()
-	select {
-	case err := <-ch:
-		return err
-	case <-time.After(10 * time.Second):
-		t.Fatalf("%s did not return", what)
-		return nil
-	}
-}
-
 func fill(n int, b byte) []byte { return bytes.Repeat([]byte{b}, n) }
 
 // A first write is answered while its commit is blocked; the origin does
@@ -136,7 +125,7 @@ func TestHeldAnswersBeforeCommit(t *testing.T) {
 	ctx := context.Background()
 	f.commits.Lock()
 	w := async(func() error { return f.e.WriteAt(ctx, fill(4096, 'a'), 100, false) })
-	if err := returns(t, w, "held write"); err != nil {
+	if err := await(t, w, "held write"); err != nil {
 		t.Fatal(err)
 	}
 	if got := f.e.Held(); got.Writes != 1 || got.Bytes != 4096+heldWriteCost || got.Total != 1 {
@@ -155,10 +144,10 @@ func TestHeldAnswersBeforeCommit(t *testing.T) {
 		t.Fatalf("read elsewhere: %v", err)
 	}
 	f.commits.Unlock()
-	if err := returns(t, r, "read"); err != nil {
+	if err := await(t, r, "read"); err != nil {
 		t.Fatal(err)
 	}
-	if err := returns(t, ext, "block status"); err != nil {
+	if err := await(t, ext, "block status"); err != nil {
 		t.Fatal(err)
 	}
 	want := bytes.Clone(f.frozen[:8192])
@@ -188,7 +177,7 @@ func TestHeldOverlapOrder(t *testing.T) {
 		off int64
 		b   byte
 	}{{0, 'a'}, {4096, 'b'}, {70 << 10, 'c'}, {2048, 'd'}} {
-		if err := returns(t, async(func() error { return f.e.WriteAt(ctx, fill(8192, w.b), w.off, false) }), "write"); err != nil {
+		if err := await(t, async(func() error { return f.e.WriteAt(ctx, fill(8192, w.b), w.off, false) }), "write"); err != nil {
 			t.Fatalf("write %d: %v", i, err)
 		}
 	}
@@ -201,7 +190,7 @@ func TestHeldOverlapOrder(t *testing.T) {
 	pending(t, zero, "zero behind held writes")
 	f.commits.Unlock()
 	for _, ch := range []<-chan error{fua, zero} {
-		if err := returns(t, ch, "write"); err != nil {
+		if err := await(t, ch, "write"); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -226,7 +215,7 @@ func TestHeldBudget(t *testing.T) {
 	f := newHeldFixture(t, MinHeldLogSize)
 	ctx := context.Background()
 	f.commits.Lock()
-	if err := returns(t, async(func() error { return f.e.WriteAt(ctx, fill(600<<10, 'a'), 0, false) }), "write"); err != nil {
+	if err := await(t, async(func() error { return f.e.WriteAt(ctx, fill(600<<10, 'a'), 0, false) }), "write"); err != nil {
 		t.Fatal(err)
 	}
 	second := async(func() error { return f.e.WriteAt(ctx, fill(600<<10, 'b'), 4<<20, false) })
@@ -235,7 +224,7 @@ func TestHeldBudget(t *testing.T) {
 		t.Fatalf("Held() = %+v", got)
 	}
 	f.commits.Unlock()
-	if err := returns(t, second, "write over the budget"); err != nil {
+	if err := await(t, second, "write over the budget"); err != nil {
 		t.Fatal(err)
 	}
 	if got := f.e.Held().Total; got != 1 {
@@ -269,7 +258,7 @@ func TestHeldStoreFails(t *testing.T) {
 	ctx := context.Background()
 	f.commits.Lock()
 	for i := range 8 {
-		if err := returns(t, async(func() error {
+		if err := await(t, async(func() error {
 			return f.e.WriteAt(ctx, fill(4096, byte('a'+i)), int64(i)*(64<<10), false)
 		}), "write"); err != nil {
 			t.Fatal(err)
@@ -299,7 +288,7 @@ func TestHeldCreateClearDrain(t *testing.T) {
 	f := newHeldFixture(t, 8<<20)
 	ctx := context.Background()
 	f.commits.Lock()
-	if err := returns(t, async(func() error { return f.e.WriteAt(ctx, fill(4096, 'a'), 0, false) }), "write"); err != nil {
+	if err := await(t, async(func() error { return f.e.WriteAt(ctx, fill(4096, 'a'), 0, false) }), "write"); err != nil {
 		t.Fatal(err)
 	}
 	var s2 *Snapshot
@@ -310,7 +299,7 @@ func TestHeldCreateClearDrain(t *testing.T) {
 	})
 	pending(t, create, "create with a write held")
 	f.commits.Unlock()
-	if err := returns(t, create, "create"); err != nil {
+	if err := await(t, create, "create"); err != nil {
 		t.Fatal(err)
 	}
 	got := make([]byte, 4096)
@@ -319,13 +308,13 @@ func TestHeldCreateClearDrain(t *testing.T) {
 	}
 
 	f.commits.Lock()
-	if err := returns(t, async(func() error { return f.e.WriteAt(ctx, fill(4096, 'b'), 128<<10, false) }), "write"); err != nil {
+	if err := await(t, async(func() error { return f.e.WriteAt(ctx, fill(4096, 'b'), 128<<10, false) }), "write"); err != nil {
 		t.Fatal(err)
 	}
 	clr := async(func() error { return f.e.Clear("s1") })
 	pending(t, clr, "clear with a write held")
 	f.commits.Unlock()
-	if err := returns(t, clr, "clear"); err != nil {
+	if err := await(t, clr, "clear"); err != nil {
 		t.Fatal(err)
 	}
 	if f.e.Held().Writes != 0 {
@@ -371,7 +360,7 @@ func TestHeldLogAfterKill(t *testing.T) {
 	want := bytes.Clone(f.frozen)
 	write := func(off int64, n int, b byte) {
 		t.Helper()
-		if err := returns(t, async(func() error { return f.e.WriteAt(ctx, fill(n, b), off, false) }), "write"); err != nil {
+		if err := await(t, async(func() error { return f.e.WriteAt(ctx, fill(n, b), off, false) }), "write"); err != nil {
 			t.Fatal(err)
 		}
 		copy(want[off:], fill(n, b))
