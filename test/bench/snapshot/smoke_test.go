@@ -25,24 +25,10 @@ func TestBenchSmoke(t *testing.T) {
 	root, tmp, bin := smokeSetup(t)
 	out := filepath.Join(tmp, "out")
 	locDir := filepath.Join(tmp, "loc")
-	cmd := exec.Command("bash", "-c", "set -euo pipefail; . test/bench/scenarios.d/snapshot.sh")
-	cmd.Dir = root
-	cmd.Env = append(os.Environ(),
-		"work="+tmp, "RUNS=1", "RUNTIME=0", "SIZE=2M",
-		"SNAP_PASS_SIZE=2M", "SNAP_LOCATIONS=tmp="+locDir, "SNAP_RESTART_CLUSTERS=1024",
-		"SNAP_CREATE_SAMPLES=3", "SNAP_OUT="+out, "SNAP_NBDSNAP="+bin)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	t0 := time.Now()
-	if _, err := cmd.Output(); err != nil {
-		t.Fatalf("benchmark: %v\n%s", err, stderr.String())
-	}
-	t.Logf("smoke run took %v", time.Since(t0))
-
-	md, err := os.ReadFile(filepath.Join(out, "results.md"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	md := runBench(t, root, out, []string{"work=" + tmp, "RUNS=1", "RUNTIME=0", "SIZE=2M",
+		"SNAP_PASS_SIZE=2M", "SNAP_LOCATIONS=tmp=" + locDir, "SNAP_RESTART_CLUSTERS=1024",
+		"SNAP_CREATE_SAMPLES=3", "SNAP_OUT=" + out, "SNAP_NBDSNAP=" + bin},
+		"-c", "set -euo pipefail; . test/bench/scenarios.d/snapshot.sh")
 	// Which columns each kind of row must fill: nbdkit, QEMU, nbdsnap,
 	// nbdsnap transient (cells 2-5 after scenario and unit).
 	want := []struct {
@@ -114,21 +100,9 @@ func TestHeldWritesBenchSmoke(t *testing.T) {
 	root, tmp, bin := smokeSetup(t)
 	loc := filepath.Join(tmp, "loc")
 	out := filepath.Join(tmp, "out")
-	cmd := exec.Command("bash", "test/bench/scenario.sh", "heldwrites")
-	cmd.Dir = root
-	cmd.Env = append(os.Environ(), "RUNS=1", "NBDSNAP="+bin, "OUT="+out,
-		"HELD_LOCATIONS=tmp="+loc, "HELD_SIZE=32M", "HELD_PASS=16M", "HELD_BENCHTIME=64x")
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	t0 := time.Now()
-	if _, err := cmd.Output(); err != nil {
-		t.Fatalf("benchmark: %v\n%s", err, stderr.String())
-	}
-	t.Logf("smoke run took %v", time.Since(t0))
-	md, err := os.ReadFile(filepath.Join(out, "results.md"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	md := runBench(t, root, out, []string{"RUNS=1", "NBDSNAP=" + bin, "OUT=" + out,
+		"HELD_LOCATIONS=tmp=" + loc, "HELD_SIZE=32M", "HELD_PASS=16M", "HELD_BENCHTIME=64x"},
+		"test/bench/scenario.sh", "heldwrites")
 	if _, err := os.Stat(filepath.Join(out, "samples.tsv")); err != nil {
 		t.Errorf("no samples kept: %v", err)
 	}
@@ -171,4 +145,26 @@ func smokeSetup(t *testing.T) (root, tmp, bin string) {
 		t.Fatal(err)
 	}
 	return root, tmp, bin
+}
+
+// runBench runs bash with args in root, env added to the environment,
+// fails the test with the benchmark's stderr if it fails, and returns the
+// results.md it wrote into out.
+func runBench(t *testing.T, root, out string, env []string, args ...string) []byte {
+	t.Helper()
+	cmd := exec.Command("bash", args...)
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), env...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	t0 := time.Now()
+	if _, err := cmd.Output(); err != nil {
+		t.Fatalf("benchmark: %v\n%s", err, stderr.String())
+	}
+	t.Logf("smoke run took %v", time.Since(t0))
+	md, err := os.ReadFile(filepath.Join(out, "results.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return md
 }
