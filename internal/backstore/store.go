@@ -64,6 +64,9 @@ type Store struct {
 	// before commitMu.
 	stageMu sync.Mutex
 	next    uint32 // the first data slot the next Commit writes
+	// writeBehind starts writing a persistent store's data back while a
+	// Commit writes the rest (nil: transient, or the file cannot).
+	writeBehind vfs.WriteBehinder
 	// failed is the I/O error that broke the store, if any: set once, read
 	// under either lock.
 	failed atomic.Pointer[error]
@@ -189,6 +192,9 @@ func newStore(f vfs.File, g geometry, h Header) *Store {
 		nextBatch: h.BatchBase, idx: newIndex(g.maxClusters), blockBuf: make([]byte, blockSize),
 	}
 	s.scratch.New = func() any { b := make([]byte, g.clusterSize); return &b }
+	if wb, ok := f.(vfs.WriteBehinder); ok && h.Persistent {
+		s.writeBehind = wb
+	}
 	return s
 }
 
@@ -265,6 +271,7 @@ func (s *Store) Commit(batch []Cluster) error {
 	}
 
 	entries := make([]entry, len(batch))
+	behind := s.geo.slotOff(first) // data before it was handed to writeBehind
 	for i, c := range batch {
 		if bookmark {
 			// No data: the entry records that the cluster was written.
@@ -274,8 +281,13 @@ func (s *Store) Commit(batch []Cluster) error {
 		data := c.Data[:s.geo.clusterLen(c.Index)]
 		entries[i] = entry{cluster: c.Index, crc: checksum(data)}
 		slot := first + uint32(i)
-		if _, err := s.f.WriteAt(data, s.geo.slotOff(slot)); err != nil {
+		off := s.geo.slotOff(slot)
+		if _, err := s.f.WriteAt(data, off); err != nil {
 			return s.fail(fmt.Errorf("backstore: write data slot %d (cluster %d): %w", slot, c.Index, ioErr(err)))
+		}
+		if end := off + int64(len(data)); end-behind >= writeBehindBytes || i == len(batch)-1 {
+			s.startWriteback(behind, end)
+			behind = end
 		}
 	}
 	s.next = total
@@ -314,6 +326,28 @@ func (s *Store) Commit(batch []Cluster) error {
 	s.mu.Unlock()
 	s.count = total
 	return nil
+}
+
+// writeBehindBytes is how much data a Commit writes before it asks the file
+// to start writing it back: enough for the device to get large writes,
+// little enough that it starts early in a commit of a few MiB.
+const writeBehindBytes = 1 << 20
+
+// startWriteback asks the file to start writing [off, end) back, so that
+// the device works while the Commit writes on (and, with two Commits in
+// flight, while the second waits for the first's sync), and the sync finds
+// the data mostly written: a fresh store file grows with each commit, and
+// without this its data reaches the device only once fdatasync asks.
+// It is called with stageMu held. A hint: the Sync that makes the batch
+// durable reports any error of the device, so a failure here only turns
+// write-behind off.
+func (s *Store) startWriteback(off, end int64) {
+	if s.writeBehind == nil {
+		return
+	}
+	if err := s.writeBehind.StartWriteback(off, end-off); err != nil {
+		s.writeBehind = nil
+	}
 }
 
 // checkBatch refuses a batch that names a cluster out of range, already

@@ -50,6 +50,15 @@ func (f *storeFile) Deallocate(off, length int64) error {
 	return errors.ErrUnsupported
 }
 
+// StartWriteback passes write-behind through (the store starts writing a
+// commit's data back while it writes the rest).
+func (f *storeFile) StartWriteback(off, length int64) error {
+	if w, ok := f.File.(vfs.WriteBehinder); ok {
+		return w.StartWriteback(off, length)
+	}
+	return errors.ErrUnsupported
+}
+
 func (f *storeFile) Sync() error {
 	start := time.Now()
 	err := f.File.Sync()

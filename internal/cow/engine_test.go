@@ -1032,3 +1032,43 @@ func TestSnapshotReadSkipsCopiedClusters(t *testing.T) {
 		}
 	}
 }
+
+// hintFile counts the write-behind hints its store gives it.
+type hintFile struct {
+	vfs.File
+	hints atomic.Int64
+}
+
+func (h *hintFile) StartWriteback(off, length int64) error {
+	h.hints.Add(1)
+	return nil
+}
+
+// TestStoreWriteBehind: the file under a persistent snapshot's store gets
+// the store's write-behind hints through the engine's wrapper; a transient
+// one gets none.
+func TestStoreWriteBehind(t *testing.T) {
+	ctx := context.Background()
+	for _, transient := range []bool{false, true} {
+		fs := vfstest.NewMemFS()
+		e, _, _ := testEngine(t, fs, 1<<20, 1, true)
+		store := &hintFile{File: mustOpen(t, fs, "store")}
+		if _, err := e.Create(ctx, store, SnapshotOptions{Name: "s", ClusterSize: 4096, Transient: transient}); err != nil {
+			t.Fatal(err)
+		}
+		for off := int64(0); off < 1<<20; off += 64 << 10 {
+			if err := e.WriteAt(ctx, make([]byte, 512), off, false); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := e.Flush(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := e.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if got := store.hints.Load(); (got > 0) == transient {
+			t.Errorf("transient=%v: %d write-behind hints", transient, got)
+		}
+	}
+}

@@ -103,6 +103,15 @@ func (o *osFile) Truncate(size int64) error {
 	return o.f.Truncate(size)
 }
 
+// StartWriteback starts writing the range's dirty pages back, without
+// waiting for them (a block device's page cache too).
+func (o *osFile) StartWriteback(off, length int64) error {
+	if err := unix.SyncFileRange(int(o.f.Fd()), off, length, unix.SYNC_FILE_RANGE_WRITE); err != nil {
+		return &os.PathError{Op: "sync_file_range", Path: o.f.Name(), Err: err}
+	}
+	return nil
+}
+
 // Deallocate punches a hole in a regular file. On a block device it issues
 // BLKZEROOUT, because BLKDISCARD does not promise that the range reads back
 // as zeros and callers rely on that.

@@ -17,7 +17,7 @@ import (
 // TestOSFile drives the OS implementation through the File interface and
 // its optional extensions on a regular file: what the engine relies on is
 // that a deallocated or zeroed range reads back as zeros, the size is kept,
-// and Remove makes the file go away.
+// write-behind is accepted, and Remove makes the file go away.
 func TestOSFile(t *testing.T) {
 	name := filepath.Join(t.TempDir(), "f")
 	f, err := OS{}.OpenFile(name, os.O_RDWR|os.O_CREATE, 0o600)
@@ -63,6 +63,11 @@ func TestOSFile(t *testing.T) {
 		}
 	}
 
+	// Write-behind is a hint and changes nothing that can be read.
+	if err := f.(WriteBehinder).StartWriteback(0, size); err != nil {
+		t.Fatalf("StartWriteback: %v", err)
+	}
+
 	if err := f.Truncate(4096); err != nil {
 		t.Fatal(err)
 	}
@@ -71,6 +76,9 @@ func TestOSFile(t *testing.T) {
 	}
 	if err := f.Close(); err != nil {
 		t.Fatal(err)
+	}
+	if err := f.(WriteBehinder).StartWriteback(0, 4096); err == nil {
+		t.Error("StartWriteback of a closed file succeeded")
 	}
 	if err := (OS{}).Remove(name); err != nil {
 		t.Fatal(err)
@@ -139,6 +147,9 @@ func TestOSBlockDevice(t *testing.T) {
 	clear(want[8192:])
 	if !bytes.Equal(got, want) {
 		t.Error("BLKZEROOUT ranges do not read back as zeros, or their neighbour changed")
+	}
+	if err := f.(WriteBehinder).StartWriteback(0, size); err != nil {
+		t.Errorf("StartWriteback on a block device: %v", err)
 	}
 	// A block device does not tell holes: callers take it all for data.
 	ds := f.(DataSeeker)

@@ -54,6 +54,15 @@ type FastZeroer interface {
 	FastZeroRange(off, length int64, noHole bool) error
 }
 
+// WriteBehinder is implemented by files that can start writing a range back
+// to their device without waiting for it (sync_file_range
+// SYNC_FILE_RANGE_WRITE). It is a hint and makes nothing durable: only Sync
+// does. Its use is to let the device work while the caller goes on writing,
+// so that the Sync that follows finds less to do.
+type WriteBehinder interface {
+	StartWriteback(off, length int64) error
+}
+
 // DataSeeker is implemented by files that know where their holes are, as
 // lseek(2) SEEK_DATA and SEEK_HOLE tell on a regular file. A hole reads as
 // zeros and holds no storage; a file system may report a hole as data
