@@ -225,7 +225,11 @@ package backstore
 // A Commit of n clusters when the store holds T0 entries, as batch b:
 //
 //  1. Write each cluster's data into slots T0 … T0+n−1 (fresh slots nobody
-//     reads: the in-memory map does not point at them yet).
+//     reads: the in-memory map does not point at them yet), asking the file
+//     to start writing each MiB of it back as soon as it is written
+//     (write-behind, so that step 3 finds it mostly on the device). That
+//     may make data durable before the metadata that refers to it, never
+//     after: nothing depends on it until step 3.
 //  2. Write every logical block that holds slots T0 … T0+n−1, carrying every
 //     entry of the block up to T = T0+n, stamped (b, F=T0, T). The partly
 //     filled tail block L0 = T0/505 is written into the physical slot that
