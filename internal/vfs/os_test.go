@@ -63,9 +63,20 @@ func TestOSFile(t *testing.T) {
 		}
 	}
 
-	// Write-behind is a hint and changes nothing that can be read.
+	// Write-behind is a hint: accepted, and what reads back is unchanged.
+	before := make([]byte, size)
+	if _, err := f.ReadAt(before, 0); err != nil {
+		t.Fatal(err)
+	}
 	if err := f.(WriteBehinder).StartWriteback(0, size); err != nil {
 		t.Fatalf("StartWriteback: %v", err)
+	}
+	after := make([]byte, size)
+	if _, err := f.ReadAt(after, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(before, after) {
+		t.Error("StartWriteback changed the file's contents")
 	}
 
 	if err := f.Truncate(4096); err != nil {
