@@ -68,8 +68,10 @@ type committer struct {
 	syncCost atomic.Int64
 	stopping atomic.Bool // written under mu
 
-	mu       sync.Mutex
-	durCond  sync.Cond // durableSeq advanced, a commit ended, or the snapshot failed or was released
+	mu sync.Mutex
+	// durCond: durableSeq advanced, a commit ended, or the snapshot failed
+	// or was released. Held writes do not wait on it (see lazy).
+	durCond  sync.Cond
 	workCond sync.Cond // the writer has work: pending (transient), stop, a record due
 	pending  []*slot   // VALID slots in publication order
 	// full: a request found no free slot (cache.reserve) since the last
@@ -97,11 +99,11 @@ type committer struct {
 	lingerTimer timer
 	// Lazy commits (waitLazy): held writes waiting, a commit asked for now
 	// (hurry), the held writes' delay expired, and its timer.
-	lazyWaiters int
-	hurried     bool
-	lazyDue     bool
-	lazyArmed   bool
-	lazyTimer   timer
+	lazy      []*lazyWaiter
+	hurried   bool
+	lazyDue   bool
+	lazyArmed bool
+	lazyTimer timer
 }
 
 func (q *committer) init(nslots int) {
@@ -149,6 +151,7 @@ func (q *committer) cacheFull() {
 func (q *committer) wake() {
 	q.mu.Lock()
 	q.durCond.Broadcast()
+	q.wakeLazyLocked()
 	q.workCond.Signal()
 	q.lingerCond.Signal()
 	q.mu.Unlock()
@@ -200,8 +203,9 @@ func (q *committer) waitLazy(seq uint64) {
 		return
 	}
 	q.mu.Lock()
+	var w *lazyWaiter
 	for q.durableSeq.Load() < seq && !q.inv.released.Load() && !q.stopping.Load() {
-		if !q.exclusive && !q.lingering && len(q.inflight) < maxInflight && !q.inv.recordDue.Load() && len(q.pending) > 0 && q.lazyDueLocked() {
+		if q.mayLeadLazyLocked() {
 			q.commitLocked(false)
 			continue
 		}
@@ -213,11 +217,64 @@ func (q *committer) waitLazy(seq uint64) {
 				q.lazyTimer.Reset(holdDelay)
 			}
 		}
-		q.lazyWaiters++
-		q.durCond.Wait()
-		q.lazyWaiters--
+		if w == nil {
+			w = &lazyWaiter{seq: seq, wake: make(chan struct{}, 1)}
+		}
+		q.lazy = append(q.lazy, w)
+		q.mu.Unlock()
+		<-w.wake
+		q.mu.Lock()
 	}
 	q.mu.Unlock()
+}
+
+// lazyWaiter is a held write waiting in waitLazy for publication seq.
+//
+// Held writes wait on a channel each rather than on durCond: thousands may
+// wait at once (the budget allows one per heldWriteCost and payload), and a
+// broadcast at the end of every commit woke them all, most only to find
+// their own commit not durable yet and wait again. wakeLazyLocked wakes
+// only those a change concerns.
+type lazyWaiter struct {
+	seq  uint64
+	wake chan struct{} // capacity 1: signalled once per registration
+}
+
+// wakeLazyLocked wakes, each once, the held writes whose wait may be over:
+// all of them when the snapshot was released or is stopping, otherwise
+// those whose publication is durable, and one more to lead a lazy commit
+// if one may start now. It is called, with mu held, wherever durCond is
+// broadcast. A woken waiter is off the list until it waits again, so each
+// registration gets one signal and a buffered channel never blocks the
+// waker.
+func (q *committer) wakeLazyLocked() {
+	if len(q.lazy) == 0 {
+		return
+	}
+	all := q.inv.released.Load() || q.stopping.Load()
+	durable := q.durableSeq.Load()
+	lead := q.mayLeadLazyLocked()
+	keep := q.lazy[:0]
+	for _, w := range q.lazy {
+		switch {
+		case all || w.seq <= durable:
+		case lead:
+			lead = false
+		default:
+			keep = append(keep, w)
+			continue
+		}
+		w.wake <- struct{}{}
+	}
+	clear(q.lazy[len(keep):])
+	q.lazy = keep
+}
+
+// mayLeadLazyLocked reports whether a held write may start a lazy commit
+// now: one is due, clusters wait for it, and the store takes another.
+func (q *committer) mayLeadLazyLocked() bool {
+	return !q.exclusive && !q.lingering && len(q.inflight) < maxInflight && !q.inv.recordDue.Load() &&
+		len(q.pending) > 0 && q.lazyDueLocked()
 }
 
 func (q *committer) lazyExpired() {
@@ -225,6 +282,7 @@ func (q *committer) lazyExpired() {
 	q.lazyArmed = false
 	q.lazyDue = true
 	q.durCond.Broadcast()
+	q.wakeLazyLocked()
 	q.mu.Unlock()
 }
 
@@ -243,6 +301,7 @@ func (q *committer) hurry(seq uint64) {
 	if q.durableSeq.Load() < seq {
 		q.hurried = true
 		q.durCond.Broadcast()
+		q.wakeLazyLocked()
 	}
 	q.mu.Unlock()
 }
@@ -270,8 +329,9 @@ func (q *committer) run() {
 			q.mu.Lock()
 			q.exclusive = false
 			q.durCond.Broadcast()
+			q.wakeLazyLocked()
 			continue
-		case len(q.pending) > 0 && (q.lazyWaiters == 0 || q.stopping.Load() || q.lazyDueLocked()):
+		case len(q.pending) > 0 && (len(q.lazy) == 0 || q.stopping.Load() || q.lazyDueLocked()):
 			// Pending clusters that only held writes wait for are
 			// committed when due (waitLazy); those of waiting requests
 			// now.
@@ -308,6 +368,7 @@ func (q *committer) busyLocked() bool { return q.exclusive || q.lingering || len
 func (q *committer) commitLocked(linger bool) {
 	defer func() {
 		q.durCond.Broadcast()
+		q.wakeLazyLocked()
 		if len(q.pending) > 0 || q.stopping.Load() || q.inv.recordDue.Load() {
 			// The writer may be waiting for this commit to end (run);
 			// it has nothing to do otherwise, and waking it after every
@@ -474,6 +535,7 @@ func (q *committer) releaseStore() {
 	q.mu.Lock()
 	q.exclusive = false
 	q.durCond.Broadcast()
+	q.wakeLazyLocked()
 	q.workCond.Signal()
 	q.mu.Unlock()
 }
@@ -493,6 +555,7 @@ func (q *committer) stop(discard bool) {
 	q.discard = discard
 	q.stopping.Store(true)
 	q.durCond.Broadcast()
+	q.wakeLazyLocked()
 	q.workCond.Signal()
 	q.lingerCond.Signal()
 	q.mu.Unlock()
@@ -518,6 +581,7 @@ func (q *committer) giveUpLocked() {
 		close(q.givenUp)
 	}
 	q.durCond.Broadcast() // waitStopped may be waiting for a commit in progress
+	q.wakeLazyLocked()
 }
 
 // gaveUp reports whether abandon gave up on the store.

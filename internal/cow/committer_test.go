@@ -1,6 +1,7 @@
 package cow
 
 import (
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -282,5 +283,65 @@ func TestCommitterOverlap(t *testing.T) {
 	await(t, held, "the held write's wait")
 	if d := q.durableSeq.Load(); d < seq {
 		t.Fatalf("durable up to %d after both commits returned, want %d", d, seq)
+	}
+}
+
+// TestCommitterWakeLazy: a change wakes the held writes it concerns: those whose publication is durable, one more to lead a commit that
+// may start, every one once the snapshot is released or stopping; the
+// others stay registered, unsignalled.
+func TestCommitterWakeLazy(t *testing.T) {
+	seqs := []uint64{3, 5, 6, 9}
+	for _, tc := range []struct {
+		name  string
+		setup func(q *committer)
+		woken []uint64
+	}{
+		{"durable", func(q *committer) {}, []uint64{3, 5}},
+		{"durable and a lead", func(q *committer) { q.hurried = true }, []uint64{3, 5, 6}},
+		{"no lead with the store busy", func(q *committer) {
+			q.hurried = true
+			q.inflight = make([]*commitRun, maxInflight)
+		}, []uint64{3, 5}},
+		{"no lead with nothing pending", func(q *committer) {
+			q.hurried = true
+			q.pending = q.pending[:0]
+		}, []uint64{3, 5}},
+		{"released", func(q *committer) { q.inv.released.Store(true) }, seqs},
+		{"stopping", func(q *committer) { q.stopping.Store(true) }, seqs},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			q := &committer{inv: &invalidation{}}
+			q.init(8)
+			q.durableSeq.Store(5)
+			q.pending = append(q.pending, &slot{seq: 10})
+			var ws []*lazyWaiter
+			for _, seq := range seqs {
+				w := &lazyWaiter{seq: seq, wake: make(chan struct{}, 1)}
+				ws = append(ws, w)
+				q.lazy = append(q.lazy, w)
+			}
+			tc.setup(q)
+			q.mu.Lock()
+			q.wakeLazyLocked()
+			q.mu.Unlock()
+			var woken, kept []uint64
+			for _, w := range ws {
+				if len(w.wake) == 1 {
+					woken = append(woken, w.seq)
+				}
+			}
+			for _, w := range q.lazy {
+				if len(w.wake) != 0 {
+					t.Errorf("waiter %d signalled and still registered", w.seq)
+				}
+				kept = append(kept, w.seq)
+			}
+			if fmt.Sprint(woken) != fmt.Sprint(tc.woken) {
+				t.Errorf("woken %v, want %v", woken, tc.woken)
+			}
+			if len(woken)+len(kept) != len(seqs) {
+				t.Errorf("woken %v and registered %v: want each of %v in one of them", woken, kept, seqs)
+			}
+		})
 	}
 }
