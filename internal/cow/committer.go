@@ -70,7 +70,8 @@ type committer struct {
 
 	mu sync.Mutex
 	// durCond: durableSeq advanced, a commit ended, or the snapshot failed
-	// or was released. Held writes do not wait on it (see lazy).
+	// or was released. Held writes do not wait on it (see lazy); it is
+	// broadcast only by wakeAllLocked, which wakes them too.
 	durCond  sync.Cond
 	workCond sync.Cond // the writer has work: pending (transient), stop, a record due
 	pending  []*slot   // VALID slots in publication order
@@ -150,8 +151,7 @@ func (q *committer) cacheFull() {
 // began stopping.
 func (q *committer) wake() {
 	q.mu.Lock()
-	q.durCond.Broadcast()
-	q.wakeLazyLocked()
+	q.wakeAllLocked()
 	q.workCond.Signal()
 	q.lingerCond.Signal()
 	q.mu.Unlock()
@@ -240,13 +240,21 @@ type lazyWaiter struct {
 	wake chan struct{} // capacity 1: signalled once per registration
 }
 
+// wakeAllLocked tells every waiter for a commit that something changed
+// (durableSeq advanced, a commit ended or became due, the snapshot failed,
+// was released or is stopping): the requests waiting on durCond, and the
+// held writes wakeLazyLocked finds concerned. It is called with mu held.
+func (q *committer) wakeAllLocked() {
+	q.durCond.Broadcast()
+	q.wakeLazyLocked()
+}
+
 // wakeLazyLocked wakes, each once, the held writes whose wait may be over:
 // all of them when the snapshot was released or is stopping, otherwise
 // those whose publication is durable, and one more to lead a lazy commit
-// if one may start now. It is called, with mu held, wherever durCond is
-// broadcast. A woken waiter is off the list until it waits again, so each
-// registration gets one signal and a buffered channel never blocks the
-// waker.
+// if one may start now. A woken waiter is off the list until it waits
+// again, so each registration gets one signal and a buffered channel never
+// blocks the waker.
 func (q *committer) wakeLazyLocked() {
 	if len(q.lazy) == 0 {
 		return
@@ -281,8 +289,7 @@ func (q *committer) lazyExpired() {
 	q.mu.Lock()
 	q.lazyArmed = false
 	q.lazyDue = true
-	q.durCond.Broadcast()
-	q.wakeLazyLocked()
+	q.wakeAllLocked()
 	q.mu.Unlock()
 }
 
@@ -300,8 +307,7 @@ func (q *committer) hurry(seq uint64) {
 	q.mu.Lock()
 	if q.durableSeq.Load() < seq {
 		q.hurried = true
-		q.durCond.Broadcast()
-		q.wakeLazyLocked()
+		q.wakeAllLocked()
 	}
 	q.mu.Unlock()
 }
@@ -328,8 +334,7 @@ func (q *committer) run() {
 			q.inv.release()
 			q.mu.Lock()
 			q.exclusive = false
-			q.durCond.Broadcast()
-			q.wakeLazyLocked()
+			q.wakeAllLocked()
 			continue
 		case len(q.pending) > 0 && (len(q.lazy) == 0 || q.stopping.Load() || q.lazyDueLocked()):
 			// Pending clusters that only held writes wait for are
@@ -367,8 +372,7 @@ func (q *committer) busyLocked() bool { return q.exclusive || q.lingering || len
 // commits are in flight, and releases mu during the store I/O.
 func (q *committer) commitLocked(linger bool) {
 	defer func() {
-		q.durCond.Broadcast()
-		q.wakeLazyLocked()
+		q.wakeAllLocked()
 		if len(q.pending) > 0 || q.stopping.Load() || q.inv.recordDue.Load() {
 			// The writer may be waiting for this commit to end (run);
 			// it has nothing to do otherwise, and waking it after every
@@ -534,8 +538,7 @@ func (q *committer) holdStore() int {
 func (q *committer) releaseStore() {
 	q.mu.Lock()
 	q.exclusive = false
-	q.durCond.Broadcast()
-	q.wakeLazyLocked()
+	q.wakeAllLocked()
 	q.workCond.Signal()
 	q.mu.Unlock()
 }
@@ -554,8 +557,7 @@ func (q *committer) stop(discard bool) {
 	q.mu.Lock()
 	q.discard = discard
 	q.stopping.Store(true)
-	q.durCond.Broadcast()
-	q.wakeLazyLocked()
+	q.wakeAllLocked()
 	q.workCond.Signal()
 	q.lingerCond.Signal()
 	q.mu.Unlock()
@@ -580,8 +582,7 @@ func (q *committer) giveUpLocked() {
 	if !q.gaveUp() {
 		close(q.givenUp)
 	}
-	q.durCond.Broadcast() // waitStopped may be waiting for a commit in progress
-	q.wakeLazyLocked()
+	q.wakeAllLocked() // waitStopped may be waiting for a commit in progress
 }
 
 // gaveUp reports whether abandon gave up on the store.
